@@ -1,0 +1,44 @@
+"""Shared benchmark helpers: CUDA-event timing with warm-up and medians,
+environment stamp (date, card, commit) for benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import subprocess
+
+import torch
+
+
+def time_ms(fn, *, warmup: int = 3, reps: int = 15) -> float:
+    """Median wall time of ``fn()`` on the current stream, in ms (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def stamp() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=False).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except OSError:
+        commit = "unknown"
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{datetime.date.today().isoformat()}, {card}, commit {commit}, torch {torch.__version__}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,245 @@
+"""Harness kernels around the cluster collectives: for tests and benchmarks.
+
+Each kernel runs ``rounds`` rounds of one collective inside one launch, so
+that correctness over many reuses of the same buffers and the in-kernel cost
+per round (launch cost excluded) can both be measured.
+
+Round ``r`` of CTA ``c`` (rank ``c`` in its cluster) contributes
+``x[cta] + (r % 5) * (c + 1)`` (reduce) or ``x[cta] + r`` (gather), so data
+from a wrong round or a wrong rank changes the result; the outputs
+accumulate over rounds, in fp32, on integer-valued data, so results are
+exact and compared bit for bit.
+
+``GlobalExchangeKernel`` is the paper's baseline: the same all-reduce done by
+writing partials to global memory, a cluster barrier, and reading back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from cf_cute.primitives import ClusterGather, ClusterReduce, cluster_sync
+from cf_cute.primitives.plan import check_grid
+
+__all__ = [
+    "ReduceHarnessConfig",
+    "ReduceHarnessKernel",
+    "GatherHarnessConfig",
+    "GatherHarnessKernel",
+    "GlobalExchangeKernel",
+]
+
+
+@dataclass(frozen=True)
+class ReduceHarnessConfig:
+    num_elems: int
+    cluster_size: int
+    num_clusters: int = 2
+    num_threads: int = 128
+    op: str = "sum"
+    algorithm: str = "auto"
+    scatter: bool = False
+    stages: int = 2
+
+    @property
+    def grid(self) -> int:
+        return self.num_clusters * self.cluster_size
+
+
+class ReduceHarnessKernel:
+    """``out[cta, t*V + v] = sum over rounds of the reduced value at position
+    (t % active)*V + v`` (all-reduce), or only for owning threads (scatter);
+    other entries of ``out`` are left untouched."""
+
+    def __init__(self, cfg: ReduceHarnessConfig):
+        self.cfg = cfg
+        check_grid(cfg.grid, cfg.cluster_size)
+        self.red = ClusterReduce(cfg.num_elems, cfg.cluster_size, cfg.num_threads, op=cfg.op,
+                                 algorithm=cfg.algorithm, stages=cfg.stages, scatter=cfg.scatter)
+        self.out_cols = cfg.num_threads * self.red.per_thread
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, rounds: Int32, stream):
+        self.kernel(mX, mOut, rounds).launch(
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, rounds: Int32):
+        red = self.red
+        V = red.per_thread
+        tidx = cute.arch.thread_idx()[0]
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        smem = cutlass.memory.SmemAllocator()
+        bufs = red.allocate(smem)
+        red.init(bufs)
+        cute.arch.cluster_arrive_relaxed()
+        # load this thread's inputs while the cluster barrier completes
+        x = red.make_fragment()
+        pos = red.thread_offset(tidx)
+        for v in cutlass.range_constexpr(V):
+            x[v] = mX[bidx, pos + v]
+        acc = red.make_fragment()
+        acc.fill(0.0)
+        cute.arch.cluster_wait()
+        frag = red.make_fragment()
+        for r in cutlass.range(rounds, unroll=1):
+            bump = Float32((r % 5) * (rank + 1))
+            for v in cutlass.range_constexpr(V):
+                frag[v] = x[v] + bump
+            if const_expr(self.cfg.scatter):
+                res = self.red.reduce_scatter(bufs, frag, r)
+            else:
+                res = self.red.all_reduce(bufs, frag, r)
+            for v in cutlass.range_constexpr(V):
+                acc[v] = acc[v] + res[v]
+        if const_expr(self.cfg.scatter):
+            if red.owns(tidx):
+                for v in cutlass.range_constexpr(V):
+                    mOut[bidx, tidx * V + v] = acc[v]
+        else:
+            for v in cutlass.range_constexpr(V):
+                mOut[bidx, tidx * V + v] = acc[v]
+        red.teardown()
+
+
+@dataclass(frozen=True)
+class GlobalExchangeConfig:
+    num_elems: int
+    cluster_size: int
+    num_clusters: int = 2
+    num_threads: int = 128
+
+    @property
+    def grid(self) -> int:
+        return self.num_clusters * self.cluster_size
+
+
+class GlobalExchangeKernel:
+    """All-reduce (sum) through global memory: each round every CTA writes its
+    partial to ``scratch[cluster, r % 2, rank, :]``, the cluster synchronises
+    (``barrier.cluster`` release/acquire), every CTA reads the C partials back
+    in rank order. Double-buffering by round parity makes one cluster barrier
+    per round sufficient. Same data, outputs and layout as the sum harness."""
+
+    def __init__(self, cfg: GlobalExchangeConfig):
+        self.cfg = cfg
+        check_grid(cfg.grid, cfg.cluster_size)
+        # reuse ClusterReduce's layout over the threads so outputs compare 1:1
+        self.red = ClusterReduce(cfg.num_elems, cfg.cluster_size, cfg.num_threads, algorithm="direct")
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, mScratch: cute.Tensor, rounds: Int32, stream):
+        self.kernel(mX, mOut, mScratch, rounds).launch(
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, mScratch: cute.Tensor, rounds: Int32):
+        red = self.red
+        V, A, C, N = red.per_thread, red.active, self.cfg.cluster_size, self.cfg.num_elems
+        tidx = cute.arch.thread_idx()[0]
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        cl = bidx // C
+        x = red.make_fragment()
+        pos = red.thread_offset(tidx)
+        for v in cutlass.range_constexpr(V):
+            x[v] = mX[bidx, pos + v]
+        acc = red.make_fragment()
+        acc.fill(0.0)
+        for r in cutlass.range(rounds, unroll=1):
+            bump = Float32((r % 5) * (rank + 1))
+            par = r % 2
+            if tidx < A:
+                for v in cutlass.range_constexpr(V):
+                    mScratch[cl, par, rank, pos + v] = x[v] + bump
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
+            for src in cutlass.range_constexpr(C):
+                for v in cutlass.range_constexpr(V):
+                    acc[v] = acc[v] + mScratch[cl, par, src, pos + v]
+        for v in cutlass.range_constexpr(V):
+            mOut[bidx, tidx * V + v] = acc[v]
+
+
+@dataclass(frozen=True)
+class GatherHarnessConfig:
+    tile_elems: int
+    cluster_size: int
+    dtype: str = "float32"        # float32 | bfloat16 | int32
+    num_clusters: int = 2
+    num_threads: int = 128
+    stages: int | None = None
+    from_registers: bool = False
+    check: bool = True            # accumulate every gathered value (tests) or touch one (bench)
+
+    @property
+    def grid(self) -> int:
+        return self.num_clusters * self.cluster_size
+
+
+_DTYPES = {"float32": cutlass.Float32, "bfloat16": cutlass.BFloat16, "int32": cutlass.Int32}
+
+
+class GatherHarnessKernel:
+    """Round r: CTA c's tile is ``x[cta] + r``; after the gather every thread
+    adds, for its elements e = t, t+T, ... and every rank j, the gathered
+    ``tile_j[e]`` into ``out[cta, j, e]`` (fp32, same thread every round).
+    Expected: ``out[cta, j, e] = R * x[cluster_base + j, e] + R(R-1)/2``."""
+
+    def __init__(self, cfg: GatherHarnessConfig):
+        self.cfg = cfg
+        check_grid(cfg.grid, cfg.cluster_size)
+        self.dtype = _DTYPES[cfg.dtype]
+        self.gat = ClusterGather(self.dtype, cfg.tile_elems, cfg.cluster_size, cfg.num_threads,
+                                 stages=cfg.stages)
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, rounds: Int32, stream):
+        self.kernel(mX, mOut, rounds).launch(
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, rounds: Int32):
+        cfg, gat = self.cfg, self.gat
+        E, C, T = cfg.tile_elems, cfg.cluster_size, cfg.num_threads
+        tidx = cute.arch.thread_idx()[0]
+        bidx = cute.arch.block_idx()[0]
+        smem = cutlass.memory.SmemAllocator()
+        bufs = gat.allocate(smem)
+        sTile = smem.allocate_tensor(self.dtype, cute.make_layout(E), byte_alignment=16)
+        gat.init(bufs)
+        cluster_sync()
+        frag = gat.make_fragment()
+        sink = Float32(0.0)
+        for r in cutlass.range(rounds, unroll=1):
+            if const_expr(self.cfg.from_registers):
+                if tidx < self.gat.active:
+                    for v in cutlass.range_constexpr(self.gat.per_thread):
+                        frag[v] = self.dtype(Float32(mX[bidx, tidx * self.gat.per_thread + v]) + Float32(r))
+                sAll = self.gat.gather_fragment(bufs, frag, r)
+            else:
+                for e in cutlass.range(tidx, E, T, unroll=1):
+                    sTile[e] = self.dtype(Float32(mX[bidx, e]) + Float32(r))
+                cute.arch.barrier(barrier_id=3, number_of_threads=T)
+                sAll = self.gat.gather(bufs, sTile, r)
+            if const_expr(self.cfg.check):
+                for j in cutlass.range_constexpr(C):
+                    for e in cutlass.range(tidx, E, T, unroll=1):
+                        mOut[bidx, j, e] = mOut[bidx, j, e] + Float32(sAll[e, j])
+            else:
+                sink = sink + Float32(sAll[tidx % E, tidx % C])
+            # the smem tile is rewritten next round: everyone has sent it (the
+            # gather's full-barrier wait implies our own st.asyncs completed)
+            self.gat.release(bufs, r)
+        if const_expr(not self.cfg.check):
+            if sink == Float32(-1.0e30):
+                mOut[bidx, 0, 0] = sink
+        gat.teardown()

@@ -1,0 +1,60 @@
+"""Torch-facing split-K GEMV (the composition example): ``y = x @ w.T``.
+
+``splitk_gemv`` checks its inputs, fetches the compiled kernel from the cache
+and launches it on the current stream. ``torch.ops.cf_cute.splitk_gemv`` is
+the same thing as a torch.library custom op (fake implementation included),
+so it traces under ``torch.compile`` and records into CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
+from cf_cute.jit import TensorSpec, compile_kernel
+from cf_cute.validate import check_same_device, check_tensor, dtype_name
+
+__all__ = ["splitk_gemv", "splitk_gemv_config"]
+
+
+def splitk_gemv_config(x: torch.Tensor, w: torch.Tensor, cluster_size: int = 4,
+                       block_m: int = 64) -> SplitKGemvConfig:
+    check_tensor("w", w, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
+    check_tensor("x", x, dtype=w.dtype, shape=(None, w.shape[1]), cuda=False)
+    cfg = SplitKGemvConfig(m=w.shape[0], k=w.shape[1], batch=x.shape[0], cluster_size=cluster_size,
+                           block_m=block_m, dtype=dtype_name(w.dtype))
+    cfg.validate()
+    return cfg
+
+
+def _kernel(cfg: SplitKGemvConfig):
+    return compile_kernel(SplitKGemv, cfg, [
+        TensorSpec(cfg.dtype, (cfg.batch, cfg.k)),
+        TensorSpec(cfg.dtype, (cfg.m, cfg.k)),
+        TensorSpec(cfg.dtype, (cfg.batch, cfg.m)),
+    ])
+
+
+def splitk_gemv(x: torch.Tensor, w: torch.Tensor, *, cluster_size: int = 4, block_m: int = 64,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [B, K] @ w [M, K].T -> [B, M]`` (bf16/fp16, fp32 accumulation), K
+    split over a cluster of ``cluster_size`` CTAs and reduced over DSMEM."""
+    cfg = splitk_gemv_config(x, w, cluster_size, block_m)
+    check_tensor("w", w)
+    check_tensor("x", x)
+    if out is None:
+        out = torch.empty(cfg.batch, cfg.m, dtype=w.dtype, device=w.device)
+    check_tensor("out", out, dtype=w.dtype, shape=(cfg.batch, cfg.m))
+    check_same_device(x=x, w=w, out=out)
+    _kernel(cfg)(x, w, out)
+    return out
+
+
+@torch.library.custom_op("cf_cute::splitk_gemv", mutates_args=())
+def _splitk_gemv_op(x: torch.Tensor, w: torch.Tensor, cluster_size: int, block_m: int) -> torch.Tensor:
+    return splitk_gemv(x, w, cluster_size=cluster_size, block_m=block_m)
+
+
+@_splitk_gemv_op.register_fake
+def _(x, w, cluster_size, block_m):
+    return x.new_empty(x.shape[0], w.shape[0])

@@ -1,0 +1,54 @@
+"""Input checks run before any launch: a bad argument raises here, with the
+argument's name, and nothing is written anywhere."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+__all__ = ["check_tensor", "check_same_device", "DTYPES", "dtype_name"]
+
+DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
+          torch.int32: "int32", torch.int64: "int64"}
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    try:
+        return DTYPES[dt]
+    except KeyError:
+        raise TypeError(f"unsupported dtype {dt}") from None
+
+
+def check_tensor(name: str, t, *, dtype: torch.dtype | Iterable[torch.dtype] | None = None,
+                 shape: tuple | None = None, align: int = 16, cuda: bool = True,
+                 contiguous: bool = True) -> None:
+    """Raise ``TypeError`` / ``ValueError`` naming ``name`` unless ``t`` is a
+    tensor of the given dtype(s) and shape (``None`` entries are free), on a
+    CUDA device (when ``cuda``), row-major contiguous, its data pointer
+    aligned to ``align`` bytes."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None:
+        allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+        if t.dtype not in allowed:
+            names = " or ".join(str(d).replace("torch.", "") for d in allowed)
+            raise TypeError(f"{name} must be {names}, got {str(t.dtype).replace('torch.', '')}")
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+        if not ok:
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if cuda and t.device.type != "cuda":
+        raise ValueError(f"{name} must be on a CUDA device, got {t.device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
+    if align and t.data_ptr() % align:
+        raise ValueError(f"{name}'s data pointer must be {align}-byte aligned")
+
+
+def check_same_device(**tensors) -> None:
+    devs = {n: t.device for n, t in tensors.items()}
+    if len(set(devs.values())) > 1:
+        raise ValueError("all tensors must be on one device, got " +
+                         ", ".join(f"{n} on {d}" for n, d in devs.items()))

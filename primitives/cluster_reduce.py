@@ -1,0 +1,391 @@
+"""ClusterReduce: all-reduce and reduce-scatter of fp32 fragments over DSMEM.
+
+Each CTA of a cluster of ``C`` CTAs holds a fragment of ``N`` fp32 values,
+spread over its first ``T`` threads (thread ``t`` holds values
+``[t*V, (t+1)*V)``; see ``primitives.plan``). After ``all_reduce`` every
+CTA holds the element-wise reduction over the cluster; after
+``reduce_scatter`` CTA ``r`` holds the reduced values of slice ``r``
+(``[r*N/C, (r+1)*N/C)``), in the threads that held those positions before.
+Data moves only through distributed shared memory: ``st.async`` from
+registers into the peer's receive buffer, completing on the peer's mbarrier.
+
+Determinism: every CTA sums the contributions in rank order 0..C-1, so the
+result is bitwise identical in every CTA and from run to run. No atomics.
+
+Algorithms (``plan.algorithm``):
+
+``direct``  one exchange. Every active thread st.asyncs its V values into
+            slot ``my_rank`` of every CTA (itself included); every thread
+            then folds the C slots in rank order. Latency: one DSMEM hop.
+            Receive bytes per stage: C * N * 4.
+``split``   reduce-scatter then all-gather. Thread t sends its values only
+            to the owner of its slice (CTA ``t // (A/C)``); the owner folds
+            C slots and st.asyncs the reduced slice to every CTA. Two hops,
+            but each CTA sends 2N(C-1)/C values instead of N(C-1): the choice
+            for large fragments and large clusters.
+            Receive bytes per stage: 2 * N * 4.
+
+Shared-memory layout (allocated by ``allocate``; S stages, ring by round)::
+
+    direct:  recv  fp32[S][C][N]        slot [s][src] written by CTA src
+    split:   rs    fp32[S][C][N/C]      slot [s][src] written by CTA src
+             ag    fp32[S][N]           slice [s][r*N/C:] written by CTA r
+    full     mbarrier[S]  (split: [2][S], rs then ag)   1 arrival + tx bytes
+    empty    mbarrier[S]  C-1 arrivals, one remote arrive from each peer
+
+Barrier contract, for round ``k`` (stage ``s = k % S``, parity ``p = (k/S) & 1``):
+
+1. Thread 0 arms ``full[s]`` with ``arrive.expect_tx(bytes this CTA will
+   receive)``; peers' bytes may land before or after (the tx count may go
+   negative).
+2. A sender waits ``empty[s]`` with parity ``p ^ 1`` before writing stage
+   ``s`` of any CTA: that completes when every peer released round ``k - S``
+   (it passes at once for the first S rounds of a fresh barrier).
+3. Every thread waits ``full[s]`` with parity ``p``, then reads.
+4. Release: a named barrier over the T threads (all reads done), then thread
+   ``j < C`` (``j != my_rank``) arrives remotely on CTA j's ``empty[s]``.
+
+So no buffer is overwritten before its reader consumed it, a fast CTA can run
+up to S - 1 rounds ahead of a slow one, and the collective can be called any
+number of times (in loops, persistent kernels) with a caller-owned round
+counter. ``teardown`` (a cluster barrier) must run before any CTA exits, since
+peers may still arrive on its ``empty`` barriers.
+
+Caller's duties::
+
+    reducer = ClusterReduce(num_elems=256, cluster_size=4, num_threads=128, op="sum")
+    # in the kernel (all T threads):
+    smem = cutlass.utils.SmemAllocator()
+    bufs = reducer.allocate(smem)
+    reducer.init(bufs)                 # thread 0 initialises; fence
+    cf_cute.primitives.cluster_sync()  # barriers visible cluster-wide (once)
+    for k in cutlass.range(rounds):
+        out = reducer.all_reduce(bufs, frag, k)   # frag: fp32 rmem tensor of V
+    reducer.teardown()                 # before exit
+
+Cluster size 1 is a no-op that allocates nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64, const_expr
+
+from . import _dsmem
+from .plan import (
+    FragmentPlan,
+    check_cluster_size,
+    check_smem,
+    check_threads,
+    plan_fragment,
+)
+
+__all__ = ["ReduceOp", "REDUCE_OPS", "ClusterReducePlan", "ClusterReduce", "ClusterReduceBuffers"]
+
+
+@dataclass(frozen=True)
+class ReduceOp:
+    """A commutative, associative fp32 combine with its identity."""
+
+    name: str
+    combine: Callable
+    identity: float
+
+
+def _fmax(a, b):
+    return cute.arch.fmax(a, b)
+
+
+def _fmin(a, b):
+    return cute.arch.fmin(a, b)
+
+
+REDUCE_OPS = {
+    "sum": ReduceOp("sum", lambda a, b: a + b, 0.0),
+    "max": ReduceOp("max", _fmax, float("-inf")),
+    "min": ReduceOp("min", _fmin, float("inf")),
+}
+
+# Direct exchange while the per-stage receive buffer stays this small
+# (measured: benchmarks/bench_primitives.py, docs/NOTES.md).
+DIRECT_MAX_RECV_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class ClusterReducePlan:
+    algorithm: str            # "identity" (C == 1), "direct" or "split"
+    frag: FragmentPlan
+    stages: int
+
+    @property
+    def recv_words(self) -> int:
+        C, N = self.frag.cluster_size, self.frag.num_words
+        if self.algorithm == "direct":
+            return self.stages * C * N
+        if self.algorithm == "split":
+            return self.stages * 2 * N
+        return 0
+
+    @property
+    def num_full(self) -> int:
+        return {"direct": 1, "split": 2}.get(self.algorithm, 0) * self.stages
+
+    @property
+    def smem_bytes(self) -> int:
+        if self.algorithm == "identity":
+            return 0
+        # buffers (16-B aligned) + full and empty barriers (8 B each) + alignment slack
+        return 4 * self.recv_words + 8 * (self.num_full + self.stages) + 16
+
+
+def plan_reduce(num_elems: int, cluster_size: int, num_threads: int, algorithm: str, stages: int,
+                scatter: bool) -> ClusterReducePlan:
+    check_cluster_size(cluster_size)
+    check_threads(num_threads)
+    if not isinstance(num_elems, int) or num_elems <= 0:
+        raise ValueError(f"num_elems must be a positive integer, got {num_elems!r}")
+    if stages not in (1, 2, 4, 8):
+        raise ValueError(f"stages must be 1, 2, 4 or 8, got {stages!r}")
+    if algorithm not in ("auto", "direct", "split"):
+        raise ValueError(f"algorithm must be 'auto', 'direct' or 'split', got {algorithm!r}")
+    direct = plan_fragment(num_elems, num_threads, cluster_size, split=False)
+    split = plan_fragment(num_elems, num_threads, cluster_size, split=True)
+    if direct is None:
+        raise ValueError(
+            f"{num_elems} values cannot be laid over {num_threads} threads: use a count <= "
+            f"{4 * num_threads}, or a multiple of the thread count, of at most 64 per thread"
+        )
+    if cluster_size == 1:
+        return ClusterReducePlan("identity", direct, stages)
+    if scatter or algorithm == "split":
+        if split is None:
+            raise ValueError(
+                f"reduce-scatter of {num_elems} values over a cluster of {cluster_size} with "
+                f"{num_threads} threads needs the active threads to split evenly by CTA "
+                f"(num_elems a multiple of {cluster_size} words, at least one per CTA)"
+            )
+        plan = ClusterReducePlan("split", split, stages)
+    elif algorithm == "direct":
+        plan = ClusterReducePlan("direct", direct, stages)
+    else:
+        small = cluster_size * num_elems * 4 <= DIRECT_MAX_RECV_BYTES
+        plan = ClusterReducePlan("direct" if (small or split is None) else "split",
+                                 direct if (small or split is None) else split, stages)
+    check_smem(f"ClusterReduce({num_elems} values, cluster {cluster_size}, {plan.algorithm}, "
+               f"{stages} stages)", plan.smem_bytes)
+    return plan
+
+
+class ClusterReduceBuffers:
+    """Shared-memory pointers of one ClusterReduce instance (trace-time object)."""
+
+    def __init__(self, recv, full, empty):
+        self.recv = recv      # Int32-typed pointer to the receive ring (16-B aligned)
+        self.full = full      # mbarrier array
+        self.empty = empty    # mbarrier array
+
+
+class ClusterReduce:
+    """Cluster all-reduce / reduce-scatter of a per-thread fp32 fragment.
+
+    Static configuration lives here; the device methods are ``@cute.jit`` and
+    are traced into the caller's kernel. ``num_threads`` threads (warps
+    ``0 .. num_threads/32 - 1`` of the CTA) call every method collectively.
+    """
+
+    def __init__(self, num_elems: int, cluster_size: int, num_threads: int, op: str = "sum",
+                 algorithm: str = "auto", stages: int = 2, barrier_id: int = 1,
+                 scatter: bool = False):
+        if op not in REDUCE_OPS:
+            raise ValueError(f"op must be one of {sorted(REDUCE_OPS)}, got {op!r}")
+        if not 1 <= barrier_id <= 15:
+            raise ValueError(f"barrier_id must be a named barrier 1..15, got {barrier_id!r}")
+        self.op = REDUCE_OPS[op]
+        self.cluster_size = cluster_size
+        self.num_threads = num_threads
+        self.barrier_id = barrier_id
+        self.plan = plan_reduce(num_elems, cluster_size, num_threads, algorithm, stages, scatter)
+        f = self.plan.frag
+        self.num_elems = num_elems
+        self.per_thread = f.per_thread
+        self.active = f.active
+
+    # ---------------------------------------------------------------- host side
+    @property
+    def smem_bytes(self) -> int:
+        return self.plan.smem_bytes
+
+    def owner_of_thread(self, t: int) -> int:
+        """(host helper) CTA rank owning the values of thread ``t`` after a reduce-scatter."""
+        return t // self.plan.frag.group if t < self.active else -1
+
+    # ---------------------------------------------------------------- device side
+    @cute.jit
+    def allocate(self, smem) -> ClusterReduceBuffers:
+        """Carve the buffers out of a ``cutlass.utils.SmemAllocator``."""
+        p = self.plan
+        recv, full, empty = None, None, None
+        if const_expr(p.algorithm != "identity"):
+            recv = smem.allocate_array(Int32, p.recv_words, byte_alignment=16)
+            full = smem.allocate_array(Int64, p.num_full, byte_alignment=8)
+            empty = smem.allocate_array(Int64, p.stages, byte_alignment=8)
+        return ClusterReduceBuffers(recv, full, empty)
+
+    @cute.jit
+    def init(self, bufs: ClusterReduceBuffers):
+        """Initialise the barriers (thread 0) and fence the init cluster-wide.
+        The caller then runs one cluster barrier before the first round."""
+        p = self.plan
+        if const_expr(p.algorithm != "identity"):
+            if cute.arch.thread_idx()[0] == 0:
+                _dsmem.init_barrier_array(bufs.full, p.num_full, 1)
+                _dsmem.init_barrier_array(bufs.empty, p.stages, self.cluster_size - 1)
+                cute.arch.mbarrier_init_fence()
+
+    @cute.jit
+    def make_fragment(self) -> cute.Tensor:
+        """A register fragment of the right size (V fp32 values per thread)."""
+        return cute.make_rmem_tensor(self.per_thread, Float32)
+
+    def thread_offset(self, tidx):
+        """First fragment position held by thread ``tidx`` (``t % active``)."""
+        return (tidx % self.active) * self.per_thread
+
+    @cute.jit
+    def all_reduce(self, bufs: ClusterReduceBuffers, frag: cute.Tensor, round_idx: Int32) -> cute.Tensor:
+        """Reduce ``frag`` over the cluster; returns a new fragment holding the
+        result for this thread's positions (threads >= active get the result
+        for positions of thread ``t % active``)."""
+        p = self.plan
+        out = cute.make_rmem_tensor(self.per_thread, Float32)
+        if const_expr(p.algorithm == "identity"):
+            out.store(frag.load())
+        elif const_expr(p.algorithm == "direct"):
+            self._direct(bufs, frag, out, round_idx)
+        else:
+            self._split(bufs, frag, out, round_idx, True)
+        return out
+
+    @cute.jit
+    def reduce_scatter(self, bufs: ClusterReduceBuffers, frag: cute.Tensor, round_idx: Int32) -> cute.Tensor:
+        """Reduce ``frag`` over the cluster, keeping only this CTA's slice.
+        Threads for which ``owns(tidx)`` holds get the reduced values of their
+        own positions; the others get the op's identity."""
+        p = self.plan
+        out = cute.make_rmem_tensor(self.per_thread, Float32)
+        if const_expr(p.algorithm == "identity"):
+            out.store(frag.load())
+        else:
+            self._split(bufs, frag, out, round_idx, False)
+        return out
+
+    @cute.jit
+    def owns(self, tidx: Int32):
+        """Whether thread ``tidx`` holds part of this CTA's reduce-scatter slice."""
+        if const_expr(self.plan.algorithm == "identity"):
+            return tidx < self.active
+        else:
+            return (tidx < self.active) & (tidx // self.plan.frag.group == Int32(cute.arch.block_idx_in_cluster()))
+
+    @cute.jit
+    def teardown(self):
+        """Cluster barrier: after it no peer touches this CTA's shared memory.
+        Every thread of every CTA of the cluster calls it once, before exit."""
+        if const_expr(self.plan.algorithm != "identity"):
+            _dsmem.cluster_sync()
+
+    # ---------------------------------------------------------------- internals
+    @cute.jit
+    def _send(self, src: cute.Tensor, dst_base: cute.Pointer, word_off: Int32, mbar: cute.Pointer,
+              peer: Int32):
+        """st.async this thread's V words to ``dst_base + word_off`` in ``peer``."""
+        f = self.plan.frag
+        words = _dsmem.to_words(src)
+        for i in cutlass.range_constexpr(f.per_thread // f.vec):
+            dst = _dsmem.smem_word_ptr(dst_base, word_off + i * f.vec, 4 * f.vec)
+            _dsmem.st_async_words(words, i * f.vec, f.vec, dst, mbar, peer)
+
+    @cute.jit
+    def _fold(self, base: cute.Pointer, word_off: Int32, slot_words: cutlass.Constexpr[int],
+              out: cute.Tensor):
+        """out = op over src = 0..C-1 (in order) of base[src * slot_words + word_off : +V]."""
+        f = self.plan.frag
+        C = self.cluster_size
+        for src in cutlass.range_constexpr(C):
+            ptr = _dsmem.smem_word_ptr(base, word_off + src * slot_words, 4 * f.vec)
+            sv = cute.make_tensor(cute.recast_ptr(ptr, dtype=Float32), cute.make_layout(f.per_thread))
+            vals = sv.load()
+            if const_expr(src == 0):
+                out.store(vals)
+            else:
+                for v in cutlass.range_constexpr(f.per_thread):
+                    out[v] = self.op.combine(out[v], vals[v])
+
+    @cute.jit
+    def _release(self, bufs: ClusterReduceBuffers, s: Int32, tidx: Int32, rank: Int32):
+        cute.arch.barrier(barrier_id=self.barrier_id, number_of_threads=self.num_threads)
+        if tidx < self.cluster_size:
+            if tidx != rank:
+                _dsmem.remote_arrive(bufs.empty + s, tidx)
+
+    @cute.jit
+    def _direct(self, bufs: ClusterReduceBuffers, frag: cute.Tensor, out: cute.Tensor, round_idx: Int32):
+        f = self.plan.frag
+        C, N, S = self.cluster_size, f.num_words, self.plan.stages
+        tidx = cute.arch.thread_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        s, parity = _dsmem.stage_parity(round_idx, S)
+        stage_base = _dsmem.smem_word_ptr(bufs.recv, s * (C * N), 16)
+        full = bufs.full + s
+        if tidx == 0:
+            cute.arch.mbarrier_arrive_and_expect_tx(full, C * N * 4)
+        if tidx < f.active:
+            _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
+            off = rank * N + tidx * f.per_thread
+            for peer in cutlass.range_constexpr(C):
+                self._send(frag, stage_base, off, full, Int32(peer))
+        _dsmem.wait_parity(full, parity)
+        self._fold(stage_base, (tidx % f.active) * f.per_thread, N, out)
+        self._release(bufs, s, tidx, rank)
+
+    @cute.jit
+    def _split(self, bufs: ClusterReduceBuffers, frag: cute.Tensor, out: cute.Tensor, round_idx: Int32,
+               gather: cutlass.Constexpr[bool]):
+        f = self.plan.frag
+        C, N, S = self.cluster_size, f.num_words, self.plan.stages
+        G, slice_words = f.group, f.slice_words
+        tidx = cute.arch.thread_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        s, parity = _dsmem.stage_parity(round_idx, S)
+        rs_base = _dsmem.smem_word_ptr(bufs.recv, s * N, 16)
+        ag_base = _dsmem.smem_word_ptr(bufs.recv, S * N + s * N, 16)
+        full_rs = bufs.full + s
+        full_ag = bufs.full + S + s
+        if tidx == 0:
+            cute.arch.mbarrier_arrive_and_expect_tx(full_rs, N * 4)
+            if const_expr(gather):
+                cute.arch.mbarrier_arrive_and_expect_tx(full_ag, N * 4)
+        owner = tidx // G
+        in_slot = (tidx % G) * f.per_thread
+        if tidx < f.active:
+            _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
+            self._send(frag, rs_base, rank * slice_words + in_slot, full_rs, owner)
+        _dsmem.wait_parity(full_rs, parity)
+        for v in cutlass.range_constexpr(f.per_thread):
+            out[v] = Float32(self.op.identity)
+        is_owner = (tidx < f.active) & (owner == rank)
+        if is_owner:
+            self._fold(rs_base, in_slot, slice_words, out)
+        if const_expr(gather):
+            if is_owner:
+                for peer in cutlass.range_constexpr(C):
+                    self._send(out, ag_base, tidx * f.per_thread, full_ag, Int32(peer))
+            _dsmem.wait_parity(full_ag, parity)
+            ptr = _dsmem.smem_word_ptr(ag_base, (tidx % f.active) * f.per_thread, 4 * f.vec)
+            res = cute.make_tensor(cute.recast_ptr(ptr, dtype=Float32), cute.make_layout(f.per_thread))
+            out.store(res.load())
+        self._release(bufs, s, tidx, rank)
