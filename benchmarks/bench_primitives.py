@@ -45,8 +45,8 @@ def global_cost(n: int, c: int) -> float:
     cfg = GlobalExchangeConfig(num_elems=n, cluster_size=c, num_clusters=NUM_CLUSTERS)
     fn, k = global_exchange_kernel(cfg)
     x = torch.randint(-8, 9, (cfg.grid, n), device="cuda").float()
-    out = torch.empty(cfg.grid, 128 * k.red.per_thread, device="cuda")
-    scratch = torch.empty(NUM_CLUSTERS, 2, c, n, device="cuda")
+    out = torch.empty(cfg.grid, k.out_cols, device="cuda")
+    scratch = torch.empty(NUM_CLUSTERS * 2 * c, n, device="cuda")
     return per_round_us(lambda r: fn(x, out, scratch, r))
 
 

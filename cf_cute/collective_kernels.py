@@ -23,13 +23,14 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from cf_cute.primitives import ClusterGather, ClusterReduce, cluster_sync
-from cf_cute.primitives.plan import check_grid
+from cf_cute.primitives.plan import check_grid, plan_fragment
 
 __all__ = [
     "ReduceHarnessConfig",
     "ReduceHarnessKernel",
     "GatherHarnessConfig",
     "GatherHarnessKernel",
+    "GlobalExchangeConfig",
     "GlobalExchangeKernel",
 ]
 
@@ -122,16 +123,21 @@ class GlobalExchangeConfig:
 
 class GlobalExchangeKernel:
     """All-reduce (sum) through global memory: each round every CTA writes its
-    partial to ``scratch[cluster, r % 2, rank, :]``, the cluster synchronises
-    (``barrier.cluster`` release/acquire), every CTA reads the C partials back
-    in rank order. Double-buffering by round parity makes one cluster barrier
-    per round sufficient. Same data, outputs and layout as the sum harness."""
+    partial to row ``(cluster * 2 + r % 2) * C + rank`` of ``scratch``
+    (16-byte stores), the cluster synchronises (``barrier.cluster``
+    release/acquire), and every CTA reads the C partials back in rank order
+    (16-byte loads). Double-buffering by round parity makes one cluster
+    barrier per round sufficient. Same data, outputs and thread layout as the
+    sum harness, so results compare 1:1."""
 
     def __init__(self, cfg: GlobalExchangeConfig):
         self.cfg = cfg
         check_grid(cfg.grid, cfg.cluster_size)
-        # reuse ClusterReduce's layout over the threads so outputs compare 1:1
-        self.red = ClusterReduce(cfg.num_elems, cfg.cluster_size, cfg.num_threads, algorithm="direct")
+        self.frag = plan_fragment(cfg.num_elems, cfg.num_threads, cfg.cluster_size, split=False)
+        if self.frag is None:
+            raise ValueError(f"{cfg.num_elems} values cannot be laid over {cfg.num_threads} threads")
+        self.per_thread = self.frag.per_thread
+        self.out_cols = cfg.num_threads * self.per_thread
 
     @cute.jit
     def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, mScratch: cute.Tensor, rounds: Int32, stream):
@@ -141,29 +147,34 @@ class GlobalExchangeKernel:
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, mScratch: cute.Tensor, rounds: Int32):
-        red = self.red
-        V, A, C, N = red.per_thread, red.active, self.cfg.cluster_size, self.cfg.num_elems
+        f = self.frag
+        V, A, W, C = f.per_thread, f.active, f.vec, self.cfg.cluster_size
         tidx = cute.arch.thread_idx()[0]
         bidx = cute.arch.block_idx()[0]
         rank = Int32(cute.arch.block_idx_in_cluster())
         cl = bidx // C
-        x = red.make_fragment()
-        pos = red.thread_offset(tidx)
+        lane = tidx % A
+        x = cute.make_rmem_tensor(V, Float32)
         for v in cutlass.range_constexpr(V):
-            x[v] = mX[bidx, pos + v]
-        acc = red.make_fragment()
+            x[v] = mX[bidx, lane * V + v]
+        acc = cute.make_rmem_tensor(V, Float32)
         acc.fill(0.0)
+        part = cute.make_rmem_tensor((1, W), Float32)
         for r in cutlass.range(rounds, unroll=1):
             bump = Float32((r % 5) * (rank + 1))
-            par = r % 2
+            row = (cl * 2 + r % 2) * C
             if tidx < A:
-                for v in cutlass.range_constexpr(V):
-                    mScratch[cl, par, rank, pos + v] = x[v] + bump
+                for i in cutlass.range_constexpr(V // W):
+                    for w in cutlass.range_constexpr(W):
+                        part[0, w] = x[i * W + w] + bump
+                    cute.autovec_copy(part, cute.local_tile(mScratch, (1, W), (row + rank, lane * (V // W) + i)))
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
             for src in cutlass.range_constexpr(C):
-                for v in cutlass.range_constexpr(V):
-                    acc[v] = acc[v] + mScratch[cl, par, src, pos + v]
+                for i in cutlass.range_constexpr(V // W):
+                    got = cute.local_tile(mScratch, (1, W), (row + src, lane * (V // W) + i)).load()
+                    for w in cutlass.range_constexpr(W):
+                        acc[i * W + w] = acc[i * W + w] + got[w]
         for v in cutlass.range_constexpr(V):
             mOut[bidx, tidx * V + v] = acc[v]
 

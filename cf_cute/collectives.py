@@ -79,8 +79,8 @@ def global_exchange_kernel(cfg: GlobalExchangeConfig):
     k = GlobalExchangeKernel(cfg)
     fn = compile_kernel(GlobalExchangeKernel, cfg, [
         TensorSpec("float32", (cfg.grid, cfg.num_elems)),
-        TensorSpec("float32", (cfg.grid, cfg.num_threads * k.red.per_thread)),
-        TensorSpec("float32", (cfg.num_clusters, 2, cfg.cluster_size, cfg.num_elems)),
+        TensorSpec("float32", (cfg.grid, k.out_cols)),
+        TensorSpec("float32", (cfg.num_clusters * 2 * cfg.cluster_size, cfg.num_elems)),
         ScalarSpec("int32"),
     ])
     return fn, k
@@ -89,9 +89,9 @@ def global_exchange_kernel(cfg: GlobalExchangeConfig):
 def global_exchange_rounds(x: torch.Tensor, cfg: GlobalExchangeConfig, rounds: int, out=None, scratch=None):
     fn, k = global_exchange_kernel(cfg)
     if out is None:
-        out = torch.full((cfg.grid, cfg.num_threads * k.red.per_thread), float("nan"), device=x.device)
+        out = torch.full((cfg.grid, k.out_cols), float("nan"), device=x.device)
     if scratch is None:
-        scratch = torch.empty(cfg.num_clusters, 2, cfg.cluster_size, cfg.num_elems, device=x.device)
+        scratch = torch.empty(cfg.num_clusters * 2 * cfg.cluster_size, cfg.num_elems, device=x.device)
     fn(x, out, scratch, rounds)
     return out
 

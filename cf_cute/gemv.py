@@ -8,6 +8,8 @@ so it traces under ``torch.compile`` and records into CUDA graphs.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
@@ -19,6 +21,7 @@ __all__ = ["splitk_gemv", "splitk_gemv_config"]
 
 def splitk_gemv_config(x: torch.Tensor, w: torch.Tensor, cluster_size: int = 4,
                        block_m: int = 64) -> SplitKGemvConfig:
+    """The static configuration for these operands (checks dtypes and shapes)."""
     check_tensor("w", w, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
     check_tensor("x", x, dtype=w.dtype, shape=(None, w.shape[1]), cuda=False)
     cfg = SplitKGemvConfig(m=w.shape[0], k=w.shape[1], batch=x.shape[0], cluster_size=cluster_size,
@@ -27,6 +30,7 @@ def splitk_gemv_config(x: torch.Tensor, w: torch.Tensor, cluster_size: int = 4,
     return cfg
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(cfg: SplitKGemvConfig):
     return compile_kernel(SplitKGemv, cfg, [
         TensorSpec(cfg.dtype, (cfg.batch, cfg.k)),
@@ -38,14 +42,15 @@ def _kernel(cfg: SplitKGemvConfig):
 def splitk_gemv(x: torch.Tensor, w: torch.Tensor, *, cluster_size: int = 4, block_m: int = 64,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [B, K] @ w [M, K].T -> [B, M]`` (bf16/fp16, fp32 accumulation), K
-    split over a cluster of ``cluster_size`` CTAs and reduced over DSMEM."""
+    split over a cluster of ``cluster_size`` CTAs and reduced over DSMEM.
+    Launches on the current stream; no host synchronisation."""
     cfg = splitk_gemv_config(x, w, cluster_size, block_m)
-    check_tensor("w", w)
-    check_tensor("x", x)
     if out is None:
         out = torch.empty(cfg.batch, cfg.m, dtype=w.dtype, device=w.device)
-    check_tensor("out", out, dtype=w.dtype, shape=(cfg.batch, cfg.m))
+    check_tensor("out", out, dtype=w.dtype, shape=(cfg.batch, cfg.m), cuda=False)
     check_same_device(x=x, w=w, out=out)
+    if w.device.type != "cuda":
+        raise ValueError(f"x, w and out must be on a CUDA device, got {w.device}")
     _kernel(cfg)(x, w, out)
     return out
 

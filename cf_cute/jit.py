@@ -35,6 +35,8 @@ from typing import Any, Callable, Sequence
 
 __all__ = [
     "TensorSpec",
+    "ScalarSpec",
+    "compile_for_inspection",
     "CacheKey",
     "compile_kernel",
     "target_arch",
@@ -120,6 +122,7 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
 def target_arch() -> str:
     """``sm_90a`` -- the only target. With a GPU present, it must be Hopper."""
     try:

@@ -110,9 +110,10 @@ REDUCE_OPS = {
     "min": ReduceOp("min", _fmin, float("inf")),
 }
 
-# Direct exchange while the per-stage receive buffer stays this small
-# (measured: benchmarks/bench_primitives.py, docs/NOTES.md).
-DIRECT_MAX_RECV_BYTES = 16 * 1024
+# Direct exchange while the per-stage receive buffer stays this small, and
+# always for 2 CTAs (both algorithms move the same bytes there, direct in one
+# hop). Measured on H100: benchmarks/RESULTS.md, docs/NOTES.md.
+DIRECT_MAX_RECV_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def plan_reduce(num_elems: int, cluster_size: int, num_threads: int, algorithm: 
     elif algorithm == "direct":
         plan = ClusterReducePlan("direct", direct, stages)
     else:
-        small = cluster_size * num_elems * 4 <= DIRECT_MAX_RECV_BYTES
+        small = cluster_size <= 2 or cluster_size * num_elems * 4 <= DIRECT_MAX_RECV_BYTES
         plan = ClusterReducePlan("direct" if (small or split is None) else "split",
                                  direct if (small or split is None) else split, stages)
     check_smem(f"ClusterReduce({num_elems} values, cluster {cluster_size}, {plan.algorithm}, "

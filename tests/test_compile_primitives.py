@@ -77,6 +77,7 @@ def test_global_exchange_baseline_compiles():
     cfg = GlobalExchangeConfig(num_elems=256, cluster_size=4)
     k = GlobalExchangeKernel(cfg)
     c = compile_for_inspection(GlobalExchangeKernel, cfg, [
-        TensorSpec("float32", (cfg.grid, 256)), TensorSpec("float32", (cfg.grid, 128 * k.red.per_thread)),
-        TensorSpec("float32", (2, 2, 4, 256)), ScalarSpec()])
+        TensorSpec("float32", (cfg.grid, 256)), TensorSpec("float32", (cfg.grid, k.out_cols)),
+        TensorSpec("float32", (2 * 2 * 4, 256)), ScalarSpec()])
     assert "barrier.cluster.arrive" in c.__ptx__ and "st.async" not in c.__ptx__
+    assert "st.global.v4" in c.__ptx__ and "ld.global.v4" in c.__ptx__
