@@ -30,9 +30,10 @@ def per_round_us(launch) -> float:
     return (hi - lo) * 1e3 / (R_HI - R_LO)
 
 
-def reduce_cost(n: int, c: int, alg: str) -> float | None:
+def reduce_cost(n: int, c: int, alg: str, transport: str = "auto") -> float | None:
     try:
-        cfg = ReduceHarnessConfig(num_elems=n, cluster_size=c, algorithm=alg, num_clusters=NUM_CLUSTERS)
+        cfg = ReduceHarnessConfig(num_elems=n, cluster_size=c, algorithm=alg, num_clusters=NUM_CLUSTERS,
+                                  transport=transport)
         fn, k = reduce_kernel(cfg)
     except ValueError:
         return None
@@ -50,10 +51,10 @@ def global_cost(n: int, c: int) -> float:
     return per_round_us(lambda r: fn(x, out, scratch, r))
 
 
-def gather_cost(n: int, c: int) -> float | None:
+def gather_cost(n: int, c: int, transport: str = "auto") -> float | None:
     try:
         cfg = GatherHarnessConfig(tile_elems=n, cluster_size=c, dtype="float32", check=False,
-                                  num_clusters=NUM_CLUSTERS)
+                                  num_clusters=NUM_CLUSTERS, transport=transport)
         fn = gather_kernel(cfg)
     except ValueError:
         return None
@@ -77,16 +78,20 @@ def main(argv=None) -> int:
     rows = []
     for c in clusters:
         for n in sizes:
-            d = reduce_cost(n, c, "direct")
-            s = reduce_cost(n, c, "split")
+            ds = reduce_cost(n, c, "direct", "st_async")
+            db = reduce_cost(n, c, "direct", "bulk")
+            ss = reduce_cost(n, c, "split", "st_async")
+            sb = reduce_cost(n, c, "split", "bulk")
             auto = reduce_cost(n, c, "auto")
             g = global_cost(n, c)
-            gat = gather_cost(n, c)
-            rows.append([c, 4 * n, fmt(d), fmt(s), fmt(auto), fmt(g), f"{g / auto:.2f}x", fmt(gat)])
+            gs = gather_cost(n, c, "st_async")
+            gb = gather_cost(n, c, "bulk")
+            rows.append([c, 4 * n, fmt(ds), fmt(db), fmt(ss), fmt(sb), fmt(auto), fmt(g),
+                         f"{g / auto:.2f}x", fmt(gs), fmt(gb)])
             print(" | ".join(str(v) for v in rows[-1]), flush=True)
-    header = ["cluster", "B/CTA", "reduce direct µs", "reduce split µs", "reduce auto µs",
-              "global exchange µs", "global/auto", "gather µs"]
-    text = (f"Primitives, per round, {NUM_CLUSTERS} clusters, 128 threads/CTA "
+    header = ["cluster", "B/CTA", "direct st.async", "direct bulk", "split st.async", "split bulk",
+              "all-reduce auto", "global exchange", "global/auto", "gather st.async", "gather bulk"]
+    text = (f"Primitives, µs per round, {NUM_CLUSTERS} clusters, 128 threads/CTA "
             f"({stamp()}):\n\n" + markdown_table(header, rows))
     print(text)
     if a.out:

@@ -45,6 +45,7 @@ class ReduceHarnessConfig:
     algorithm: str = "auto"
     scatter: bool = False
     stages: int = 2
+    transport: str = "auto"
 
     @property
     def grid(self) -> int:
@@ -60,7 +61,8 @@ class ReduceHarnessKernel:
         self.cfg = cfg
         check_grid(cfg.grid, cfg.cluster_size)
         self.red = ClusterReduce(cfg.num_elems, cfg.cluster_size, cfg.num_threads, op=cfg.op,
-                                 algorithm=cfg.algorithm, stages=cfg.stages, scatter=cfg.scatter)
+                                 algorithm=cfg.algorithm, stages=cfg.stages, scatter=cfg.scatter,
+                                 transport=cfg.transport)
         self.out_cols = cfg.num_threads * self.red.per_thread
 
     @cute.jit
@@ -188,6 +190,7 @@ class GatherHarnessConfig:
     num_threads: int = 128
     stages: int | None = None
     from_registers: bool = False
+    transport: str = "auto"
     check: bool = True            # accumulate every gathered value (tests) or touch one (bench)
 
     @property
@@ -209,7 +212,7 @@ class GatherHarnessKernel:
         check_grid(cfg.grid, cfg.cluster_size)
         self.dtype = _DTYPES[cfg.dtype]
         self.gat = ClusterGather(self.dtype, cfg.tile_elems, cfg.cluster_size, cfg.num_threads,
-                                 stages=cfg.stages)
+                                 stages=cfg.stages, transport=cfg.transport)
 
     @cute.jit
     def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, rounds: Int32, stream):

@@ -10,6 +10,10 @@ collectives read as protocols rather than as address arithmetic:
                       of 1, 2 or 4 words (``.b32 / .v2.b32 / .v4.b32``) into a
                       peer CTA's shared memory, completing on the *peer's*
                       copy of a local mbarrier (both mapped with ``mapa``).
+* ``bulk_to_peer``    ``cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes``:
+                      the copy engine moves a 16-byte-multiple range of this
+                      CTA's shared memory into a peer's, one transaction-count
+                      update on the peer's mbarrier for the whole range.
 * ``remote_arrive``   ``mbarrier.arrive.release.cluster`` on a peer's mbarrier.
 * ``wait_parity``     blocking ``mbarrier.try_wait.parity`` loop.
 * ``stage_parity``    (stage, parity) of a round in an S-stage ring.
@@ -24,10 +28,13 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, const_expr
 from cutlass._mlir.dialects import nvvm
+from cutlass.experimental import primitives as _prims
 
 __all__ = [
     "smem_word_ptr",
     "st_async_words",
+    "bulk_to_peer",
+    "store_words",
     "remote_arrive",
     "wait_parity",
     "stage_parity",
@@ -74,6 +81,25 @@ def st_async_words(
             mbar,
             peer,
         )
+
+
+@cute.jit
+def bulk_to_peer(src: cute.Pointer, dst: cute.Pointer, mbar: cute.Pointer, peer: Int32,
+                 nbytes: cutlass.Constexpr[int]):
+    """Copy ``nbytes`` (a multiple of 16) from local ``src`` to ``dst`` in CTA
+    ``peer`` (``dst`` and ``mbar`` given as this CTA's addresses of the same
+    fields; both are mapped). The source must have been made visible to the
+    async proxy (``fence_view_async_shared`` by its writers, then a barrier)."""
+    _prims.cp_async_bulk_shared_cluster_shared_cta(
+        cute.arch.map_dsmem_ptr(dst, peer), src, cute.arch.map_dsmem_ptr(mbar, peer), nbytes)
+
+
+@cute.jit
+def store_words(words: cute.Tensor, dst: cute.Pointer, align_bytes: cutlass.Constexpr[int]):
+    """Plain shared-memory store of a register tensor of Int32 words at ``dst``
+    (``align_bytes``-aligned, so that the stores vectorise)."""
+    d = cute.make_tensor(smem_word_ptr(dst, Int32(0), align_bytes), cute.make_layout(cute.size(words)))
+    d.store(words.load())
 
 
 @cute.jit

@@ -6,8 +6,12 @@ Each CTA of a cluster of ``C`` contributes a tile of ``tile_elems`` values of
 being CTA ``r``'s, and reads them through the returned tensor
 ``sAll[(elem, rank)]``. Data moves only through distributed shared memory:
 each active thread loads its words of the tile (from registers or from the
-caller's shared-memory tile) and ``st.async``s them into slot ``my_rank`` of
-every CTA of the cluster (itself included), completing on that CTA's mbarrier.
+caller's shared-memory tile) and either ``st.async``s them into slot
+``my_rank`` of every CTA of the cluster (itself included), completing on that
+CTA's mbarrier (small tiles), or writes them to its own slot ``my_rank`` and
+lane j ships the whole slot to CTA j with one
+``cp.async.bulk.shared::cluster`` (tiles of 2 KB and more: one mbarrier
+update per tile instead of one per 16 bytes).
 
 Shared-memory layout (``allocate``; S stages, ring by round)::
 
@@ -60,11 +64,16 @@ from .plan import (
 __all__ = ["ClusterGatherPlan", "ClusterGather", "ClusterGatherBuffers"]
 
 
+# Tiles at least this large go through the copy engine (see cluster_reduce).
+BULK_MIN_TILE_BYTES = 2048
+
+
 @dataclass(frozen=True)
 class ClusterGatherPlan:
     frag: FragmentPlan        # layout of the tile's words over the threads
     slot_words: int           # tile words rounded up to a 16-byte multiple
     stages: int
+    transport: str = "st_async"   # or "bulk"
 
     @property
     def smem_bytes(self) -> int:
@@ -73,7 +82,7 @@ class ClusterGatherPlan:
 
 
 def plan_gather(dtype_bits: int, tile_elems: int, cluster_size: int, num_threads: int,
-                stages: int | None) -> ClusterGatherPlan:
+                stages: int | None, transport: str = "auto") -> ClusterGatherPlan:
     """Plan a gather; ``stages=None`` takes 2 stages where they fit in shared
     memory, else 1."""
     check_cluster_size(cluster_size)
@@ -95,11 +104,15 @@ def plan_gather(dtype_bits: int, tile_elems: int, cluster_size: int, num_threads
             f"a tile of {words} words cannot be laid over {num_threads} threads: use at most "
             f"{4 * num_threads} words or a multiple of {num_threads} words (<= 64 per thread)"
         )
+    if transport not in ("auto", "st_async", "bulk"):
+        raise ValueError(f"transport must be 'auto', 'st_async' or 'bulk', got {transport!r}")
     slot_words = (words + 3) // 4 * 4
+    if transport == "auto":
+        transport = "bulk" if slot_words * 4 >= BULK_MIN_TILE_BYTES else "st_async"
     if stages is None:
         fits = ClusterGatherPlan(frag, slot_words, 2).smem_bytes <= SMEM_LIMIT_BYTES
         stages = 2 if fits else 1
-    plan = ClusterGatherPlan(frag, slot_words, stages)
+    plan = ClusterGatherPlan(frag, slot_words, stages, transport)
     check_smem(f"ClusterGather({words * 4} B tile, cluster {cluster_size}, {stages} stages)",
                plan.smem_bytes)
     return plan
@@ -116,7 +129,7 @@ class ClusterGather:
     """Cluster all-gather of one typed tile per CTA into every CTA's shared memory."""
 
     def __init__(self, dtype, tile_elems: int, cluster_size: int, num_threads: int, stages: int | None = None,
-                 barrier_id: int = 2):
+                 barrier_id: int = 2, transport: str = "auto"):
         if not 1 <= barrier_id <= 15:
             raise ValueError(f"barrier_id must be a named barrier 1..15, got {barrier_id!r}")
         self.dtype = dtype
@@ -124,7 +137,7 @@ class ClusterGather:
         self.cluster_size = cluster_size
         self.num_threads = num_threads
         self.barrier_id = barrier_id
-        self.plan = plan_gather(dtype.width, tile_elems, cluster_size, num_threads, stages)
+        self.plan = plan_gather(dtype.width, tile_elems, cluster_size, num_threads, stages, transport)
         self.per_thread_words = self.plan.frag.per_thread
         self.active = self.plan.frag.active
         # values of dtype per thread
@@ -221,16 +234,30 @@ class ClusterGather:
         rank = Int32(cute.arch.block_idx_in_cluster())
         s, parity = _dsmem.stage_parity(round_idx, p.stages)
         base = _dsmem.smem_word_ptr(bufs.tiles, s * (C * p.slot_words), 16)
+        own_slot = _dsmem.smem_word_ptr(base, rank * p.slot_words, 16)
         full = bufs.full + s
-        if tidx == 0:
-            cute.arch.mbarrier_arrive_and_expect_tx(full, C * f.num_words * 4)
-        if tidx < f.active:
-            if const_expr(C > 1):
-                _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
-            for peer in cutlass.range_constexpr(C):
-                for i in cutlass.range_constexpr(f.per_thread // f.vec):
-                    dst = _dsmem.smem_word_ptr(base, rank * p.slot_words + tidx * f.per_thread + i * f.vec,
-                                               4 * f.vec)
-                    _dsmem.st_async_words(words, i * f.vec, f.vec, dst, full, Int32(peer))
+        if const_expr(p.transport == "bulk"):
+            if tidx == 0:
+                cute.arch.mbarrier_arrive_and_expect_tx(full, (C - 1) * p.slot_words * 4)
+            if tidx < f.active:
+                if const_expr(C > 1):
+                    _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
+                _dsmem.store_words(words, _dsmem.smem_word_ptr(own_slot, tidx * f.per_thread, 16), 4 * f.vec)
+            # own slot complete and visible to the copy engine, then lane j ships it to CTA j
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier(barrier_id=self.barrier_id, number_of_threads=self.num_threads)
+            if tidx < C:
+                if tidx != rank:
+                    _dsmem.bulk_to_peer(own_slot, own_slot, full, tidx, p.slot_words * 4)
+        else:
+            if tidx == 0:
+                cute.arch.mbarrier_arrive_and_expect_tx(full, C * f.num_words * 4)
+            if tidx < f.active:
+                if const_expr(C > 1):
+                    _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
+                for peer in cutlass.range_constexpr(C):
+                    for i in cutlass.range_constexpr(f.per_thread // f.vec):
+                        dst = _dsmem.smem_word_ptr(own_slot, tidx * f.per_thread + i * f.vec, 4 * f.vec)
+                        _dsmem.st_async_words(words, i * f.vec, f.vec, dst, full, Int32(peer))
         _dsmem.wait_parity(full, parity)
         return self.tiles(bufs, round_idx)

@@ -25,11 +25,22 @@ Algorithms (``plan.algorithm``):
             for large fragments and large clusters.
             Receive bytes per stage: 2 * N * 4.
 
+Transports (``plan.transport``): ``st_async`` -- each thread st.asyncs its
+values from registers (lowest latency; one mbarrier transaction update per
+16 bytes, which serialises large messages); ``bulk`` -- threads write their
+values to their own slot / a staging buffer, fence to the async proxy, and
+lane j issues one ``cp.async.bulk.shared::cluster`` of the whole message to
+CTA j (one update per message). A CTA's own contribution never travels: it
+is written to its own slot with plain stores (except direct st_async with
+fewer active than calling threads, where it goes through st.async so that
+other threads may read it after the barrier).
+
 Shared-memory layout (allocated by ``allocate``; S stages, ring by round)::
 
     direct:  recv  fp32[S][C][N]        slot [s][src] written by CTA src
     split:   rs    fp32[S][C][N/C]      slot [s][src] written by CTA src
              ag    fp32[S][N]           slice [s][r*N/C:] written by CTA r
+             stg   fp32[S][N]           (bulk only) own fragment, source of the RS copies
     full     mbarrier[S]  (split: [2][S], rs then ag)   1 arrival + tx bytes
     empty    mbarrier[S]  C-1 arrivals, one remote arrive from each peer
 
@@ -114,13 +125,31 @@ REDUCE_OPS = {
 # always for 2 CTAs (both algorithms move the same bytes there, direct in one
 # hop). Measured on H100: benchmarks/RESULTS.md, docs/NOTES.md.
 DIRECT_MAX_RECV_BYTES = 8 * 1024
+# Messages (bytes one CTA sends one peer per hop) at least this large go
+# through the copy engine (one mbarrier update per message) instead of
+# per-thread st.async (one mbarrier update per 16 bytes).
+BULK_MIN_MESSAGE_BYTES = 2048
 
 
 @dataclass(frozen=True)
 class ClusterReducePlan:
     algorithm: str            # "identity" (C == 1), "direct" or "split"
+    transport: str            # "st_async" or "bulk"
     frag: FragmentPlan
     stages: int
+
+    @property
+    def message_bytes(self) -> int:
+        """Bytes one CTA sends one peer in one hop."""
+        f = self.frag
+        return 4 * (f.num_words if self.algorithm == "direct" else f.slice_words)
+
+    @property
+    def self_send(self) -> bool:
+        """Direct st.async: threads beyond ``active`` read slot ``my_rank``
+        written by other threads, so it must arrive through the barrier."""
+        return self.algorithm == "direct" and self.transport == "st_async" and \
+            self.frag.active < self.frag.num_threads
 
     @property
     def recv_words(self) -> int:
@@ -128,7 +157,8 @@ class ClusterReducePlan:
         if self.algorithm == "direct":
             return self.stages * C * N
         if self.algorithm == "split":
-            return self.stages * 2 * N
+            # rs [S][C][N/C] + ag [S][N] (+ bulk staging [S][N])
+            return self.stages * N * (3 if self.transport == "bulk" else 2)
         return 0
 
     @property
@@ -144,7 +174,7 @@ class ClusterReducePlan:
 
 
 def plan_reduce(num_elems: int, cluster_size: int, num_threads: int, algorithm: str, stages: int,
-                scatter: bool) -> ClusterReducePlan:
+                scatter: bool, transport: str = "auto") -> ClusterReducePlan:
     check_cluster_size(cluster_size)
     check_threads(num_threads)
     if not isinstance(num_elems, int) or num_elems <= 0:
@@ -153,6 +183,8 @@ def plan_reduce(num_elems: int, cluster_size: int, num_threads: int, algorithm: 
         raise ValueError(f"stages must be 1, 2, 4 or 8, got {stages!r}")
     if algorithm not in ("auto", "direct", "split"):
         raise ValueError(f"algorithm must be 'auto', 'direct' or 'split', got {algorithm!r}")
+    if transport not in ("auto", "st_async", "bulk"):
+        raise ValueError(f"transport must be 'auto', 'st_async' or 'bulk', got {transport!r}")
     direct = plan_fragment(num_elems, num_threads, cluster_size, split=False)
     split = plan_fragment(num_elems, num_threads, cluster_size, split=True)
     if direct is None:
@@ -161,7 +193,7 @@ def plan_reduce(num_elems: int, cluster_size: int, num_threads: int, algorithm: 
             f"{4 * num_threads}, or a multiple of the thread count, of at most 64 per thread"
         )
     if cluster_size == 1:
-        return ClusterReducePlan("identity", direct, stages)
+        return ClusterReducePlan("identity", "st_async", direct, stages)
     if scatter or algorithm == "split":
         if split is None:
             raise ValueError(
@@ -169,14 +201,19 @@ def plan_reduce(num_elems: int, cluster_size: int, num_threads: int, algorithm: 
                 f"{num_threads} threads needs the active threads to split evenly by CTA "
                 f"(num_elems a multiple of {cluster_size} words, at least one per CTA)"
             )
-        plan = ClusterReducePlan("split", split, stages)
+        alg, frag = "split", split
     elif algorithm == "direct":
-        plan = ClusterReducePlan("direct", direct, stages)
+        alg, frag = "direct", direct
     else:
         small = cluster_size <= 2 or cluster_size * num_elems * 4 <= DIRECT_MAX_RECV_BYTES
-        plan = ClusterReducePlan("direct" if (small or split is None) else "split",
-                                 direct if (small or split is None) else split, stages)
-    check_smem(f"ClusterReduce({num_elems} values, cluster {cluster_size}, {plan.algorithm}, "
+        alg, frag = ("direct", direct) if (small or split is None) else ("split", split)
+    msg = 4 * (frag.num_words if alg == "direct" else frag.slice_words)
+    if transport == "auto":
+        transport = "bulk" if (msg >= BULK_MIN_MESSAGE_BYTES and msg % 16 == 0) else "st_async"
+    if transport == "bulk" and msg % 16:
+        raise ValueError(f"bulk transport moves 16-byte multiples; a message here is {msg} B")
+    plan = ClusterReducePlan(alg, transport, frag, stages)
+    check_smem(f"ClusterReduce({num_elems} values, cluster {cluster_size}, {alg}/{transport}, "
                f"{stages} stages)", plan.smem_bytes)
     return plan
 
@@ -200,7 +237,7 @@ class ClusterReduce:
 
     def __init__(self, num_elems: int, cluster_size: int, num_threads: int, op: str = "sum",
                  algorithm: str = "auto", stages: int = 2, barrier_id: int = 1,
-                 scatter: bool = False):
+                 scatter: bool = False, transport: str = "auto"):
         if op not in REDUCE_OPS:
             raise ValueError(f"op must be one of {sorted(REDUCE_OPS)}, got {op!r}")
         if not 1 <= barrier_id <= 15:
@@ -209,7 +246,7 @@ class ClusterReduce:
         self.cluster_size = cluster_size
         self.num_threads = num_threads
         self.barrier_id = barrier_id
-        self.plan = plan_reduce(num_elems, cluster_size, num_threads, algorithm, stages, scatter)
+        self.plan = plan_reduce(num_elems, cluster_size, num_threads, algorithm, stages, scatter, transport)
         f = self.plan.frag
         self.num_elems = num_elems
         self.per_thread = f.per_thread
@@ -334,21 +371,45 @@ class ClusterReduce:
                 _dsmem.remote_arrive(bufs.empty + s, tidx)
 
     @cute.jit
+    def _publish(self, src: cute.Pointer, dst: cute.Pointer, mbar: cute.Pointer,
+                 nbytes: cutlass.Constexpr[int], tidx: Int32, rank: Int32):
+        """Bulk transport, after the local writes of the round: make them visible
+        to the copy engine, wait for every writer, then lane ``j`` (``j != rank``)
+        copies ``nbytes`` at ``src`` into CTA j's ``dst``."""
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=self.barrier_id, number_of_threads=self.num_threads)
+        if tidx < self.cluster_size:
+            if tidx != rank:
+                _dsmem.bulk_to_peer(src, dst, mbar, tidx, nbytes)
+
+    @cute.jit
     def _direct(self, bufs: ClusterReduceBuffers, frag: cute.Tensor, out: cute.Tensor, round_idx: Int32):
-        f = self.plan.frag
-        C, N, S = self.cluster_size, f.num_words, self.plan.stages
+        p = self.plan
+        f = p.frag
+        C, N, S = self.cluster_size, f.num_words, p.stages
         tidx = cute.arch.thread_idx()[0]
         rank = Int32(cute.arch.block_idx_in_cluster())
         s, parity = _dsmem.stage_parity(round_idx, S)
         stage_base = _dsmem.smem_word_ptr(bufs.recv, s * (C * N), 16)
+        own_slot = _dsmem.smem_word_ptr(stage_base, rank * N, 16)
         full = bufs.full + s
         if tidx == 0:
-            cute.arch.mbarrier_arrive_and_expect_tx(full, C * N * 4)
+            cute.arch.mbarrier_arrive_and_expect_tx(full, (C if p.self_send else C - 1) * N * 4)
         if tidx < f.active:
             _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
-            off = rank * N + tidx * f.per_thread
-            for peer in cutlass.range_constexpr(C):
-                self._send(frag, stage_base, off, full, Int32(peer))
+            off = tidx * f.per_thread
+            if const_expr(not p.self_send):
+                # our own contribution goes to our own slot with plain stores
+                _dsmem.store_words(_dsmem.to_words(frag), _dsmem.smem_word_ptr(own_slot, off, 16),
+                                   4 * f.vec)
+            if const_expr(p.transport == "st_async"):
+                for peer in cutlass.range_constexpr(C):
+                    if const_expr(p.self_send):
+                        self._send(frag, stage_base, rank * N + off, full, Int32(peer))
+                    elif Int32(peer) != rank:
+                        self._send(frag, stage_base, rank * N + off, full, Int32(peer))
+        if const_expr(p.transport == "bulk"):
+            self._publish(own_slot, own_slot, full, N * 4, tidx, rank)
         _dsmem.wait_parity(full, parity)
         self._fold(stage_base, (tidx % f.active) * f.per_thread, N, out)
         self._release(bufs, s, tidx, rank)
@@ -356,35 +417,65 @@ class ClusterReduce:
     @cute.jit
     def _split(self, bufs: ClusterReduceBuffers, frag: cute.Tensor, out: cute.Tensor, round_idx: Int32,
                gather: cutlass.Constexpr[bool]):
-        f = self.plan.frag
-        C, N, S = self.cluster_size, f.num_words, self.plan.stages
+        p = self.plan
+        f = p.frag
+        C, N, S = self.cluster_size, f.num_words, p.stages
         G, slice_words = f.group, f.slice_words
+        bulk = p.transport == "bulk"
         tidx = cute.arch.thread_idx()[0]
         rank = Int32(cute.arch.block_idx_in_cluster())
         s, parity = _dsmem.stage_parity(round_idx, S)
         rs_base = _dsmem.smem_word_ptr(bufs.recv, s * N, 16)
         ag_base = _dsmem.smem_word_ptr(bufs.recv, S * N + s * N, 16)
+        stg_base = _dsmem.smem_word_ptr(bufs.recv, 2 * S * N + s * N, 16)
         full_rs = bufs.full + s
         full_ag = bufs.full + S + s
         if tidx == 0:
-            cute.arch.mbarrier_arrive_and_expect_tx(full_rs, N * 4)
+            cute.arch.mbarrier_arrive_and_expect_tx(full_rs, (C - 1) * slice_words * 4)
             if const_expr(gather):
-                cute.arch.mbarrier_arrive_and_expect_tx(full_ag, N * 4)
+                cute.arch.mbarrier_arrive_and_expect_tx(full_ag, (C - 1 if bulk else C) * slice_words * 4)
         owner = tidx // G
         in_slot = (tidx % G) * f.per_thread
+        is_owner = (tidx < f.active) & (owner == rank)
+        # ---- reduce-scatter: slice p of every fragment to CTA p
         if tidx < f.active:
             _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
-            self._send(frag, rs_base, rank * slice_words + in_slot, full_rs, owner)
+            if owner == rank:
+                # our own slice never leaves: the same thread folds it later
+                _dsmem.store_words(_dsmem.to_words(frag),
+                                   _dsmem.smem_word_ptr(rs_base, rank * slice_words + in_slot, 16), 4 * f.vec)
+            if const_expr(bulk):
+                _dsmem.store_words(_dsmem.to_words(frag),
+                                   _dsmem.smem_word_ptr(stg_base, tidx * f.per_thread, 16), 4 * f.vec)
+            else:
+                if owner != rank:
+                    self._send(frag, rs_base, rank * slice_words + in_slot, full_rs, owner)
+        if const_expr(bulk):
+            # lane j ships slice j of the staged fragment to CTA j
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier(barrier_id=self.barrier_id, number_of_threads=self.num_threads)
+            if tidx < C:
+                if tidx != rank:
+                    _dsmem.bulk_to_peer(_dsmem.smem_word_ptr(stg_base, tidx * slice_words, 16),
+                                        _dsmem.smem_word_ptr(rs_base, rank * slice_words, 16),
+                                        full_rs, tidx, slice_words * 4)
         _dsmem.wait_parity(full_rs, parity)
         for v in cutlass.range_constexpr(f.per_thread):
             out[v] = Float32(self.op.identity)
-        is_owner = (tidx < f.active) & (owner == rank)
         if is_owner:
             self._fold(rs_base, in_slot, slice_words, out)
+        # ---- all-gather of the reduced slices
         if const_expr(gather):
-            if is_owner:
-                for peer in cutlass.range_constexpr(C):
-                    self._send(out, ag_base, tidx * f.per_thread, full_ag, Int32(peer))
+            own_ag = _dsmem.smem_word_ptr(ag_base, rank * slice_words, 16)
+            if const_expr(bulk):
+                if is_owner:
+                    _dsmem.store_words(_dsmem.to_words(out),
+                                       _dsmem.smem_word_ptr(ag_base, tidx * f.per_thread, 16), 4 * f.vec)
+                self._publish(own_ag, own_ag, full_ag, slice_words * 4, tidx, rank)
+            else:
+                if is_owner:
+                    for peer in cutlass.range_constexpr(C):
+                        self._send(out, ag_base, tidx * f.per_thread, full_ag, Int32(peer))
             _dsmem.wait_parity(full_ag, parity)
             ptr = _dsmem.smem_word_ptr(ag_base, (tidx % f.active) * f.per_thread, 4 * f.vec)
             res = cute.make_tensor(cute.recast_ptr(ptr, dtype=Float32), cute.make_layout(f.per_thread))

@@ -37,12 +37,16 @@ def test_all_reduce_every_cluster_size(cluster):
 @pytest.mark.parametrize("n", [1, 3, 4, 256, 1024, 4096])
 @pytest.mark.parametrize("alg", ["direct", "split"])
 @pytest.mark.parametrize("op", ["sum", "max"])
-def test_all_reduce_sizes_ops_algorithms(cluster, n, alg, op):
+@pytest.mark.parametrize("transport", ["st_async", "bulk"])
+def test_all_reduce_sizes_ops_algorithms(cluster, n, alg, op, transport):
     if alg == "direct" and cluster * n * 4 * 2 > 200 * 1024:
         pytest.skip("direct receive ring does not fit in shared memory")
     if alg == "split" and n % cluster:
         pytest.skip("split needs num_elems divisible by the cluster size")
-    cfg = ReduceHarnessConfig(num_elems=n, cluster_size=cluster, op=op, algorithm=alg)
+    msg = 4 * n if alg == "direct" else 4 * n // cluster
+    if transport == "bulk" and msg % 16:
+        pytest.skip("bulk copies move 16-byte multiples")
+    cfg = ReduceHarnessConfig(num_elems=n, cluster_size=cluster, op=op, algorithm=alg, transport=transport)
     x = _int_data(cfg.grid, n)
     _assert_exact(reduce_rounds(x, cfg, ROUNDS), expected_reduce(x, cfg, ROUNDS))
 
@@ -50,8 +54,11 @@ def test_all_reduce_sizes_ops_algorithms(cluster, n, alg, op):
 @pytest.mark.parametrize("cluster", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("n", [64, 512, 4096])
 @pytest.mark.parametrize("op", ["sum", "max"])
-def test_reduce_scatter(cluster, n, op):
-    cfg = ReduceHarnessConfig(num_elems=n, cluster_size=cluster, op=op, scatter=True)
+@pytest.mark.parametrize("transport", ["st_async", "bulk"])
+def test_reduce_scatter(cluster, n, op, transport):
+    if transport == "bulk" and (n // cluster) % 4:
+        pytest.skip("bulk copies move 16-byte multiples")
+    cfg = ReduceHarnessConfig(num_elems=n, cluster_size=cluster, op=op, scatter=True, transport=transport)
     x = _int_data(cfg.grid, n)
     _assert_exact(reduce_rounds(x, cfg, ROUNDS), expected_reduce(x, cfg, ROUNDS))
 
@@ -64,8 +71,10 @@ def test_all_reduce_other_stage_counts(stages):
 
 
 @pytest.mark.parametrize("alg", ["direct", "split"])
-def test_all_reduce_bitwise_deterministic_and_identical_in_every_cta(alg):
-    cfg = ReduceHarnessConfig(num_elems=1024, cluster_size=8, algorithm=alg, num_clusters=4)
+@pytest.mark.parametrize("transport", ["st_async", "bulk"])
+def test_all_reduce_bitwise_deterministic_and_identical_in_every_cta(alg, transport):
+    cfg = ReduceHarnessConfig(num_elems=1024, cluster_size=8, algorithm=alg, num_clusters=4,
+                              transport=transport)
     x = torch.randn(cfg.grid, 1024, device="cuda") * 1e3     # non-integer: rounding order matters
     runs = [reduce_rounds(x, cfg, 37) for _ in range(5)]
     for r in runs[1:]:
@@ -88,11 +97,12 @@ def test_global_exchange_baseline_matches_dsmem():
 @pytest.mark.parametrize("dtype,elems", [("float32", 1), ("bfloat16", 2), ("bfloat16", 512),
                                          ("int32", 100), ("float32", 4096)])
 @pytest.mark.parametrize("from_registers", [False, True])
-def test_gather(cluster, dtype, elems, from_registers):
+@pytest.mark.parametrize("transport", ["st_async", "bulk"])
+def test_gather(cluster, dtype, elems, from_registers, transport):
     if cluster == 16 and elems == 4096:
         elems = 3072
     cfg = GatherHarnessConfig(tile_elems=elems, cluster_size=cluster, dtype=dtype,
-                              from_registers=from_registers)
+                              from_registers=from_registers, transport=transport)
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int32": torch.int32}[dtype]
     x = _int_data(cfg.grid, elems, tdt)
     out = gather_rounds(x, cfg, ROUNDS)

@@ -11,8 +11,18 @@ from cf_cute.collective_kernels import (
 )
 from cf_cute.jit import ScalarSpec, TensorSpec, compile_for_inspection
 
-CLUSTER_INSNS = ("mapa.shared::cluster", "st.async.shared::cluster.mbarrier::complete_tx::bytes",
-                 "mbarrier.try_wait.parity", "barrier.cluster.arrive", "barrier.cluster.wait")
+CLUSTER_INSNS = ("mapa.shared::cluster", "mbarrier.try_wait.parity", "barrier.cluster.arrive",
+                 "barrier.cluster.wait", "mbarrier.arrive.expect_tx")
+ST_ASYNC = "st.async.shared::cluster.mbarrier::complete_tx::bytes"
+BULK = "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes"
+FENCE_ASYNC = "fence.proxy.async.shared::cta"
+
+
+def _check_transport(ptx, transport):
+    if transport == "bulk":
+        assert BULK in ptx and FENCE_ASYNC in ptx
+    else:
+        assert ST_ASYNC in ptx
 
 
 ATOMIC = re.compile(r"^\s*(@!?%p\d+\s+)?(atom|red)\.", re.M)
@@ -23,7 +33,7 @@ def _reduce_ptx(cfg):
     c = compile_for_inspection(ReduceHarnessKernel, cfg, [
         TensorSpec("float32", (cfg.grid, cfg.num_elems)),
         TensorSpec("float32", (cfg.grid, k.out_cols)), ScalarSpec()])
-    return c.__ptx__
+    return c.__ptx__, k.red.plan
 
 
 def _gather_ptx(cfg):
@@ -35,12 +45,13 @@ def _gather_ptx(cfg):
 
 @pytest.mark.parametrize("cluster", list(range(1, 17)))
 def test_all_reduce_compiles_every_cluster_size(cluster):
-    ptx = _reduce_ptx(ReduceHarnessConfig(num_elems=64, cluster_size=cluster))
+    ptx, plan = _reduce_ptx(ReduceHarnessConfig(num_elems=64, cluster_size=cluster))
     if cluster == 1:
         assert "st.async" not in ptx
     else:
         for insn in CLUSTER_INSNS:
             assert insn in ptx, insn
+        _check_transport(ptx, plan.transport)
         assert "mbarrier.arrive.release.cluster" in ptx  # remote release of the empty barrier
         assert not ATOMIC.search(ptx)                     # no atomics anywhere
 
@@ -50,13 +61,15 @@ def test_all_reduce_compiles_every_cluster_size(cluster):
                                            (256, "split", False), (4096, "split", False),
                                            (1024, "auto", True), (4096, "auto", True)])
 @pytest.mark.parametrize("op", ["sum", "max"])
-def test_reduce_variants_compile(cluster, n, alg, scatter, op):
-    ptx = _reduce_ptx(ReduceHarnessConfig(num_elems=n, cluster_size=cluster, op=op, algorithm=alg,
-                                          scatter=scatter))
+@pytest.mark.parametrize("transport", ["auto", "st_async"])
+def test_reduce_variants_compile(cluster, n, alg, scatter, op, transport):
+    ptx, plan = _reduce_ptx(ReduceHarnessConfig(num_elems=n, cluster_size=cluster, op=op, algorithm=alg,
+                                                scatter=scatter, transport=transport))
     for insn in CLUSTER_INSNS:
         assert insn in ptx, insn
-    if n >= 16:
-        assert "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4" in ptx
+    _check_transport(ptx, plan.transport)
+    if plan.transport == "st_async" and n >= 16:
+        assert ST_ASYNC + ".v4" in ptx
 
 
 @pytest.mark.parametrize("cluster", [1, 2, 3, 4, 8, 16])
@@ -65,12 +78,14 @@ def test_reduce_variants_compile(cluster, n, alg, scatter, op):
 def test_gather_compiles(cluster, dtype, elems):
     if cluster == 16 and elems == 4096:
         elems = 3072     # 16 tiles of 16 KB exceed shared memory (test_plan); 12 KB is the largest
-    ptx = _gather_ptx(GatherHarnessConfig(tile_elems=elems, cluster_size=cluster, dtype=dtype,
-                                          from_registers=(elems == 512)))
-    assert "st.async.shared::cluster.mbarrier::complete_tx::bytes" in ptx
+    cfg = GatherHarnessConfig(tile_elems=elems, cluster_size=cluster, dtype=dtype,
+                              from_registers=(elems == 512))
+    ptx = _gather_ptx(cfg)
+    transport = GatherHarnessKernel(cfg).gat.plan.transport
     if cluster > 1:
         for insn in CLUSTER_INSNS:
             assert insn in ptx, insn
+        _check_transport(ptx, transport)
 
 
 def test_global_exchange_baseline_compiles():
