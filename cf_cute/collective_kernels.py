@@ -237,7 +237,7 @@ class GatherHarnessKernel:
             if const_expr(self.cfg.from_registers):
                 if tidx < self.gat.active:
                     for v in cutlass.range_constexpr(self.gat.per_thread):
-                        frag[v] = self.dtype(Float32(mX[bidx, tidx * self.gat.per_thread + v]) + Float32(r))
+                        frag[v] = self.dtype(Float32(mX[bidx, self.gat.element_index(tidx, v)]) + Float32(r))
                 sAll = self.gat.gather_fragment(bufs, frag, r)
             else:
                 for e in cutlass.range(tidx, E, T, unroll=1):

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["check_tensor", "check_same_device", "DTYPES", "dtype_name"]
+__all__ = ["check_tensor", "check_same_device", "check_operands", "DTYPES", "dtype_name"]
 
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
           torch.int32: "int32", torch.int64: "int64"}
@@ -52,3 +52,18 @@ def check_same_device(**tensors) -> None:
     if len(set(devs.values())) > 1:
         raise ValueError("all tensors must be on one device, got " +
                          ", ".join(f"{n} on {d}" for n, d in devs.items()))
+
+
+def check_operands(device: torch.device, align: int = 16, **tensors) -> None:
+    """The per-call checks that a cached shape/dtype check cannot cover: every
+    tensor on ``device`` (a CUDA device), contiguous, ``align``-byte aligned.
+    Cheap enough for the launch path."""
+    if device.type != "cuda":
+        raise ValueError(f"operands must be on a CUDA device, got {device}")
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected {device} like the other operands")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
+        if t.data_ptr() % align:
+            raise ValueError(f"{name}'s data pointer must be {align}-byte aligned")

@@ -34,7 +34,6 @@ __all__ = [
     "smem_word_ptr",
     "st_async_words",
     "bulk_to_peer",
-    "store_words",
     "remote_arrive",
     "wait_parity",
     "stage_parity",
@@ -92,14 +91,6 @@ def bulk_to_peer(src: cute.Pointer, dst: cute.Pointer, mbar: cute.Pointer, peer:
     async proxy (``fence_view_async_shared`` by its writers, then a barrier)."""
     _prims.cp_async_bulk_shared_cluster_shared_cta(
         cute.arch.map_dsmem_ptr(dst, peer), src, cute.arch.map_dsmem_ptr(mbar, peer), nbytes)
-
-
-@cute.jit
-def store_words(words: cute.Tensor, dst: cute.Pointer, align_bytes: cutlass.Constexpr[int]):
-    """Plain shared-memory store of a register tensor of Int32 words at ``dst``
-    (``align_bytes``-aligned, so that the stores vectorise)."""
-    d = cute.make_tensor(smem_word_ptr(dst, Int32(0), align_bytes), cute.make_layout(cute.size(words)))
-    d.store(words.load())
 
 
 @cute.jit

@@ -171,9 +171,14 @@ class ClusterGather:
         """Register fragment for ``gather_fragment``: this thread's values of the tile."""
         return cute.make_rmem_tensor(self.per_thread, self.dtype)
 
-    def thread_offset(self, tidx):
-        """First tile element held by thread ``tidx`` (meaningful for tidx < active)."""
-        return tidx * self.per_thread
+    def element_index(self, tidx, v: int):
+        """Tile element held as value ``v`` of thread ``tidx`` (< active) by
+        ``gather_fragment``: threads hold interleaved 4/8/16-byte vectors
+        (vector i of thread t is vector ``i * active + t`` of the tile), so a
+        warp's shared-memory accesses are contiguous and conflict-free."""
+        f = self.plan.frag
+        vec_elems = f.vec * 32 // self.dtype.width
+        return ((v // vec_elems) * f.active + tidx) * vec_elems + v % vec_elems
 
     @cute.jit
     def tiles(self, bufs: ClusterGatherBuffers, round_idx: Int32) -> cute.Tensor:
@@ -194,15 +199,17 @@ class ClusterGather:
         tidx = cute.arch.thread_idx()[0]
         words = cute.make_rmem_tensor(f.per_thread, Int32)
         if tidx < f.active:
-            src = _dsmem.smem_word_ptr(cute.recast_ptr(sTile.iterator, dtype=Int32), tidx * f.per_thread,
-                                       4 * f.vec)
-            words.store(cute.make_tensor(src, cute.make_layout(f.per_thread)).load())
+            base = cute.recast_ptr(sTile.iterator, dtype=Int32)
+            for i in cutlass.range_constexpr(f.per_thread // f.vec):
+                v = cute.make_tensor(self._vec_ptr(base, tidx, i), cute.make_layout(f.vec)).load()
+                for j in cutlass.range_constexpr(f.vec):
+                    words[i * f.vec + j] = v[j]
         return self._exchange(bufs, words, round_idx)
 
     @cute.jit
     def gather_fragment(self, bufs: ClusterGatherBuffers, frag: cute.Tensor, round_idx: Int32) -> cute.Tensor:
-        """Gather a tile held in registers: thread t < active holds elements
-        ``[t*per_thread, (t+1)*per_thread)`` in ``frag``."""
+        """Gather a tile held in registers: value v of thread t < active is
+        tile element ``element_index(t, v)``."""
         return self._exchange(bufs, _dsmem.to_words(frag), round_idx)
 
     @cute.jit
@@ -226,6 +233,12 @@ class ClusterGather:
 
     # ---------------------------------------------------------------- internals
     @cute.jit
+    def _vec_ptr(self, region: cute.Pointer, tidx: Int32, i: cutlass.Constexpr[int]) -> cute.Pointer:
+        """Word vector i of thread tidx in a tile-shaped region (see element_index)."""
+        f = self.plan.frag
+        return _dsmem.smem_word_ptr(region, (i * f.active + tidx) * f.vec, 4 * f.vec)
+
+    @cute.jit
     def _exchange(self, bufs: ClusterGatherBuffers, words: cute.Tensor, round_idx: Int32) -> cute.Tensor:
         p = self.plan
         f = p.frag
@@ -242,7 +255,10 @@ class ClusterGather:
             if tidx < f.active:
                 if const_expr(C > 1):
                     _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
-                _dsmem.store_words(words, _dsmem.smem_word_ptr(own_slot, tidx * f.per_thread, 16), 4 * f.vec)
+                for i in cutlass.range_constexpr(f.per_thread // f.vec):
+                    d = cute.make_tensor(self._vec_ptr(own_slot, tidx, i), cute.make_layout(f.vec))
+                    for j in cutlass.range_constexpr(f.vec):
+                        d[j] = words[i * f.vec + j]
             # own slot complete and visible to the copy engine, then lane j ships it to CTA j
             cute.arch.fence_view_async_shared()
             cute.arch.barrier(barrier_id=self.barrier_id, number_of_threads=self.num_threads)
@@ -257,7 +273,7 @@ class ClusterGather:
                     _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
                 for peer in cutlass.range_constexpr(C):
                     for i in cutlass.range_constexpr(f.per_thread // f.vec):
-                        dst = _dsmem.smem_word_ptr(own_slot, tidx * f.per_thread + i * f.vec, 4 * f.vec)
-                        _dsmem.st_async_words(words, i * f.vec, f.vec, dst, full, Int32(peer))
+                        _dsmem.st_async_words(words, i * f.vec, f.vec, self._vec_ptr(own_slot, tidx, i), full,
+                                              Int32(peer))
         _dsmem.wait_parity(full, parity)
         return self.tiles(bufs, round_idx)

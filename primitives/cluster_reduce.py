@@ -337,31 +337,58 @@ class ClusterReduce:
             _dsmem.cluster_sync()
 
     # ---------------------------------------------------------------- internals
+    # A thread's V values travel and rest as V/vec vectors. In every region of
+    # shared memory, vector i of lane l (of a group of g lanes) sits at word
+    # (i*g + l)*vec: a warp's accesses to vector i are contiguous, so shared
+    # memory is read and written without bank conflicts whatever V is.
     @cute.jit
-    def _send(self, src: cute.Tensor, dst_base: cute.Pointer, word_off: Int32, mbar: cute.Pointer,
-              peer: Int32):
-        """st.async this thread's V words to ``dst_base + word_off`` in ``peer``."""
+    def _vec_ptr(self, region: cute.Pointer, lane: Int32, group: cutlass.Constexpr[int],
+                 i: cutlass.Constexpr[int]) -> cute.Pointer:
+        f = self.plan.frag
+        return _dsmem.smem_word_ptr(region, (lane + i * group) * f.vec, 4 * f.vec)
+
+    @cute.jit
+    def _send(self, src: cute.Tensor, region: cute.Pointer, lane: Int32, group: cutlass.Constexpr[int],
+              mbar: cute.Pointer, peer: Int32):
+        """st.async this thread's values into ``region`` of CTA ``peer``."""
         f = self.plan.frag
         words = _dsmem.to_words(src)
         for i in cutlass.range_constexpr(f.per_thread // f.vec):
-            dst = _dsmem.smem_word_ptr(dst_base, word_off + i * f.vec, 4 * f.vec)
-            _dsmem.st_async_words(words, i * f.vec, f.vec, dst, mbar, peer)
+            _dsmem.st_async_words(words, i * f.vec, f.vec, self._vec_ptr(region, lane, group, i), mbar, peer)
 
     @cute.jit
-    def _fold(self, base: cute.Pointer, word_off: Int32, slot_words: cutlass.Constexpr[int],
-              out: cute.Tensor):
-        """out = op over src = 0..C-1 (in order) of base[src * slot_words + word_off : +V]."""
+    def _put(self, src: cute.Tensor, region: cute.Pointer, lane: Int32, group: cutlass.Constexpr[int]):
+        """Plain stores of this thread's values into ``region`` of this CTA."""
         f = self.plan.frag
-        C = self.cluster_size
-        for src in cutlass.range_constexpr(C):
-            ptr = _dsmem.smem_word_ptr(base, word_off + src * slot_words, 4 * f.vec)
-            sv = cute.make_tensor(cute.recast_ptr(ptr, dtype=Float32), cute.make_layout(f.per_thread))
-            vals = sv.load()
+        for i in cutlass.range_constexpr(f.per_thread // f.vec):
+            d = cute.make_tensor(cute.recast_ptr(self._vec_ptr(region, lane, group, i), dtype=Float32),
+                                 cute.make_layout(f.vec))
+            for j in cutlass.range_constexpr(f.vec):
+                d[j] = src[i * f.vec + j]
+
+    @cute.jit
+    def _get(self, region: cute.Pointer, lane: Int32, group: cutlass.Constexpr[int], out: cute.Tensor):
+        f = self.plan.frag
+        for i in cutlass.range_constexpr(f.per_thread // f.vec):
+            v = cute.make_tensor(cute.recast_ptr(self._vec_ptr(region, lane, group, i), dtype=Float32),
+                                 cute.make_layout(f.vec)).load()
+            for j in cutlass.range_constexpr(f.vec):
+                out[i * f.vec + j] = v[j]
+
+    @cute.jit
+    def _fold(self, base: cute.Pointer, slot_words: cutlass.Constexpr[int], lane: Int32,
+              group: cutlass.Constexpr[int], out: cute.Tensor):
+        """out = op over src = 0..C-1, in rank order, of slot ``src`` of ``base``."""
+        f = self.plan.frag
+        tmp = cute.make_rmem_tensor(f.per_thread, Float32)
+        for src in cutlass.range_constexpr(self.cluster_size):
+            region = _dsmem.smem_word_ptr(base, Int32(src * slot_words), 16)
             if const_expr(src == 0):
-                out.store(vals)
+                self._get(region, lane, group, out)
             else:
+                self._get(region, lane, group, tmp)
                 for v in cutlass.range_constexpr(f.per_thread):
-                    out[v] = self.op.combine(out[v], vals[v])
+                    out[v] = self.op.combine(out[v], tmp[v])
 
     @cute.jit
     def _release(self, bufs: ClusterReduceBuffers, s: Int32, tidx: Int32, rank: Int32):
@@ -386,7 +413,7 @@ class ClusterReduce:
     def _direct(self, bufs: ClusterReduceBuffers, frag: cute.Tensor, out: cute.Tensor, round_idx: Int32):
         p = self.plan
         f = p.frag
-        C, N, S = self.cluster_size, f.num_words, p.stages
+        C, N, S, A = self.cluster_size, f.num_words, p.stages, f.active
         tidx = cute.arch.thread_idx()[0]
         rank = Int32(cute.arch.block_idx_in_cluster())
         s, parity = _dsmem.stage_parity(round_idx, S)
@@ -395,23 +422,21 @@ class ClusterReduce:
         full = bufs.full + s
         if tidx == 0:
             cute.arch.mbarrier_arrive_and_expect_tx(full, (C if p.self_send else C - 1) * N * 4)
-        if tidx < f.active:
+        if tidx < A:
             _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
-            off = tidx * f.per_thread
             if const_expr(not p.self_send):
                 # our own contribution goes to our own slot with plain stores
-                _dsmem.store_words(_dsmem.to_words(frag), _dsmem.smem_word_ptr(own_slot, off, 16),
-                                   4 * f.vec)
+                self._put(frag, own_slot, tidx, A)
             if const_expr(p.transport == "st_async"):
                 for peer in cutlass.range_constexpr(C):
                     if const_expr(p.self_send):
-                        self._send(frag, stage_base, rank * N + off, full, Int32(peer))
+                        self._send(frag, own_slot, tidx, A, full, Int32(peer))
                     elif Int32(peer) != rank:
-                        self._send(frag, stage_base, rank * N + off, full, Int32(peer))
+                        self._send(frag, own_slot, tidx, A, full, Int32(peer))
         if const_expr(p.transport == "bulk"):
             self._publish(own_slot, own_slot, full, N * 4, tidx, rank)
         _dsmem.wait_parity(full, parity)
-        self._fold(stage_base, (tidx % f.active) * f.per_thread, N, out)
+        self._fold(stage_base, N, tidx % A, A, out)
         self._release(bufs, s, tidx, rank)
 
     @cute.jit
@@ -419,7 +444,7 @@ class ClusterReduce:
                gather: cutlass.Constexpr[bool]):
         p = self.plan
         f = p.frag
-        C, N, S = self.cluster_size, f.num_words, p.stages
+        C, N, S, A = self.cluster_size, f.num_words, p.stages, f.active
         G, slice_words = f.group, f.slice_words
         bulk = p.transport == "bulk"
         tidx = cute.arch.thread_idx()[0]
@@ -428,28 +453,28 @@ class ClusterReduce:
         rs_base = _dsmem.smem_word_ptr(bufs.recv, s * N, 16)
         ag_base = _dsmem.smem_word_ptr(bufs.recv, S * N + s * N, 16)
         stg_base = _dsmem.smem_word_ptr(bufs.recv, 2 * S * N + s * N, 16)
+        rs_own = _dsmem.smem_word_ptr(rs_base, rank * slice_words, 16)     # slot [rank]
         full_rs = bufs.full + s
         full_ag = bufs.full + S + s
         if tidx == 0:
             cute.arch.mbarrier_arrive_and_expect_tx(full_rs, (C - 1) * slice_words * 4)
             if const_expr(gather):
                 cute.arch.mbarrier_arrive_and_expect_tx(full_ag, (C - 1 if bulk else C) * slice_words * 4)
+        # thread t < A holds a part of slice owner = t // G, as lane t % G of that slice's group
         owner = tidx // G
-        in_slot = (tidx % G) * f.per_thread
-        is_owner = (tidx < f.active) & (owner == rank)
-        # ---- reduce-scatter: slice p of every fragment to CTA p
-        if tidx < f.active:
+        lane = tidx % G
+        is_owner = (tidx < A) & (owner == rank)
+        # ---- reduce-scatter: slice p of every fragment to slot [my rank] of CTA p
+        if tidx < A:
             _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
             if owner == rank:
-                # our own slice never leaves: the same thread folds it later
-                _dsmem.store_words(_dsmem.to_words(frag),
-                                   _dsmem.smem_word_ptr(rs_base, rank * slice_words + in_slot, 16), 4 * f.vec)
+                # our own slice never leaves: the same thread folds it below
+                self._put(frag, rs_own, lane, G)
             if const_expr(bulk):
-                _dsmem.store_words(_dsmem.to_words(frag),
-                                   _dsmem.smem_word_ptr(stg_base, tidx * f.per_thread, 16), 4 * f.vec)
+                self._put(frag, _dsmem.smem_word_ptr(stg_base, owner * slice_words, 16), lane, G)
             else:
                 if owner != rank:
-                    self._send(frag, rs_base, rank * slice_words + in_slot, full_rs, owner)
+                    self._send(frag, rs_own, lane, G, full_rs, owner)
         if const_expr(bulk):
             # lane j ships slice j of the staged fragment to CTA j
             cute.arch.fence_view_async_shared()
@@ -457,27 +482,24 @@ class ClusterReduce:
             if tidx < C:
                 if tidx != rank:
                     _dsmem.bulk_to_peer(_dsmem.smem_word_ptr(stg_base, tidx * slice_words, 16),
-                                        _dsmem.smem_word_ptr(rs_base, rank * slice_words, 16),
-                                        full_rs, tidx, slice_words * 4)
+                                        rs_own, full_rs, tidx, slice_words * 4)
         _dsmem.wait_parity(full_rs, parity)
         for v in cutlass.range_constexpr(f.per_thread):
             out[v] = Float32(self.op.identity)
         if is_owner:
-            self._fold(rs_base, in_slot, slice_words, out)
-        # ---- all-gather of the reduced slices
+            self._fold(rs_base, slice_words, lane, G, out)
+        # ---- all-gather of the reduced slices: slice r at ag[r * slice_words]
         if const_expr(gather):
-            own_ag = _dsmem.smem_word_ptr(ag_base, rank * slice_words, 16)
+            ag_own = _dsmem.smem_word_ptr(ag_base, rank * slice_words, 16)
             if const_expr(bulk):
                 if is_owner:
-                    _dsmem.store_words(_dsmem.to_words(out),
-                                       _dsmem.smem_word_ptr(ag_base, tidx * f.per_thread, 16), 4 * f.vec)
-                self._publish(own_ag, own_ag, full_ag, slice_words * 4, tidx, rank)
+                    self._put(out, ag_own, lane, G)
+                self._publish(ag_own, ag_own, full_ag, slice_words * 4, tidx, rank)
             else:
                 if is_owner:
                     for peer in cutlass.range_constexpr(C):
-                        self._send(out, ag_base, tidx * f.per_thread, full_ag, Int32(peer))
+                        self._send(out, ag_own, lane, G, full_ag, Int32(peer))
             _dsmem.wait_parity(full_ag, parity)
-            ptr = _dsmem.smem_word_ptr(ag_base, (tidx % f.active) * f.per_thread, 4 * f.vec)
-            res = cute.make_tensor(cute.recast_ptr(ptr, dtype=Float32), cute.make_layout(f.per_thread))
-            out.store(res.load())
+            l = tidx % A
+            self._get(_dsmem.smem_word_ptr(ag_base, (l // G) * slice_words, 16), l % G, G, out)
         self._release(bufs, s, tidx, rank)

@@ -31,7 +31,7 @@ def test_gemv_rejects_bad_input_before_launch():
         splitk_gemv(x[:, :1000].contiguous(), w[:, :1000].contiguous())
     with pytest.raises(ValueError, match="cluster size"):
         splitk_gemv(x, w, cluster_size=32)
-    with pytest.raises(ValueError, match="on a CUDA device"):
+    with pytest.raises(ValueError, match="CUDA device"):
         splitk_gemv(x, w)
     with pytest.raises(ValueError, match="contiguous"):
         splitk_gemv(x, torch.randn(4096, 256, dtype=torch.bfloat16).t())
