@@ -58,12 +58,12 @@ def check_operands(device: torch.device, align: int = 16, **tensors) -> None:
     """The per-call checks that a cached shape/dtype check cannot cover: every
     tensor on ``device`` (a CUDA device), contiguous, ``align``-byte aligned.
     Cheap enough for the launch path."""
-    if device.type != "cuda":
-        raise ValueError(f"operands must be on a CUDA device, got {device}")
     for name, t in tensors.items():
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, expected {device} like the other operands")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
         if t.data_ptr() % align:
             raise ValueError(f"{name}'s data pointer must be {align}-byte aligned")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected {device} like the other operands")
+    if device.type != "cuda":
+        raise ValueError(f"operands must be on a CUDA device, got {device}")
