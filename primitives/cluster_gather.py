@@ -10,7 +10,7 @@ caller's shared-memory tile) and either ``st.async``s them into slot
 ``my_rank`` of every CTA of the cluster (itself included), completing on that
 CTA's mbarrier (small tiles), or writes them to its own slot ``my_rank`` and
 lane j ships the whole slot to CTA j with one
-``cp.async.bulk.shared::cluster`` (tiles of 2 KB and more: one mbarrier
+``cp.async.bulk.shared::cluster`` (tiles of 4 KB and more: one mbarrier
 update per tile instead of one per 16 bytes).
 
 Shared-memory layout (``allocate``; S stages, ring by round)::
@@ -64,8 +64,9 @@ from .plan import (
 __all__ = ["ClusterGatherPlan", "ClusterGather", "ClusterGatherBuffers"]
 
 
-# Tiles at least this large go through the copy engine (see cluster_reduce).
-BULK_MIN_TILE_BYTES = 2048
+# Tiles at least this large go through the copy engine: from 4 KB on it beat
+# st.async at every cluster size on H100 (benchmarks/RESULTS.md).
+BULK_MIN_TILE_BYTES = 4096
 
 
 @dataclass(frozen=True)
