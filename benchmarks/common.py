@@ -26,6 +26,18 @@ def time_ms(fn, *, warmup: int = 3, reps: int = 15) -> float:
 
 
 def stamp() -> str:
+    """Date, card, commit (``CF_CUTE_COMMIT`` when git is not at hand, as on
+    the device machine) and torch version, for RESULTS.md."""
+    import os
+    if os.environ.get("CF_CUTE_COMMIT"):
+        commit = os.environ["CF_CUTE_COMMIT"]
+    else:
+        commit = _git_commit()
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{datetime.date.today().isoformat()}, {card}, commit {commit}, torch {torch.__version__}"
+
+
+def _git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=False).stdout.strip() or "unknown"
@@ -34,8 +46,7 @@ def stamp() -> str:
         commit += "+dirty" if dirty else ""
     except OSError:
         commit = "unknown"
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{datetime.date.today().isoformat()}, {card}, commit {commit}, torch {torch.__version__}"
+    return commit
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

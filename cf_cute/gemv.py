@@ -40,6 +40,7 @@ def _kernel(cfg: SplitKGemvConfig):
 
 
 _launch_cache: dict = {}
+_NAMES = ("w", "x", "out")
 
 
 def splitk_gemv(x: torch.Tensor, w: torch.Tensor, *, cluster_size: int = 4, block_m: int = 64,
@@ -58,7 +59,7 @@ def splitk_gemv(x: torch.Tensor, w: torch.Tensor, *, cluster_size: int = 4, bloc
     elif out.shape != (cfg.batch, cfg.m) or out.dtype != w.dtype:
         raise ValueError(f"out must be {str(w.dtype)[6:]} of shape [{cfg.batch}, {cfg.m}], "
                          f"got {str(out.dtype)[6:]} {list(out.shape)}")
-    check_operands(w.device, x=x, w=w, out=out)
+    check_operands(_NAMES, w, x, out)
     fn(x, w, out)
     return out
 

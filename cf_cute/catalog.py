@@ -1,0 +1,89 @@
+"""The catalog of shipped kernel configurations: what ``python -m cf_cute
+compile-all`` builds for sm_90a (on any machine, GPU or not) and checks.
+
+Each entry is (kernel class, frozen config, argument specs), the exact triple
+``cf_cute.jit.compile_kernel`` takes, so the catalog compiles exactly what the
+torch-facing functions launch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+from cf_cute.collective_kernels import (
+    GatherHarnessConfig,
+    GatherHarnessKernel,
+    GlobalExchangeConfig,
+    GlobalExchangeKernel,
+    ReduceHarnessConfig,
+    ReduceHarnessKernel,
+)
+from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
+from cf_cute.jit import ScalarSpec, TensorSpec
+
+__all__ = ["Entry", "entries", "REQUIRED_PTX"]
+
+# instructions the cluster design relies on, per kind of kernel
+REQUIRED_PTX = {
+    "st_async": ("mapa.shared::cluster", "st.async.shared::cluster.mbarrier::complete_tx::bytes",
+                 "mbarrier.try_wait.parity", "barrier.cluster.arrive", "mbarrier.arrive.release.cluster"),
+    "bulk": ("mapa.shared::cluster", "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes",
+             "fence.proxy.async.shared::cta", "mbarrier.try_wait.parity", "barrier.cluster.arrive"),
+    "global": ("barrier.cluster.arrive", "barrier.cluster.wait"),
+}
+
+
+class Entry(NamedTuple):
+    name: str
+    kernel_cls: type
+    cfg: object
+    args: list
+    ptx_kind: str | None      # key of REQUIRED_PTX, None when nothing cluster-specific is expected
+
+
+def _reduce(cfg: ReduceHarnessConfig) -> Entry:
+    k = ReduceHarnessKernel(cfg)
+    kind = None if cfg.cluster_size == 1 else k.red.plan.transport
+    return Entry(f"reduce {cfg.op} n={cfg.num_elems} C={cfg.cluster_size} "
+                 f"{k.red.plan.algorithm}/{k.red.plan.transport}"
+                 f"{' scatter' if cfg.scatter else ''}", ReduceHarnessKernel, cfg,
+                 [TensorSpec("float32", (cfg.grid, cfg.num_elems)),
+                  TensorSpec("float32", (cfg.grid, k.out_cols)), ScalarSpec()], kind)
+
+
+def _gather(cfg: GatherHarnessConfig) -> Entry:
+    k = GatherHarnessKernel(cfg)
+    kind = None if cfg.cluster_size == 1 else k.gat.plan.transport
+    return Entry(f"gather {cfg.tile_elems}x{cfg.dtype} C={cfg.cluster_size} {k.gat.plan.transport}",
+                 GatherHarnessKernel, cfg,
+                 [TensorSpec(cfg.dtype, (cfg.grid, cfg.tile_elems)),
+                  TensorSpec("float32", (cfg.grid, cfg.cluster_size, cfg.tile_elems)), ScalarSpec()], kind)
+
+
+def _gemv(cfg: SplitKGemvConfig) -> Entry:
+    return Entry(f"splitk_gemv {cfg.m}x{cfg.k} b={cfg.batch} C={cfg.cluster_size} {cfg.dtype}", SplitKGemv, cfg,
+                 [TensorSpec(cfg.dtype, (cfg.batch, cfg.k)), TensorSpec(cfg.dtype, (cfg.m, cfg.k)),
+                  TensorSpec(cfg.dtype, (cfg.batch, cfg.m))], "st_async" if cfg.cluster_size > 1 else None)
+
+
+def entries() -> Iterator[Entry]:
+    for c in range(1, 17):
+        yield _reduce(ReduceHarnessConfig(num_elems=256, cluster_size=c))
+    for c in (2, 4, 8, 16):
+        for n in (1, 4, 1024, 4096):
+            yield _reduce(ReduceHarnessConfig(num_elems=n, cluster_size=c))
+            yield _reduce(ReduceHarnessConfig(num_elems=n, cluster_size=c, op="max"))
+        yield _reduce(ReduceHarnessConfig(num_elems=4096, cluster_size=c, scatter=True))
+        yield _reduce(ReduceHarnessConfig(num_elems=4096, cluster_size=c, algorithm="split", transport="bulk"))
+        cfg = GlobalExchangeConfig(num_elems=1024, cluster_size=c)
+        yield Entry(f"global exchange n=1024 C={c}", GlobalExchangeKernel, cfg,
+                    [TensorSpec("float32", (cfg.grid, 1024)),
+                     TensorSpec("float32", (cfg.grid, GlobalExchangeKernel(cfg).out_cols)),
+                     TensorSpec("float32", (cfg.num_clusters * 2 * c, 1024)), ScalarSpec()], "global")
+    for c in (1, 2, 4, 8, 16):
+        for elems, dtype in ((2, "bfloat16"), (512, "bfloat16"), (3072, "float32")):
+            yield _gather(GatherHarnessConfig(tile_elems=elems, cluster_size=c, dtype=dtype))
+    for c in (2, 4, 8, 16):
+        for batch in (1, 8):
+            yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=batch, cluster_size=c))
+    yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=1, cluster_size=4, dtype="float16"))
