@@ -52,7 +52,18 @@ class ReduceHarnessConfig:
         return self.num_clusters * self.cluster_size
 
 
-class ReduceHarnessKernel:
+class _RoundsHarness:
+    """Host side shared by the harnesses: ``kernel(mX, mOut, rounds)`` over
+    ``cfg.grid`` CTAs in clusters of ``cfg.cluster_size``."""
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, rounds: Int32, stream):
+        self.kernel(mX, mOut, rounds).launch(
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+
+class ReduceHarnessKernel(_RoundsHarness):
     """``out[cta, t*V + v] = sum over rounds of the reduced value at position
     (t % active)*V + v`` (all-reduce), or only for owning threads (scatter);
     other entries of ``out`` are left untouched."""
@@ -64,12 +75,6 @@ class ReduceHarnessKernel:
                                  algorithm=cfg.algorithm, stages=cfg.stages, scatter=cfg.scatter,
                                  transport=cfg.transport)
         self.out_cols = cfg.num_threads * self.red.per_thread
-
-    @cute.jit
-    def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, rounds: Int32, stream):
-        self.kernel(mX, mOut, rounds).launch(
-            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
-            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, rounds: Int32):
@@ -201,7 +206,7 @@ class GatherHarnessConfig:
 _DTYPES = {"float32": cutlass.Float32, "bfloat16": cutlass.BFloat16, "int32": cutlass.Int32}
 
 
-class GatherHarnessKernel:
+class GatherHarnessKernel(_RoundsHarness):
     """Round r: CTA c's tile is ``x[cta] + r``; after the gather every thread
     adds, for its elements e = t, t+T, ... and every rank j, the gathered
     ``tile_j[e]`` into ``out[cta, j, e]`` (fp32, same thread every round).
@@ -213,12 +218,6 @@ class GatherHarnessKernel:
         self.dtype = _DTYPES[cfg.dtype]
         self.gat = ClusterGather(self.dtype, cfg.tile_elems, cfg.cluster_size, cfg.num_threads,
                                  stages=cfg.stages, transport=cfg.transport)
-
-    @cute.jit
-    def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, rounds: Int32, stream):
-        self.kernel(mX, mOut, rounds).launch(
-            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
-            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, rounds: Int32):
