@@ -18,6 +18,7 @@ from cf_cute.collective_kernels import (
     ReduceHarnessConfig,
     ReduceHarnessKernel,
 )
+from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfig
 from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
 from cf_cute.jit import ScalarSpec, TensorSpec
 
@@ -66,6 +67,12 @@ def _gemv(cfg: SplitKGemvConfig) -> Entry:
                   TensorSpec(cfg.dtype, (cfg.batch, cfg.m))], "st_async" if cfg.cluster_size > 1 else None)
 
 
+def _attention(cfg: DecodeAttentionConfig) -> Entry:
+    from cf_cute.decode_attention import arg_specs
+    return Entry(f"decode_attention b={cfg.batch} {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim} "
+                 f"C={cfg.cluster_size}{' paged' if cfg.paged else ''}", DecodeAttention, cfg, arg_specs(cfg), None)
+
+
 def entries() -> Iterator[Entry]:
     for c in range(1, 17):
         yield _reduce(ReduceHarnessConfig(num_elems=256, cluster_size=c))
@@ -87,3 +94,9 @@ def entries() -> Iterator[Entry]:
         for batch in (1, 8):
             yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=batch, cluster_size=c))
     yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=1, cluster_size=4, dtype="float16"))
+    for c in (1, 4, 16):
+        for heads, kv_heads in ((32, 32), (32, 8)):
+            yield _attention(DecodeAttentionConfig(batch=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=128,
+                                                   max_len=4096, cluster_size=c))
+        yield _attention(DecodeAttentionConfig(batch=16, num_heads=32, num_kv_heads=8, head_dim=128,
+                                               max_len=4096, cluster_size=c, paged=True, num_pages=4096))

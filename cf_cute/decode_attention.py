@@ -1,0 +1,95 @@
+"""Torch-facing split-KV decode attention (``cf_cute.fused.decode_attention``).
+
+STATUS: compiled for sm_90a and checked on the CPU; its GPU tests
+(tests/test_decode_attention.py) have not run yet.
+
+``decode_attention(q, k_cache, v_cache, lengths, page_table=None)`` returns
+``o [B, heads, head_dim]``: request b attends to its first ``lengths[b]``
+cached tokens (contiguous ``[B, max_len, kv_heads, hd]`` caches, or paged
+``[num_pages, page_size, kv_heads, hd]`` with ``page_table [B, max_pages]``).
+``lengths`` (and ``page_table``) given as CPU tensors are range-checked before
+the launch and copied to the device; device tensors are used as they are
+(no host synchronisation) and the kernel clamps them to the cache, so a bad
+value cannot read outside the cache but gives wrong results.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfig
+from cf_cute.jit import TensorSpec, compile_kernel
+from cf_cute.validate import check_operands, check_tensor, dtype_name
+
+__all__ = ["decode_attention", "decode_attention_config", "arg_specs"]
+
+_NAMES = ("q", "k_cache", "v_cache", "page_table", "lengths", "out")
+
+
+def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            page_table: torch.Tensor | None, cluster_size: int) -> DecodeAttentionConfig:
+    check_tensor("q", q, dtype=(torch.bfloat16, torch.float16), shape=(None, None, None), cuda=False)
+    B, heads, hd = q.shape
+    check_tensor("k_cache", k_cache, dtype=q.dtype, shape=(None, None, None, hd), cuda=False)
+    check_tensor("v_cache", v_cache, dtype=q.dtype, shape=tuple(k_cache.shape), cuda=False)
+    kv_heads = k_cache.shape[2]
+    if page_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"contiguous k_cache must be [B={B}, max_len, kv_heads, hd], got {list(k_cache.shape)}")
+        cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+                                    max_len=k_cache.shape[1], cluster_size=cluster_size,
+                                    dtype=dtype_name(q.dtype))
+    else:
+        check_tensor("page_table", page_table, dtype=torch.int32, shape=(B, None), cuda=False, align=4)
+        cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+                                    max_len=page_table.shape[1] * k_cache.shape[1], cluster_size=cluster_size,
+                                    paged=True, page_size=k_cache.shape[1], num_pages=k_cache.shape[0],
+                                    dtype=dtype_name(q.dtype))
+    cfg.validate()
+    return cfg
+
+
+def arg_specs(cfg: DecodeAttentionConfig) -> list:
+    """Fake-tensor specs of (q, k_cache, v_cache, page_table, lengths, out)."""
+    a = cfg.arg_shapes()
+    return [TensorSpec(cfg.dtype, a["q"]), TensorSpec(cfg.dtype, a["kv"]), TensorSpec(cfg.dtype, a["kv"]),
+            TensorSpec("int32", a["table"], align=4), TensorSpec("int32", a["lengths"], align=4),
+            TensorSpec(cfg.dtype, a["q"])]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(cfg: DecodeAttentionConfig):
+    return compile_kernel(DecodeAttention, cfg, arg_specs(cfg))
+
+
+def _host_checked(t: torch.Tensor, lo: int, hi: int, what: str, device) -> torch.Tensor:
+    """Range-check a CPU index tensor and move it to ``device``; device tensors pass."""
+    if t.device.type == "cpu":
+        if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
+            raise ValueError(f"{what} must lie in [{lo}, {hi}], got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
+        return t.to(device, non_blocking=True)
+    return t
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
+                     page_table: torch.Tensor | None = None, cluster_size: int = 4,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    cfg = decode_attention_config(q, k_cache, v_cache, page_table, cluster_size)
+    check_tensor("lengths", lengths, dtype=torch.int32, shape=(cfg.batch,), cuda=False, align=4)
+    lengths = _host_checked(lengths, 1, cfg.max_len, "lengths", q.device)
+    if page_table is None:
+        page_table = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
+    else:
+        page_table = _host_checked(page_table, 0, cfg.num_pages - 1, "page_table entries", q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    check_tensor("out", out, dtype=q.dtype, shape=tuple(q.shape), cuda=False)
+    check_operands(_NAMES, q, k_cache, v_cache, page_table, lengths, out, align=4)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name}'s data pointer must be 16-byte aligned")
+    _kernel(cfg)(q, k_cache, v_cache, page_table, lengths, out)
+    return out

@@ -1,0 +1,248 @@
+"""Split-KV decode attention over a cluster, merged with ClusterGather.
+
+STATUS: compiles for sm_90a (tests/test_decode_attention.py); not yet run on a
+GPU. The GPU tests in that file are the acceptance check.
+
+One cluster of C CTAs per (request b, KV head g); CTA r of the cluster takes
+tokens ``[r*ceil(n/C), (r+1)*ceil(n/C))`` of the request's ``n = lengths[b]``
+cached tokens, for all ``G = heads / kv_heads`` query heads that share KV head
+g (GQA: K and V are read once for the group)::
+
+    CTA r:   for each token of its range (TPT = head_dim/8 lanes per token,
+             16-byte loads of k and v):
+                 s_h = q_h . k * scale * log2(e)           (shuffle over TPT lanes)
+                 online softmax in base 2: m_h, l_h, o_h[lane's 8 dims]
+             merge its T/TPT token groups through shared memory (fixed order)
+             -> partial tile [o (G x hd) | m (G) | l (G)] fp32 in shared memory
+    cluster: ClusterGather of the partial tiles (one DSMEM round)
+             every CTA merges the C partials in rank order (same bits everywhere)
+             CTA r writes outputs e = r, r + C, ... of the G x hd outputs
+
+The weights exp2(m_part - m_max) are taken as 0 for empty parts (m = -inf), so
+CTAs with no tokens (n < C) contribute nothing. Deterministic: fixed merge
+orders, no atomics.
+
+Caches: contiguous ``[B, max_len, kv_heads, hd]`` or paged
+``[num_pages, page_size, kv_heads, hd]`` with ``page_table [B, max_pages]``
+(int32). ``q [B, heads, hd]`` (RoPE applied), ``lengths [B]`` int32 (>= 1),
+``o [B, heads, hd]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from cf_cute.primitives import ClusterGather, cluster_sync
+from cf_cute.primitives.plan import check_cluster_size
+
+__all__ = ["DecodeAttentionConfig", "DecodeAttention"]
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeAttentionConfig:
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_len: int                  # contiguous: cache length; paged: max_pages * page_size
+    cluster_size: int = 4
+    paged: bool = False
+    page_size: int = 16
+    num_pages: int = 0            # paged: pages in the pool
+    dtype: str = "bfloat16"
+    num_threads: int = 128
+
+    def validate(self) -> None:
+        check_cluster_size(self.cluster_size)
+        if self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype!r}")
+        if self.head_dim not in (64, 128):
+            raise ValueError(f"head_dim must be 64 or 128, got {self.head_dim}")
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if self.group > 8:
+            raise ValueError(f"at most 8 query heads per KV head, got {self.group}")
+        if not 1 <= self.batch <= 16:
+            raise ValueError(f"batch must be in 1..16, got {self.batch}")
+        if self.paged:
+            if self.page_size < 16 or self.page_size & (self.page_size - 1):
+                raise ValueError(f"page_size must be a power of two >= 16, got {self.page_size}")
+            if self.max_len % self.page_size or self.num_pages <= 0:
+                raise ValueError("paged: max_len must be a multiple of page_size and num_pages > 0")
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def max_pages(self) -> int:
+        return self.max_len // self.page_size
+
+    @property
+    def grid(self) -> int:
+        return self.batch * self.num_kv_heads * self.cluster_size
+
+    def arg_shapes(self) -> dict:
+        """Static shapes of the kernel's tensors (q, k/v cache, page table, lengths, o)."""
+        if self.paged:
+            kv = (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+            table = (self.batch, self.max_pages)
+        else:
+            kv, table = (self.batch, self.max_len, self.num_kv_heads, self.head_dim), (1, 1)
+        q = (self.batch, self.num_heads, self.head_dim)
+        return {"q": q, "kv": kv, "table": table, "lengths": (self.batch,)}
+
+
+class DecodeAttention:
+    def __init__(self, cfg: DecodeAttentionConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
+        self.tpt = cfg.head_dim // 8                       # lanes per token
+        self.groups = cfg.num_threads // self.tpt          # token groups per CTA
+        G, hd = cfg.group, cfg.head_dim
+        # partial tile [o (G*hd) | m (G) | l (G)], padded so the gather moves 16-byte vectors
+        used = G * hd + 2 * G
+        step = 4 * cfg.num_threads if used > 4 * cfg.num_threads else 4
+        self.tile_elems = (used + step - 1) // step * step
+        self.gat = ClusterGather(Float32, self.tile_elems, cfg.cluster_size, cfg.num_threads)
+        self.scale = _LOG2E / math.sqrt(hd)
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
+                 mLen: cute.Tensor, mO: cute.Tensor, stream):
+        self.kernel(mQ, mK, mV, mTable, mLen, mO).launch(
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+    @cute.jit
+    def _kv_vec(self, mX: cute.Tensor, mTable: cute.Tensor, b: Int32, t: Int32, g: Int32, d8: Int32):
+        """8 values (16 bytes) of token t, kv head g, dims [8*d8, 8*d8 + 8)."""
+        if const_expr(self.cfg.paged):
+            P = self.cfg.page_size
+            page = cutlass.min(cutlass.max(mTable[b, t // P], Int32(0)), Int32(self.cfg.num_pages - 1))
+            return cute.local_tile(mX, (1, 1, 1, 8), (page, t % P, g, d8)).load().to(Float32)
+        else:
+            return cute.local_tile(mX, (1, 1, 1, 8), (b, t, g, d8)).load().to(Float32)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
+               mLen: cute.Tensor, mO: cute.Tensor):
+        cfg = self.cfg
+        G, hd, C, T = cfg.group, cfg.head_dim, cfg.cluster_size, cfg.num_threads
+        TPT, NG = self.tpt, self.groups
+        tidx = cute.arch.thread_idx()[0]
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        cl = bidx // C
+        b = cl // cfg.num_kv_heads
+        g = cl % cfg.num_kv_heads
+        d8 = tidx % TPT               # this lane's 8-dim slice
+        grp = tidx // TPT             # this thread's token group
+
+        smem = cutlass.memory.SmemAllocator()
+        bufs = self.gat.allocate(smem)
+        sPart = smem.allocate_tensor(Float32, cute.make_layout(self.tile_elems), byte_alignment=16)
+        sGM = smem.allocate_tensor(Float32, cute.make_layout((NG, G)), byte_alignment=16)
+        sGL = smem.allocate_tensor(Float32, cute.make_layout((NG, G)), byte_alignment=16)
+        sGO = smem.allocate_tensor(Float32, cute.make_layout((NG, G * hd)), byte_alignment=16)
+        self.gat.init(bufs)
+        cute.arch.cluster_arrive_relaxed()
+
+        # this lane's slice of the G query heads, pre-scaled for exp2
+        q = cute.make_rmem_tensor((G, 8), Float32)
+        for h in cutlass.range_constexpr(G):
+            qv = cute.local_tile(mQ, (1, 1, 8), (b, g * G + h, d8)).load().to(Float32)
+            for j in cutlass.range_constexpr(8):
+                q[h, j] = qv[j] * Float32(self.scale)
+        m = cute.make_rmem_tensor(G, Float32)
+        l = cute.make_rmem_tensor(G, Float32)
+        o = cute.make_rmem_tensor((G, 8), Float32)
+        m.fill(-Float32.inf)
+        l.fill(0.0)
+        o.fill(0.0)
+
+        # memory safety for unchecked device-side lengths / page indices: clamp
+        n = cutlass.max(cutlass.min(mLen[b], Int32(cfg.max_len)), Int32(0))
+        chunk = (n + C - 1) // C
+        start = rank * chunk
+        end = cutlass.min(n, start + chunk)
+        # every thread of the CTA runs the same number of steps (the shuffles need
+        # whole warps); a token group past the end loads a clamped token and skips
+        # the update
+        steps = (end - start + NG - 1) // NG
+        for it in cutlass.range(steps, unroll=1):
+            t = start + it * NG + grp
+            valid = t < end
+            ts = cutlass.min(t, end - 1)
+            kv = self._kv_vec(mK, mTable, b, ts, g, d8)
+            vv = cute.make_rmem_tensor(8, Float32)
+            vv.store(self._kv_vec(mV, mTable, b, ts, g, d8))
+            for h in cutlass.range_constexpr(G):
+                s = Float32(0.0)
+                for j in cutlass.range_constexpr(8):
+                    s = s + q[h, j] * kv[j]
+                s = cute.arch.warp_reduction(s, lambda a, c: a + c, threads_in_group=TPT)
+                if valid:
+                    m_new = cute.arch.fmax(m[h], s)
+                    corr = cute.math.exp2(m[h] - m_new, fastmath=True)
+                    p = cute.math.exp2(s - m_new, fastmath=True)
+                    l[h] = l[h] * corr + p
+                    for j in cutlass.range_constexpr(8):
+                        o[h, j] = o[h, j] * corr + p * vv[j]
+                    m[h] = m_new
+
+        # ---- merge the NG token groups of this CTA (fixed order)
+        for h in cutlass.range_constexpr(G):
+            if d8 == 0:
+                sGM[grp, h] = m[h]
+                sGL[grp, h] = l[h]
+            for j in cutlass.range_constexpr(8):
+                sGO[grp, h * hd + d8 * 8 + j] = o[h, j]
+        cute.arch.barrier()
+        for e in cutlass.range(tidx, G * hd, T, unroll=1):
+            h = e // hd
+            mx = -Float32.inf
+            for k in cutlass.range_constexpr(NG):
+                mx = cute.arch.fmax(mx, sGM[k, h])
+            acc = Float32(0.0)
+            lsum = Float32(0.0)
+            for k in cutlass.range_constexpr(NG):
+                w = Float32(0.0)
+                if sGM[k, h] != -Float32.inf:
+                    w = cute.math.exp2(sGM[k, h] - mx, fastmath=True)
+                acc = acc + w * sGO[k, e]
+                lsum = lsum + w * sGL[k, h]
+            sPart[e] = acc
+            if e % hd == 0:
+                sPart[G * hd + h] = mx
+                sPart[G * hd + G + h] = lsum
+        cute.arch.barrier()
+
+        # ---- one DSMEM round: every CTA gets every CTA's partial tile
+        cute.arch.cluster_wait()
+        sAll = self.gat.gather(bufs, sPart, Int32(0))
+        for e in cutlass.range(rank * T + tidx, G * hd, C * T, unroll=1):
+            h = e // hd
+            mx = -Float32.inf
+            for r in cutlass.range_constexpr(C):
+                mx = cute.arch.fmax(mx, sAll[G * hd + h, r])
+            acc = Float32(0.0)
+            lsum = Float32(0.0)
+            for r in cutlass.range_constexpr(C):
+                w = Float32(0.0)
+                if sAll[G * hd + h, r] != -Float32.inf:
+                    w = cute.math.exp2(sAll[G * hd + h, r] - mx, fastmath=True)
+                acc = acc + w * sAll[e, r]
+                lsum = lsum + w * sAll[G * hd + G + h, r]
+            mO[b, g * G + h, e % hd] = self.dtype(acc / lsum)
+        self.gat.release(bufs, Int32(0))
+        self.gat.teardown()
