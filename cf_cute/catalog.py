@@ -19,6 +19,7 @@ from cf_cute.collective_kernels import (
     ReduceHarnessKernel,
 )
 from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfig
+from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
 from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
 from cf_cute.jit import ScalarSpec, TensorSpec
 
@@ -73,6 +74,13 @@ def _attention(cfg: DecodeAttentionConfig) -> Entry:
                  f"C={cfg.cluster_size}{' paged' if cfg.paged else ''}", DecodeAttention, cfg, arg_specs(cfg), None)
 
 
+def _qkv(cfg: QKVRopeConfig) -> Entry:
+    from cf_cute.qkv_rope import arg_specs
+    return Entry(f"qkv_rope b={cfg.batch} {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim} H={cfg.hidden} "
+                 f"C={cfg.cluster_size}{' paged' if cfg.paged else ''}", QKVRope, cfg, arg_specs(cfg),
+                 "st_async" if cfg.cluster_size > 1 else None)
+
+
 def entries() -> Iterator[Entry]:
     for c in range(1, 17):
         yield _reduce(ReduceHarnessConfig(num_elems=256, cluster_size=c))
@@ -100,3 +108,8 @@ def entries() -> Iterator[Entry]:
                                                    max_len=4096, cluster_size=c))
         yield _attention(DecodeAttentionConfig(batch=16, num_heads=32, num_kv_heads=8, head_dim=128,
                                                max_len=4096, cluster_size=c, paged=True, num_pages=4096))
+    for c, batch in ((4, 1), (4, 16), (16, 1)):
+        for heads, kv_heads in ((32, 32), (32, 8)):
+            yield _qkv(QKVRopeConfig(batch=batch, hidden=4096, num_heads=heads, num_kv_heads=kv_heads,
+                                     head_dim=128, max_len=4096, max_positions=4096, cluster_size=c,
+                                     has_residual=True))

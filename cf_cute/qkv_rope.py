@@ -1,0 +1,125 @@
+"""Torch-facing fused (residual add) + RMSNorm + QKV + RoPE + KV append.
+
+STATUS: compiled for sm_90a and checked on the CPU; its GPU tests
+(tests/test_qkv_rope.py) have not run yet.
+
+    w_qkv = pack_qkv(wq, wk, wv, num_heads, num_kv_heads)      # once, at load time
+    q, h = qkv_rope(hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache,
+                    residual=None, page_table=None, num_heads=32, num_kv_heads=8)
+
+``q [B, heads, hd]`` (roped), ``h`` the residual stream ``hidden + residual``
+(``hidden`` itself when no residual is given); the new k (roped) and v are
+written into the caches at ``positions``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
+from cf_cute.jit import TensorSpec, compile_kernel
+from cf_cute.validate import check_operands, check_tensor, dtype_name
+
+__all__ = ["pack_qkv", "qkv_rope", "qkv_rope_config", "arg_specs"]
+
+
+def pack_qkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, num_heads: int,
+             num_kv_heads: int) -> torch.Tensor:
+    """nn.Linear q/k/v weights ``[heads*hd, H]``, ``[kv_heads*hd, H]`` x2 ->
+    ``[kv_heads, (G+2)*hd, H]``: for KV head g, rows of query heads
+    ``g*G .. g*G+G-1``, then k_g, then v_g (G = heads / kv_heads)."""
+    hd = wq.shape[0] // num_heads
+    H = wq.shape[1]
+    G = num_heads // num_kv_heads
+    q = wq.view(num_kv_heads, G * hd, H)
+    return torch.cat([q, wk.view(num_kv_heads, hd, H), wv.view(num_kv_heads, hd, H)], dim=1).contiguous()
+
+
+def qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: int, num_kv_heads: int,
+                    cluster_size: int, rope_style: str, eps: float, has_residual: bool) -> QKVRopeConfig:
+    check_tensor("hidden", hidden, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
+    B, H = hidden.shape
+    G = num_heads // max(num_kv_heads, 1)
+    check_tensor("w_qkv", w_qkv, dtype=hidden.dtype, shape=(num_kv_heads, None, H), cuda=False)
+    if w_qkv.shape[1] % (G + 2):
+        raise ValueError(f"w_qkv must be [kv_heads, (G+2)*head_dim, H] with G = {G} (see pack_qkv), "
+                         f"got {list(w_qkv.shape)}")
+    hd = w_qkv.shape[1] // (G + 2)
+    check_tensor("cos", cos, dtype=torch.float32, shape=(None, hd // 2), cuda=False, align=4)
+    check_tensor("k_cache", k_cache, dtype=hidden.dtype, shape=(None, None, num_kv_heads, hd), cuda=False)
+    common = dict(batch=B, hidden=H, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hd,
+                  max_positions=cos.shape[0], cluster_size=cluster_size, rope_style=rope_style, eps=eps,
+                  has_residual=has_residual, dtype=dtype_name(hidden.dtype))
+    if page_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"contiguous k_cache must be [B={B}, max_len, kv_heads, hd], got {list(k_cache.shape)}")
+        cfg = QKVRopeConfig(max_len=k_cache.shape[1], **common)
+    else:
+        check_tensor("page_table", page_table, dtype=torch.int32, shape=(B, None), cuda=False, align=4)
+        cfg = QKVRopeConfig(max_len=page_table.shape[1] * k_cache.shape[1], paged=True,
+                            page_size=k_cache.shape[1], num_pages=k_cache.shape[0], **common)
+    cfg.validate()
+    if w_qkv.shape[1] != cfg.rows:
+        raise ValueError(f"w_qkv must be [kv_heads, (G+2)*head_dim, H] = [{num_kv_heads}, {cfg.rows}, {H}] "
+                         f"(see pack_qkv), got {list(w_qkv.shape)}")
+    return cfg
+
+
+def arg_specs(cfg: QKVRopeConfig) -> list:
+    dt, B, H = cfg.dtype, cfg.batch, cfg.hidden
+    if cfg.paged:
+        kv = (cfg.num_pages, cfg.page_size, cfg.num_kv_heads, cfg.head_dim)
+        table = (B, cfg.max_pages)
+    else:
+        kv, table = (B, cfg.max_len, cfg.num_kv_heads, cfg.head_dim), (1, 1)
+    rope = (cfg.max_positions, cfg.head_dim // 2)
+    return [TensorSpec(dt, (B, H)), TensorSpec(dt, (B, H)), TensorSpec(dt, (H,)),
+            TensorSpec(dt, (cfg.num_kv_heads, cfg.rows, H)), TensorSpec("float32", rope, align=4),
+            TensorSpec("float32", rope, align=4), TensorSpec("int32", (B,), align=4),
+            TensorSpec(dt, kv), TensorSpec(dt, kv), TensorSpec("int32", table, align=4),
+            TensorSpec(dt, (B, cfg.num_heads, cfg.head_dim)), TensorSpec(dt, (B, H))]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(cfg: QKVRopeConfig):
+    return compile_kernel(QKVRope, cfg, arg_specs(cfg))
+
+
+def qkv_rope(hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, *, num_heads: int,
+             num_kv_heads: int, residual=None, page_table=None, cluster_size: int = 4,
+             rope_style: str = "neox", eps: float = 1e-5):
+    cfg = qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, cluster_size=cluster_size, rope_style=rope_style,
+                          eps=eps, has_residual=residual is not None)
+    B, H = hidden.shape
+    check_tensor("norm_w", norm_w, dtype=hidden.dtype, shape=(H,), cuda=False)
+    check_tensor("sin", sin, dtype=torch.float32, shape=tuple(cos.shape), cuda=False, align=4)
+    check_tensor("v_cache", v_cache, dtype=hidden.dtype, shape=tuple(k_cache.shape), cuda=False)
+    check_tensor("positions", positions, dtype=torch.int32, shape=(B,), cuda=False, align=4)
+    if residual is not None:
+        check_tensor("residual", residual, dtype=hidden.dtype, shape=(B, H), cuda=False)
+    if positions.device.type == "cpu":                    # checked before launch, then moved
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= min(cfg.max_len, cfg.max_positions):
+            raise ValueError(f"positions must lie in [0, {min(cfg.max_len, cfg.max_positions) - 1}] "
+                             f"(cache capacity {cfg.max_len}, RoPE table {cfg.max_positions}), "
+                             f"got [{lo}, {hi}]")
+        positions = positions.to(hidden.device, non_blocking=True)
+    if page_table is None:
+        page_table = torch.zeros(1, 1, dtype=torch.int32, device=hidden.device)
+    elif page_table.device.type == "cpu":
+        if int(page_table.min()) < 0 or int(page_table.max()) >= cfg.num_pages:
+            raise ValueError(f"page_table entries must lie in [0, {cfg.num_pages - 1}]")
+        page_table = page_table.to(hidden.device, non_blocking=True)
+    q = torch.empty(B, num_heads, cfg.head_dim, dtype=hidden.dtype, device=hidden.device)
+    h = torch.empty_like(hidden) if residual is not None else hidden
+    res = residual if residual is not None else hidden
+    check_operands(("hidden", "residual", "norm_w", "w_qkv", "k_cache", "v_cache", "q", "h"),
+                   hidden, res, norm_w, w_qkv, k_cache, v_cache, q, h)
+    check_operands(("cos", "sin", "positions", "page_table"), cos, sin, positions, page_table, align=4)
+    if cos.device != hidden.device:
+        raise ValueError(f"cos/sin are on {cos.device}, expected {hidden.device}")
+    _kernel(cfg)(hidden, res, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, page_table, q, h)
+    return q, h

@@ -1,0 +1,269 @@
+"""Fused (residual add) + RMSNorm + QKV projection + RoPE + KV-cache append.
+
+STATUS: compiles for sm_90a (tests/test_qkv_rope.py); not yet run on a GPU.
+The first half of the attention block (issue 3), built from ClusterReduce.
+
+One cluster of C CTAs per KV head g (its G = heads / kv_heads query heads with
+it); CTA r owns the hidden slice ``[r*H/C, (r+1)*H/C)`` (split-K)::
+
+    h    = hidden (+ residual)                  fp32, this CTA's slice, shared memory
+    ss_b = sum(h_b^2) over the slice  --ClusterReduce.all_reduce (B values)-->  full sum
+    x    = round_to_dtype(h * rsqrt(ss / H + eps) * norm_w)      (in place)
+    part[b, row] = x_b . W_g[row, slice]      rows = [q heads of g | k_g | v_g] ((G+2)*hd)
+    qkv  = ClusterReduce.all_reduce(part)     every CTA holds q, k, v of its group (B*(G+2)*hd)
+    RoPE (neox halves or gptj pairs, cos/sin tables [positions, hd/2]) on q and k;
+    q -> q_out[b, heads of g], k (roped) and v -> cache slot positions[b]
+    (contiguous [B, max_len, kv_heads, hd] or paged via page_table); the
+    (b, head, pair) items are shared round-robin by the C CTAs of the cluster.
+    cluster 0 also writes h_out (the residual stream) when a residual is added.
+
+The packed weight ``w_qkv [kv_heads, (G+2)*hd, H]`` is ``pack_qkv(wq, wk, wv)``
+(cf_cute.qkv_rope): a one-time re-ordering of the nn.Linear weights so that a
+cluster's rows are contiguous. Positions and page indices are clamped to the
+cache for memory safety (the host wrapper range-checks CPU inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from cf_cute.primitives import ClusterReduce, cluster_sync
+from cf_cute.primitives.plan import check_cluster_size
+
+__all__ = ["QKVRopeConfig", "QKVRope"]
+
+_VEC = 8
+_WARP = 32
+
+
+@dataclass(frozen=True)
+class QKVRopeConfig:
+    batch: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_len: int                  # contiguous: cache length; paged: max_pages * page_size
+    max_positions: int            # rows of the cos/sin tables
+    cluster_size: int = 4
+    paged: bool = False
+    page_size: int = 16
+    num_pages: int = 0
+    rope_style: str = "neox"
+    eps: float = 1e-5
+    has_residual: bool = False
+    dtype: str = "bfloat16"
+    num_threads: int = 128
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def rows(self) -> int:
+        return (self.group + 2) * self.head_dim
+
+    @property
+    def slice(self) -> int:
+        return self.hidden // self.cluster_size
+
+    @property
+    def max_pages(self) -> int:
+        return self.max_len // self.page_size
+
+    @property
+    def grid(self) -> int:
+        return self.num_kv_heads * self.cluster_size
+
+    def validate(self) -> None:
+        check_cluster_size(self.cluster_size)
+        if self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype!r}")
+        if self.head_dim not in (64, 128):
+            raise ValueError(f"head_dim must be 64 or 128, got {self.head_dim}")
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if not 1 <= self.batch <= 16:
+            raise ValueError(f"batch must be in 1..16, got {self.batch}")
+        if self.rope_style not in ("neox", "gptj"):
+            raise ValueError(f"rope_style must be 'neox' or 'gptj', got {self.rope_style!r}")
+        step = self.cluster_size * _WARP * _VEC
+        if self.hidden % step:
+            raise ValueError(f"hidden = {self.hidden} must be a multiple of cluster_size * 256 = {step}: "
+                             f"use a smaller cluster")
+        if self.batch * self.slice * 4 > 128 * 1024:
+            raise ValueError(f"batch {self.batch} x hidden slice {self.slice} does not fit in shared memory: "
+                             f"use a larger cluster")
+        if self.paged and (self.max_len % self.page_size or self.num_pages <= 0):
+            raise ValueError("paged: max_len must be a multiple of page_size and num_pages > 0")
+
+
+class QKVRope:
+    def __init__(self, cfg: QKVRopeConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
+        T, C = cfg.num_threads, cfg.cluster_size
+        self.red_norm = ClusterReduce(cfg.batch, C, T, op="sum", stages=1, barrier_id=1)
+        # the B*(G+2)*hd partial sums go through the cluster in `qkv_rounds` rounds of
+        # at most 32 values per thread (register budget)
+        total = cfg.batch * cfg.rows
+        self.qkv_rounds = next(k for k in range(1, 65)
+                               if total % k == 0 and total // k <= 32 * T and (total // k) % 4 == 0)
+        self.red_qkv = ClusterReduce(total // self.qkv_rounds, C, T, op="sum",
+                                     stages=2 if self.qkv_rounds > 1 else 1, barrier_id=2)
+
+    @cute.jit
+    def __call__(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
+                 mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
+                 mTable: cute.Tensor, mQ: cute.Tensor, mHOut: cute.Tensor, stream):
+        self.kernel(mHidden, mResidual, mNormW, mW, mCos, mSin, mPos, mK, mV, mTable, mQ, mHOut).launch(
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+    @cute.jit
+    def _cache_store(self, mX: cute.Tensor, mTable: cute.Tensor, b: Int32, pos: Int32, g: Int32, d: Int32,
+                     val: Float32):
+        if const_expr(self.cfg.paged):
+            P = self.cfg.page_size
+            page = cutlass.min(cutlass.max(mTable[b, pos // P], Int32(0)), Int32(self.cfg.num_pages - 1))
+            mX[page, pos % P, g, d] = self.dtype(val)
+        else:
+            mX[b, pos, g, d] = self.dtype(val)
+
+    @cute.kernel
+    def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
+               mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
+               mTable: cute.Tensor, mQ: cute.Tensor, mHOut: cute.Tensor):
+        cfg = self.cfg
+        B, C, T, G, hd = cfg.batch, cfg.cluster_size, cfg.num_threads, cfg.group, cfg.head_dim
+        Hc, R = cfg.slice, cfg.rows
+        NW = T // _WARP
+        tidx = cute.arch.thread_idx()[0]
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        g = bidx // C
+        k0 = rank * Hc
+
+        smem = cutlass.memory.SmemAllocator()
+        bufs_n = self.red_norm.allocate(smem)
+        bufs_q = self.red_qkv.allocate(smem)
+        sH = smem.allocate_tensor(Float32, cute.make_layout((B, Hc), stride=(Hc, 1)), byte_alignment=16)
+        sPart = smem.allocate_tensor(Float32, cute.make_layout(B * R), byte_alignment=16)
+        sSS = smem.allocate_tensor(Float32, cute.make_layout((NW, B), stride=(B, 1)), byte_alignment=16)
+        self.red_norm.init(bufs_n)
+        self.red_qkv.init(bufs_q)
+        cute.arch.cluster_arrive_relaxed()
+
+        # ---- h = hidden (+ residual) for this slice; partial sums of squares
+        for b in cutlass.range_constexpr(B):
+            ss = Float32(0.0)
+            for j in cutlass.range(tidx, Hc // _VEC, T, unroll=1):
+                hv = cute.local_tile(mHidden, (1, _VEC), (b, k0 // _VEC + j)).load().to(Float32)
+                hr = cute.make_rmem_tensor(_VEC, Float32)
+                hr.store(hv)
+                if const_expr(cfg.has_residual):
+                    rv = cute.local_tile(mResidual, (1, _VEC), (b, k0 // _VEC + j)).load().to(Float32)
+                    for e in cutlass.range_constexpr(_VEC):
+                        hr[e] = hr[e] + rv[e]
+                    if g == 0:
+                        for e in cutlass.range_constexpr(_VEC):
+                            mHOut[b, k0 + j * _VEC + e] = self.dtype(hr[e])
+                for e in cutlass.range_constexpr(_VEC):
+                    sH[b, j * _VEC + e] = hr[e]
+                    ss = ss + hr[e] * hr[e]
+            ss = cute.arch.warp_reduction_sum(ss)
+            if lane == 0:
+                sSS[warp, b] = ss
+        cute.arch.barrier()
+        fn = self.red_norm.make_fragment()
+        pn = self.red_norm.thread_offset(tidx)
+        for v in cutlass.range_constexpr(self.red_norm.per_thread):
+            tot = Float32(0.0)
+            for w in cutlass.range_constexpr(NW):
+                tot = tot + sSS[w, pn + v]
+            fn[v] = tot
+        cute.arch.cluster_wait()
+        total = self.red_norm.all_reduce(bufs_n, fn, Int32(0))
+        # every thread needs rstd of every request: put them in smem (row 0 of sSS)
+        cute.arch.barrier()
+        if tidx < self.red_norm.active:
+            for v in cutlass.range_constexpr(self.red_norm.per_thread):
+                sSS[0, pn + v] = cute.math.rsqrt(total[v] / Float32(cfg.hidden) + Float32(cfg.eps))
+        cute.arch.barrier()
+
+        # ---- x = round(h * rstd * w), in place
+        for b in cutlass.range_constexpr(B):
+            rstd = sSS[0, b]
+            for j in cutlass.range(tidx, Hc, T, unroll=1):
+                x = sH[b, j] * rstd * Float32(mNormW[k0 + j])
+                sH[b, j] = Float32(self.dtype(x))
+        cute.arch.barrier()
+
+        # ---- split-K GEMV over this CTA's slice: part[b, row]
+        for i in cutlass.range(warp, R, NW, unroll=1):
+            acc = cute.make_rmem_tensor(B, Float32)
+            acc.fill(0.0)
+            for s in cutlass.range_constexpr(Hc // (_WARP * _VEC)):
+                kv = s * _WARP + lane
+                w = cute.local_tile(mW, (1, 1, _VEC), (g, i, k0 // _VEC + kv)).load().to(Float32)
+                for b in cutlass.range_constexpr(B):
+                    for e in cutlass.range_constexpr(_VEC):
+                        acc[b] = acc[b] + w[e] * sH[b, kv * _VEC + e]
+            for b in cutlass.range_constexpr(B):
+                tot = cute.arch.warp_reduction_sum(acc[b])
+                if lane == 0:
+                    sPart[b * R + i] = tot
+        cute.arch.barrier()
+        fq = self.red_qkv.make_fragment()
+        pq = self.red_qkv.thread_offset(tidx)
+        for k in cutlass.range_constexpr(self.qkv_rounds):
+            base = k * self.red_qkv.num_elems
+            for v in cutlass.range_constexpr(self.red_qkv.per_thread):
+                fq[v] = sPart[base + pq + v]
+            qkv = self.red_qkv.all_reduce(bufs_q, fq, Int32(k))
+            if tidx < self.red_qkv.active:
+                for v in cutlass.range_constexpr(self.red_qkv.per_thread):
+                    sPart[base + pq + v] = qkv[v]
+        cute.arch.barrier()
+
+        # ---- RoPE, q out, k/v append: items (b, head slot, pair) round-robin over the cluster
+        half = hd // 2
+        n_items = B * (G + 2) * half
+        for it in cutlass.range(rank * T + tidx, n_items, C * T, unroll=1):
+            b = it // ((G + 2) * half)
+            hs = (it // half) % (G + 2)
+            i = it % half
+            pos = cutlass.min(cutlass.max(mPos[b], Int32(0)), Int32(cfg.max_len - 1))
+            if const_expr(cfg.rope_style == "neox"):
+                d1 = i
+                d2 = i + half
+            else:
+                d1 = 2 * i
+                d2 = 2 * i + 1
+            x1 = sPart[b * R + hs * hd + d1]
+            x2 = sPart[b * R + hs * hd + d2]
+            if hs <= G:
+                prow = cutlass.min(pos, Int32(cfg.max_positions - 1))
+                c = mCos[prow, i]
+                s = mSin[prow, i]
+                r1 = x1 * c - x2 * s
+                r2 = x2 * c + x1 * s
+                if hs < G:
+                    mQ[b, g * G + hs, d1] = self.dtype(r1)
+                    mQ[b, g * G + hs, d2] = self.dtype(r2)
+                else:
+                    self._cache_store(mK, mTable, b, pos, g, d1, r1)
+                    self._cache_store(mK, mTable, b, pos, g, d2, r2)
+            else:
+                self._cache_store(mV, mTable, b, pos, g, d1, x1)
+                self._cache_store(mV, mTable, b, pos, g, d2, x2)
+        # one cluster barrier retires both collectives' buffers
+        cluster_sync()

@@ -1,0 +1,110 @@
+"""Fused (residual) + RMSNorm + QKV + RoPE + KV append (first half of issue 3)."""
+
+import math
+
+import pytest
+import torch
+
+from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
+from cf_cute.jit import compile_for_inspection
+from cf_cute.qkv_rope import arg_specs, pack_qkv, qkv_rope
+from cf_cute.reference import apply_rope, rms_norm, rope_tables
+
+
+@pytest.mark.parametrize("cluster", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("heads,kv_heads,hd", [(32, 32, 128), (32, 8, 128)])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_compiles(cluster, heads, kv_heads, hd, batch):
+    if batch * 4096 // cluster * 4 > 128 * 1024:
+        pytest.skip("batch 16 needs a cluster of 2 or more (shared memory)")
+    cfg = QKVRopeConfig(batch=batch, hidden=4096, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+                        max_len=2048, max_positions=2048, cluster_size=cluster, has_residual=True)
+    ptx = compile_for_inspection(QKVRope, cfg, arg_specs(cfg)).__ptx__
+    if cluster > 1:
+        assert "st.async.shared::cluster" in ptx and "barrier.cluster" in ptx
+
+
+@pytest.mark.parametrize("style,paged", [("gptj", False), ("neox", True)])
+def test_compiles_variants(style, paged):
+    cfg = QKVRopeConfig(batch=3, hidden=2048, num_heads=8, num_kv_heads=2, head_dim=64, max_len=256,
+                        max_positions=256, cluster_size=4, rope_style=style, paged=paged, num_pages=64)
+    compile_for_inspection(QKVRope, cfg, arg_specs(cfg))
+
+
+def test_bad_shapes_and_positions_raise():
+    B, H, hd = 2, 1024, 64
+    wq, wk, wv = torch.randn(8 * hd, H), torch.randn(2 * hd, H), torch.randn(2 * hd, H)
+    w = pack_qkv(wq, wk, wv, 8, 2).bfloat16()
+    assert w.shape == (2, 6 * hd, H)
+    assert torch.equal(w[1, :4 * hd], wq[4 * hd:].bfloat16()) and torch.equal(w[1, 5 * hd:], wv[hd:].bfloat16())
+    hidden = torch.randn(B, H, dtype=torch.bfloat16)
+    cos, sin = rope_tables(64, hd)
+    kc = torch.zeros(B, 64, 2, hd, dtype=torch.bfloat16)
+    args = dict(num_heads=8, num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 63\]"):
+        qkv_rope(hidden, torch.ones(H, dtype=torch.bfloat16), w, cos, sin, torch.tensor([3, 64], dtype=torch.int32),
+                 kc, kc.clone(), **args)
+    with pytest.raises(ValueError, match="w_qkv must be"):
+        qkv_rope(hidden, torch.ones(H, dtype=torch.bfloat16), w[:, :-hd].contiguous(), cos, sin,
+                 torch.tensor([3, 4], dtype=torch.int32), kc, kc.clone(), **args)
+    with pytest.raises(ValueError, match="multiple of cluster_size"):
+        qkv_rope(hidden, torch.ones(H, dtype=torch.bfloat16), w, cos, sin, torch.tensor([3, 4], dtype=torch.int32),
+                 kc, kc.clone(), cluster_size=8, **args)
+    with pytest.raises(ValueError, match="CUDA device"):
+        qkv_rope(hidden, torch.ones(H, dtype=torch.bfloat16), w, cos, sin, torch.tensor([3, 4], dtype=torch.int32),
+                 kc, kc.clone(), **args)
+    assert torch.count_nonzero(kc) == 0                  # nothing written
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,hd,H", [(32, 32, 128, 4096), (32, 8, 128, 4096), (16, 4, 64, 2048)])
+@pytest.mark.parametrize("batch", [1, 5, 16])
+@pytest.mark.parametrize("style,paged,residual", [("neox", False, True), ("gptj", True, False)])
+def test_matches_reference(heads, kv_heads, hd, H, batch, style, paged, residual):
+    dev, dt = "cuda", torch.bfloat16
+    L = 512
+    s = 1 / math.sqrt(H)
+    wq = torch.randn(heads * hd, H, device=dev) * s
+    wk = torch.randn(kv_heads * hd, H, device=dev) * s
+    wv = torch.randn(kv_heads * hd, H, device=dev) * s
+    w = pack_qkv(wq, wk, wv, heads, kv_heads).to(dt)
+    norm_w = (1 + 0.1 * torch.randn(H, device=dev)).to(dt)
+    hidden = torch.randn(batch, H, device=dev, dtype=dt)
+    res = torch.randn(batch, H, device=dev, dtype=dt) if residual else None
+    positions = torch.randint(0, L, (batch,), dtype=torch.int32)
+    cos, sin = rope_tables(L, hd, 500000.0)
+    if paged:
+        P = 16
+        n_pages = batch * L // P + 3
+        kc = torch.randn(n_pages, P, kv_heads, hd, device=dev, dtype=dt)
+        table = torch.randperm(n_pages)[: batch * (L // P)].view(batch, L // P).int()
+    else:
+        kc = torch.randn(batch, L, kv_heads, hd, device=dev, dtype=dt)
+        table = None
+    vc = torch.randn_like(kc)
+    k0, v0 = kc.clone(), vc.clone()
+    cluster = 4 if batch < 16 else 8
+    q, h = qkv_rope(hidden, norm_w, w, cos.to(dev), sin.to(dev), positions, kc, vc, num_heads=heads,
+                    num_kv_heads=kv_heads, residual=res, page_table=table, cluster_size=cluster, rope_style=style)
+    # reference
+    hf = hidden.float() + (res.float() if residual else 0)
+    x = rms_norm(hf, norm_w, 1e-5).to(dt).float()
+    pos = positions.long()
+    qr = apply_rope((x @ wq.to(dt).float().T).view(batch, heads, hd), cos[pos].to(dev), sin[pos].to(dev), style)
+    kr = apply_rope((x @ wk.to(dt).float().T).view(batch, kv_heads, hd), cos[pos].to(dev), sin[pos].to(dev), style)
+    vr = (x @ wv.to(dt).float().T).view(batch, kv_heads, hd)
+    assert (q.float() - qr).norm() / qr.norm() < 1e-2
+    if residual:
+        torch.testing.assert_close(h.float(), hf, rtol=1e-2, atol=1e-2)
+    for b in range(batch):
+        p = int(pos[b])
+        if paged:
+            page, row = int(table[b, p // 16]), p % 16
+            kb, vb = kc[page, row], vc[page, row]
+            kc[page, row], vc[page, row] = k0[page, row], v0[page, row]
+        else:
+            kb, vb = kc[b, p], vc[b, p]
+            kc[b, p], vc[b, p] = k0[b, p], v0[b, p]
+        assert (kb.float() - kr[b]).norm() / kr[b].norm() < 1e-2
+        assert (vb.float() - vr[b]).norm() / vr[b].norm() < 1e-2
+    assert torch.equal(kc, k0) and torch.equal(vc, v0)      # nothing else in the caches was touched
