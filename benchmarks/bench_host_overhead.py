@@ -39,7 +39,7 @@ def main() -> int:
     out = torch.empty(1, 256, device="cuda", dtype=torch.bfloat16)
     raw = _kernel(splitk_gemv_config(x, w, 4, 64))
     rows = [
-        ["raw TVM-FFI call", f"{host_us(lambda: raw(x, w, out)):.1f}"],
+        ["raw TVM-FFI call", f"{host_us(lambda: raw(x, w, out, out)):.1f}"],
         ["cf_cute.gemv.splitk_gemv (checks + cache lookup), out given",
          f"{host_us(lambda: splitk_gemv(x, w, out=out)):.1f}"],
         ["torch.ops.cf_cute.splitk_gemv (custom op, allocates out)",

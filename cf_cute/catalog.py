@@ -63,9 +63,10 @@ def _gather(cfg: GatherHarnessConfig) -> Entry:
 
 
 def _gemv(cfg: SplitKGemvConfig) -> Entry:
-    return Entry(f"splitk_gemv {cfg.m}x{cfg.k} b={cfg.batch} C={cfg.cluster_size} {cfg.dtype}", SplitKGemv, cfg,
-                 [TensorSpec(cfg.dtype, (cfg.batch, cfg.k)), TensorSpec(cfg.dtype, (cfg.m, cfg.k)),
-                  TensorSpec(cfg.dtype, (cfg.batch, cfg.m))], "st_async" if cfg.cluster_size > 1 else None)
+    from cf_cute.gemv import arg_specs
+    return Entry(f"splitk_gemv {cfg.m}x{cfg.k} b={cfg.batch} C={cfg.cluster_size} {cfg.dtype}"
+                 f"{' +residual' if cfg.residual else ''}", SplitKGemv, cfg, arg_specs(cfg),
+                 "st_async" if cfg.cluster_size > 1 else None)
 
 
 def _attention(cfg: DecodeAttentionConfig) -> Entry:
@@ -102,6 +103,7 @@ def entries() -> Iterator[Entry]:
         for batch in (1, 8):
             yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=batch, cluster_size=c))
     yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=1, cluster_size=4, dtype="float16"))
+    yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=1, cluster_size=4, residual=True))
     for c in (1, 4, 16):
         for heads, kv_heads in ((32, 32), (32, 8)):
             yield _attention(DecodeAttentionConfig(batch=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=128,

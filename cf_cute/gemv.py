@@ -16,42 +16,45 @@ from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.validate import check_operands, check_tensor, dtype_name
 
-__all__ = ["splitk_gemv", "splitk_gemv_config"]
+__all__ = ["splitk_gemv", "splitk_gemv_config", "arg_specs"]
 
 
 def splitk_gemv_config(x: torch.Tensor, w: torch.Tensor, cluster_size: int = 4,
-                       block_m: int = 64) -> SplitKGemvConfig:
+                       block_m: int = 64, residual: bool = False) -> SplitKGemvConfig:
     """The static configuration for these operands (checks dtypes and shapes)."""
     check_tensor("w", w, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
     check_tensor("x", x, dtype=w.dtype, shape=(None, w.shape[1]), cuda=False)
     cfg = SplitKGemvConfig(m=w.shape[0], k=w.shape[1], batch=x.shape[0], cluster_size=cluster_size,
-                           block_m=block_m, dtype=dtype_name(w.dtype))
+                           block_m=block_m, dtype=dtype_name(w.dtype), residual=residual)
     cfg.validate()
     return cfg
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(cfg: SplitKGemvConfig):
-    return compile_kernel(SplitKGemv, cfg, [
-        TensorSpec(cfg.dtype, (cfg.batch, cfg.k)),
-        TensorSpec(cfg.dtype, (cfg.m, cfg.k)),
-        TensorSpec(cfg.dtype, (cfg.batch, cfg.m)),
-    ])
+    return compile_kernel(SplitKGemv, cfg, arg_specs(cfg))
+
+
+def arg_specs(cfg: SplitKGemvConfig) -> list:
+    """Fake-tensor specs of (x, w, residual, y)."""
+    return [TensorSpec(cfg.dtype, (cfg.batch, cfg.k)), TensorSpec(cfg.dtype, (cfg.m, cfg.k)),
+            TensorSpec(cfg.dtype, (cfg.batch, cfg.m)), TensorSpec(cfg.dtype, (cfg.batch, cfg.m))]
 
 
 _launch_cache: dict = {}
-_NAMES = ("w", "x", "out")
+_NAMES = ("w", "x", "residual", "out")
 
 
-def splitk_gemv(x: torch.Tensor, w: torch.Tensor, *, cluster_size: int = 4, block_m: int = 64,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [B, K] @ w [M, K].T -> [B, M]`` (bf16/fp16, fp32 accumulation), K
-    split over a cluster of ``cluster_size`` CTAs and reduced over DSMEM.
-    Launches on the current stream; no host synchronisation."""
-    key = (x.shape, w.shape, x.dtype, w.dtype, cluster_size, block_m)
+def splitk_gemv(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = None,
+                cluster_size: int = 4, block_m: int = 64, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [B, K] @ w [M, K].T (+ residual [B, M]) -> [B, M]`` (bf16/fp16, fp32
+    accumulation), K split over a cluster of ``cluster_size`` CTAs and reduced
+    over DSMEM. Launches on the current stream; no host synchronisation."""
+    has_res = residual is not None
+    key = (x.shape, w.shape, x.dtype, w.dtype, cluster_size, block_m, has_res)
     entry = _launch_cache.get(key)
     if entry is None:                      # first call for these shapes: full checks
-        cfg = splitk_gemv_config(x, w, cluster_size, block_m)
+        cfg = splitk_gemv_config(x, w, cluster_size, block_m, has_res)
         entry = _launch_cache.setdefault(key, (cfg, _kernel(cfg)))
     cfg, fn = entry
     if out is None:
@@ -59,8 +62,12 @@ def splitk_gemv(x: torch.Tensor, w: torch.Tensor, *, cluster_size: int = 4, bloc
     elif out.shape != (cfg.batch, cfg.m) or out.dtype != w.dtype:
         raise ValueError(f"out must be {str(w.dtype)[6:]} of shape [{cfg.batch}, {cfg.m}], "
                          f"got {str(out.dtype)[6:]} {list(out.shape)}")
-    check_operands(_NAMES, w, x, out)
-    fn(x, w, out)
+    if has_res and (residual.shape != out.shape or residual.dtype != w.dtype):
+        raise ValueError(f"residual must be {str(w.dtype)[6:]} of shape [{cfg.batch}, {cfg.m}], "
+                         f"got {str(residual.dtype)[6:]} {list(residual.shape)}")
+    r = residual if has_res else out
+    check_operands(_NAMES, w, x, r, out)
+    fn(x, w, r, out)
     return out
 
 

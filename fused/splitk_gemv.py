@@ -1,4 +1,4 @@
-"""Split-K GEMV finished by a cluster reduce-scatter: ``y = x @ W.T (+ bias-free)``.
+"""Split-K GEMV finished by a cluster reduce-scatter: ``y = x @ W.T (+ r)``.
 
 The smallest useful fused kernel built only from the public primitives, and
 the README's example of writing your own.
@@ -46,6 +46,7 @@ class SplitKGemvConfig:
     block_m: int = 64
     num_threads: int = 128
     dtype: str = "bfloat16"
+    residual: bool = False        # y = x @ W.T + r (the residual stream), added in fp32
 
     def validate(self) -> None:
         check_cluster_size(self.cluster_size)
@@ -77,13 +78,13 @@ class SplitKGemv:
                                  op="sum", scatter=True)
 
     @cute.jit
-    def __call__(self, mX: cute.Tensor, mW: cute.Tensor, mY: cute.Tensor, stream):
-        self.kernel(mX, mW, mY).launch(
+    def __call__(self, mX: cute.Tensor, mW: cute.Tensor, mR: cute.Tensor, mY: cute.Tensor, stream):
+        self.kernel(mX, mW, mR, mY).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
             cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
 
     @cute.kernel
-    def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mY: cute.Tensor):
+    def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mR: cute.Tensor, mY: cute.Tensor):
         cfg = self.cfg
         B, BM, C = cfg.batch, cfg.block_m, cfg.cluster_size
         n_warps = cfg.num_threads // _WARP
@@ -130,5 +131,8 @@ class SplitKGemv:
         if self.red.owns(tidx):
             for v in cutlass.range_constexpr(V):
                 p = tidx * V + v
-                mY[p // BM, m_base + p % BM] = self.dtype(res[v])
+                val = res[v]
+                if const_expr(cfg.residual):
+                    val = val + Float32(mR[p // BM, m_base + p % BM])
+                mY[p // BM, m_base + p % BM] = self.dtype(val)
         self.red.teardown()

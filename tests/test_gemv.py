@@ -4,17 +4,15 @@ import pytest
 import torch
 
 from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
-from cf_cute.gemv import splitk_gemv
-from cf_cute.jit import TensorSpec, compile_for_inspection
+from cf_cute.gemv import arg_specs, splitk_gemv
+from cf_cute.jit import compile_for_inspection
 
 
 @pytest.mark.parametrize("cluster", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_gemv_compiles(cluster, batch):
     cfg = SplitKGemvConfig(m=256, k=4096, batch=batch, cluster_size=cluster)
-    c = compile_for_inspection(SplitKGemv, cfg, [TensorSpec("bfloat16", (batch, 4096)),
-                                                 TensorSpec("bfloat16", (256, 4096)),
-                                                 TensorSpec("bfloat16", (batch, 256))])
+    c = compile_for_inspection(SplitKGemv, cfg, arg_specs(cfg))
     assert "ld.global.v4" in c.__ptx__ or "ld.global.nc.v4" in c.__ptx__
     if cluster > 1:
         assert "st.async.shared::cluster" in c.__ptx__
@@ -55,6 +53,10 @@ def test_gemv_matches_torch(cluster, batch, dtype):
     err = (y.float() - ref).norm() / ref.norm()
     assert err < 1e-2, err
     assert torch.equal(splitk_gemv(x, w, cluster_size=cluster), y)      # deterministic
+    r = torch.randn(batch, m, device="cuda", dtype=dtype)
+    yr = splitk_gemv(x, w, residual=r, cluster_size=cluster)
+    ref_r = ref + r.float()
+    assert (yr.float() - ref_r).norm() / ref_r.norm() < 1e-2
 
 
 @pytest.mark.gpu

@@ -6,10 +6,11 @@ import pytest
 
 import cf_cute.jit as jit
 from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
+from cf_cute.gemv import arg_specs
 from cf_cute.jit import TensorSpec
 
 CFG = SplitKGemvConfig(m=128, k=2048, batch=1, cluster_size=8)
-ARGS = [TensorSpec("bfloat16", (1, 2048)), TensorSpec("bfloat16", (128, 2048)), TensorSpec("bfloat16", (1, 128))]
+ARGS = arg_specs(CFG)
 
 
 def test_disk_cache_reloads_without_recompiling(tmp_path, monkeypatch):
@@ -33,7 +34,7 @@ def test_key_changes_with_config_args_and_version(monkeypatch):
     k = jit.make_key(SplitKGemv, CFG, ARGS)
     assert jit.make_key(SplitKGemv, CFG, ARGS) == k
     assert jit.make_key(SplitKGemv, dataclasses.replace(CFG, cluster_size=4), ARGS) != k
-    assert jit.make_key(SplitKGemv, CFG, ARGS[:2] + [TensorSpec("bfloat16", (1, 128), align=8)]) != k
+    assert jit.make_key(SplitKGemv, CFG, ARGS[:3] + [TensorSpec("bfloat16", (1, 128), align=8)]) != k
     assert k.arch == "sm_90a" and k.dsl == jit.dsl_version() and len(k.source) == 16
     assert jit.make_key(SplitKGemv, CFG, ARGS).digest() == k.digest()
 
