@@ -1,0 +1,152 @@
+"""Attention block at decode time: cf_cute against torch eager and torch CUDA
+graphs, with the bandwidth floor measured in the same run.
+
+Llama-2-7B shape by default (hidden 4096, 32 heads of 128), bf16, every request
+at the same context length. Several weight/KV sets are rotated so that L2
+(50 MB) does not hold the working set; each variant is captured in one CUDA
+graph per set and the replays are timed with CUDA events (median).
+
+    python benchmarks/bench_attention.py [--context 1024,4096,16384,32768] [--batch 1,16]
+                                         [--heads 32 --kv-heads 32 --hidden 4096]
+
+Floor = (QKV + O weights + the KV cache read) / measured read bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from cf_cute.attention import attention_block, pack_attention
+from cf_cute.reference import AttentionWeights, rope_tables
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import markdown_table, stamp, time_ms  # noqa: E402
+
+
+def read_bandwidth_gbs() -> float:
+    """Read-only stream (sum of a 2 GiB bf16 tensor), GB/s."""
+    x = torch.randn(2**30, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: x.sum(dtype=torch.float32), reps=20)
+    return x.numel() * 2 / ms / 1e6
+
+
+class TorchBlock:
+    """The unfused torch block: RMSNorm, fused QKV matmul, RoPE, cache write, SDPA, O + residual."""
+
+    def __init__(self, w: AttentionWeights, heads: int, kv_heads: int, cos, sin, context: int):
+        self.w, self.heads, self.kv_heads, self.context = w, heads, kv_heads, context
+        self.wqkv = torch.cat([w.wq, w.wk, w.wv], 0)
+        self.cos, self.sin = cos, sin
+        self.hd = w.wq.shape[0] // heads
+
+    def __call__(self, hidden, kc, vc, positions):
+        B = hidden.shape[0]
+        hd, nq, nkv = self.hd, self.heads, self.kv_heads
+        x = F.rms_norm(hidden, (hidden.shape[1],), self.w.norm, 1e-5)
+        qkv = x @ self.wqkv.T
+        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=1)
+        c, s = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+        def rope(t, n):
+            t = t.view(B, n, hd).float()
+            t1, t2 = t[..., : hd // 2], t[..., hd // 2:]
+            return torch.cat((t1 * c - t2 * s, t2 * c + t1 * s), -1).to(hidden.dtype)
+
+        q, k = rope(q, nq), rope(k, nkv)
+        rows = torch.arange(B, device=hidden.device)
+        kc[rows, positions] = k
+        vc[rows, positions] = v.view(B, nkv, hd)
+        L = self.context                     # same context for every request (no host read: capturable)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), kc[:, :L].transpose(1, 2), vc[:, :L].transpose(1, 2),
+                                           enable_gqa=nq != nkv)
+        return hidden + o.reshape(B, nq * hd) @ self.w.wo.T
+
+
+def graphed(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()                                  # warm-up (compiles cf_cute kernels) outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: float):
+    dev, dt = "cuda", torch.bfloat16
+    hd = 128
+    L = ctx + 1
+    cos, sin = rope_tables(L, hd, 10000.0)
+    cos, sin = cos.to(dev), sin.to(dev)
+    positions = torch.full((batch,), ctx - 1, dtype=torch.int32, device=dev)
+    s = 1 / math.sqrt(H)
+    items = []
+    for _ in range(sets):
+        w = AttentionWeights(norm=torch.ones(H, device=dev, dtype=dt),
+                             wq=(torch.randn(heads * hd, H, device=dev) * s).to(dt),
+                             wk=(torch.randn(kv_heads * hd, H, device=dev) * s).to(dt),
+                             wv=(torch.randn(kv_heads * hd, H, device=dev) * s).to(dt),
+                             wo=(torch.randn(H, heads * hd, device=dev) * s).to(dt))
+        kc = torch.randn(batch, L, kv_heads, hd, device=dev, dtype=dt)
+        vc = torch.randn_like(kc)
+        hidden = torch.randn(batch, H, device=dev, dtype=dt)
+        items.append((w, pack_attention(w, num_heads=heads, num_kv_heads=kv_heads), kc, vc, hidden))
+    results = {}
+    for name in ("torch eager", "torch graph", "cf_cute graph"):
+        fns = []
+        for w, packed, kc, vc, hidden in items:
+            if name.startswith("torch"):
+                blk = TorchBlock(w, heads, kv_heads, cos, sin, ctx)
+                fns.append(lambda blk=blk, h=hidden, kc=kc, vc=vc: blk(h, kc, vc, positions))
+            else:
+                fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc:
+                           attention_block(h, p, kc, vc, positions, cos, sin))
+        if name.endswith("graph"):
+            graphs = [graphed(f) for f in fns]
+            step = lambda: [g.replay() for g in graphs]      # noqa: E731
+        else:
+            step = lambda: [f() for f in fns]                # noqa: E731
+        results[name] = time_ms(step) * 1e3 / sets          # µs per block
+    weight_bytes = (heads + 2 * kv_heads) * hd * H * 2 + H * heads * hd * 2
+    kv_bytes = 2 * batch * ctx * kv_heads * hd * 2
+    floor_us = (weight_bytes + kv_bytes) / (bw * 1e3)
+    return results, floor_us, weight_bytes + kv_bytes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", default="1024,4096,16384,32768")
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--budget-gb", type=float, default=40.0, help="device memory for the rotating sets")
+    a = ap.parse_args(argv)
+    bw = read_bandwidth_gbs()
+    rows = []
+    for batch in (int(b) for b in a.batch.split(",")):
+        for ctx in (int(c) for c in a.context.split(",")):
+            per_set = 2 * batch * (ctx + 1) * a.kv_heads * 128 * 2 + 2 * (a.heads + a.kv_heads) * 128 * a.hidden * 2
+            sets = max(2, min(8, int(a.budget_gb * 1e9 // per_set)))
+            res, floor_us, nbytes = run(ctx, batch, a.heads, a.kv_heads, a.hidden, sets, bw)
+            cf = res["cf_cute graph"]
+            rows.append([batch, ctx, sets, f"{floor_us:.1f}", f"{res['torch eager']:.1f}", f"{res['torch graph']:.1f}",
+                         f"{cf:.1f}", f"{nbytes / cf / 1e3:.0f}", f"{100 * floor_us / cf:.0f}%",
+                         f"{res['torch graph'] / cf:.2f}x"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+    print(f"\nAttention block, H={a.hidden}, {a.heads}/{a.kv_heads} heads x 128, bf16, read bandwidth "
+          f"{bw:.0f} GB/s ({stamp()}):\n")
+    print(markdown_table(["batch", "context", "sets", "floor µs", "torch eager µs", "torch graph µs",
+                          "cf_cute µs", "cf_cute GB/s", "% of floor", "vs torch graph"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
