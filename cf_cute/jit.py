@@ -237,10 +237,21 @@ def compile_kernel(kernel_cls: type, cfg, args: Sequence, *, disk: bool = True) 
         return fn
 
 
+@functools.lru_cache(maxsize=1)
+def _dump_dir() -> str:
+    """A process-wide scratch folder for kept PTX (the DSL otherwise writes it
+    into the current directory); removed at exit."""
+    import atexit
+    import shutil
+    d = tempfile.mkdtemp(prefix="cf_cute_ptx_")
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
 def compile_for_inspection(kernel_cls: type, cfg, args: Sequence):
     """Compile (no cache) keeping PTX: returns the DSL's compiled object, whose
     ``__ptx__`` holds the PTX text. For tests and for reading the code."""
     import cutlass.cute as cute
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     return cute.compile(kernel_cls(cfg), *_fake_args(args), stream,
-                        options=f"--gpu-arch {target_arch()} --enable-tvm-ffi --keep-ptx")
+                        options=f"--gpu-arch {target_arch()} --enable-tvm-ffi --keep-ptx --dump-dir {_dump_dir()}")
