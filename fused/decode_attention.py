@@ -38,7 +38,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from cf_cute.primitives import ClusterGather, cluster_sync
-from cf_cute.primitives.plan import check_cluster_size
+from ._attn_shape import AttnShape
 
 __all__ = ["DecodeAttentionConfig", "DecodeAttention"]
 
@@ -46,7 +46,7 @@ _LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
-class DecodeAttentionConfig:
+class DecodeAttentionConfig(AttnShape):
     batch: int
     num_heads: int
     num_kv_heads: int
@@ -60,31 +60,7 @@ class DecodeAttentionConfig:
     num_threads: int = 128
 
     def validate(self) -> None:
-        check_cluster_size(self.cluster_size)
-        if self.dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype!r}")
-        if self.head_dim not in (64, 128):
-            raise ValueError(f"head_dim must be 64 or 128, got {self.head_dim}")
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                             f"({self.num_kv_heads})")
-        if self.group > 8:
-            raise ValueError(f"at most 8 query heads per KV head, got {self.group}")
-        if not 1 <= self.batch <= 16:
-            raise ValueError(f"batch must be in 1..16, got {self.batch}")
-        if self.paged:
-            if self.page_size < 16 or self.page_size & (self.page_size - 1):
-                raise ValueError(f"page_size must be a power of two >= 16, got {self.page_size}")
-            if self.max_len % self.page_size or self.num_pages <= 0:
-                raise ValueError("paged: max_len must be a multiple of page_size and num_pages > 0")
-
-    @property
-    def group(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    @property
-    def max_pages(self) -> int:
-        return self.max_len // self.page_size
+        self.validate_shape()
 
     @property
     def grid(self) -> int:

@@ -32,7 +32,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from cf_cute.primitives import ClusterReduce, cluster_sync
-from cf_cute.primitives.plan import check_cluster_size
+from ._attn_shape import AttnShape
 
 __all__ = ["QKVRopeConfig", "QKVRope"]
 
@@ -41,7 +41,7 @@ _WARP = 32
 
 
 @dataclass(frozen=True)
-class QKVRopeConfig:
+class QKVRopeConfig(AttnShape):
     batch: int
     hidden: int
     num_heads: int
@@ -60,10 +60,6 @@ class QKVRopeConfig:
     num_threads: int = 128
 
     @property
-    def group(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    @property
     def rows(self) -> int:
         return (self.group + 2) * self.head_dim
 
@@ -72,24 +68,11 @@ class QKVRopeConfig:
         return self.hidden // self.cluster_size
 
     @property
-    def max_pages(self) -> int:
-        return self.max_len // self.page_size
-
-    @property
     def grid(self) -> int:
         return self.num_kv_heads * self.cluster_size
 
     def validate(self) -> None:
-        check_cluster_size(self.cluster_size)
-        if self.dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype!r}")
-        if self.head_dim not in (64, 128):
-            raise ValueError(f"head_dim must be 64 or 128, got {self.head_dim}")
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                             f"({self.num_kv_heads})")
-        if not 1 <= self.batch <= 16:
-            raise ValueError(f"batch must be in 1..16, got {self.batch}")
+        self.validate_shape()
         if self.rope_style not in ("neox", "gptj"):
             raise ValueError(f"rope_style must be 'neox' or 'gptj', got {self.rope_style!r}")
         step = self.cluster_size * _WARP * _VEC
@@ -99,8 +82,6 @@ class QKVRopeConfig:
         if self.batch * self.slice * 4 > 128 * 1024:
             raise ValueError(f"batch {self.batch} x hidden slice {self.slice} does not fit in shared memory: "
                              f"use a larger cluster")
-        if self.paged and (self.max_len % self.page_size or self.num_pages <= 0):
-            raise ValueError("paged: max_len must be a multiple of page_size and num_pages > 0")
 
 
 class QKVRope:

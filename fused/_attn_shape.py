@@ -1,0 +1,43 @@
+"""Shape rules shared by the attention kernels' configs (heads, head_dim,
+batch, KV-cache layout), so every kernel accepts and rejects the same inputs
+with the same messages."""
+
+from __future__ import annotations
+
+from cf_cute.primitives.plan import check_cluster_size
+
+__all__ = ["AttnShape"]
+
+
+class AttnShape:
+    """Mixin for frozen config dataclasses with the fields batch, num_heads,
+    num_kv_heads, head_dim, max_len, cluster_size, paged, page_size,
+    num_pages and dtype."""
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def max_pages(self) -> int:
+        return self.max_len // self.page_size
+
+    def validate_shape(self) -> None:
+        check_cluster_size(self.cluster_size)
+        if self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype!r}")
+        if self.head_dim not in (64, 128):
+            raise ValueError(f"head_dim must be 64 or 128, got {self.head_dim}")
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if self.group > 8:
+            raise ValueError(f"at most 8 query heads per KV head, got {self.group}")
+        if not 1 <= self.batch <= 16:
+            raise ValueError(f"batch must be in 1..16, got {self.batch}")
+        if self.paged:
+            if self.page_size < 16 or self.page_size & (self.page_size - 1):
+                raise ValueError(f"page_size must be a power of two >= 16, got {self.page_size}")
+            if self.max_len % self.page_size or self.num_pages <= 0:
+                raise ValueError("paged: max_len must be a multiple of page_size and num_pages > 0")
