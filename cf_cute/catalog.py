@@ -15,6 +15,8 @@ from cf_cute.collective_kernels import (
     GatherHarnessKernel,
     GlobalExchangeConfig,
     GlobalExchangeKernel,
+    GridBarrierHarnessConfig,
+    GridBarrierHarnessKernel,
     ReduceHarnessConfig,
     ReduceHarnessKernel,
 )
@@ -32,6 +34,7 @@ REQUIRED_PTX = {
     "bulk": ("mapa.shared::cluster", "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes",
              "fence.proxy.async.shared::cta", "mbarrier.try_wait.parity", "barrier.cluster.arrive"),
     "global": ("barrier.cluster.arrive", "barrier.cluster.wait"),
+    "grid": ("atom.global.acq_rel.add", "fence.acq_rel.gpu", "ld.acquire.gpu.global", "st.release.gpu.global"),
 }
 
 
@@ -96,6 +99,11 @@ def entries() -> Iterator[Entry]:
                     [TensorSpec("float32", (cfg.grid, 1024)),
                      TensorSpec("float32", (cfg.grid, GlobalExchangeKernel(cfg).out_cols)),
                      TensorSpec("float32", (cfg.num_clusters * 2 * c, 1024)), ScalarSpec()], "global")
+    for ctas, c in ((132, 1), (128, 4)):
+        cfg = GridBarrierHarnessConfig(num_ctas=ctas, cluster_size=c)
+        yield Entry(f"grid barrier {ctas} CTAs C={c}", GridBarrierHarnessKernel, cfg,
+                    [TensorSpec("int32", (2, ctas), align=4), TensorSpec("int32", (2,), align=4),
+                     TensorSpec("int32", (ctas,), align=4), ScalarSpec()], "grid")
     for c in (1, 2, 4, 8, 16):
         for elems, dtype in ((2, "bfloat16"), (512, "bfloat16"), (3072, "float32")):
             yield _gather(GatherHarnessConfig(tile_elems=elems, cluster_size=c, dtype=dtype))

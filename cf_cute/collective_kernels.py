@@ -22,7 +22,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterGather, ClusterReduce, cluster_sync
+from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync
 from cf_cute.primitives.plan import check_grid, plan_fragment
 
 __all__ = [
@@ -32,6 +32,8 @@ __all__ = [
     "GatherHarnessKernel",
     "GlobalExchangeConfig",
     "GlobalExchangeKernel",
+    "GridBarrierHarnessConfig",
+    "GridBarrierHarnessKernel",
 ]
 
 
@@ -256,3 +258,53 @@ class GatherHarnessKernel(_RoundsHarness):
             if sink == Float32(-1.0e30):
                 mOut[bidx, 0, 0] = sink
         gat.teardown()
+
+
+@dataclass(frozen=True)
+class GridBarrierHarnessConfig:
+    num_ctas: int
+    cluster_size: int = 1
+    num_threads: int = 128
+
+
+class GridBarrierHarnessKernel:
+    """Round r: CTA c writes ``c * 7 + r`` to ``slots[r % 2, c]``, the grid
+    synchronises, every CTA sums all N slots of that round and adds the sum to
+    ``out[c]``. Expected: ``out[c] = sum_r (7 * N(N-1)/2 + N r)`` in every CTA;
+    a missing or early barrier shows up as a wrong sum."""
+
+    def __init__(self, cfg: GridBarrierHarnessConfig):
+        self.cfg = cfg
+        check_grid(cfg.num_ctas, cfg.cluster_size)
+        self.bar = GridBarrier(cfg.num_ctas)
+
+    @cute.jit
+    def __call__(self, mSlots: cute.Tensor, mState: cute.Tensor, mOut: cute.Tensor, rounds: Int32, stream):
+        self.kernel(mSlots, mState, mOut, rounds).launch(
+            grid=[self.cfg.num_ctas, 1, 1], block=[self.cfg.num_threads, 1, 1],
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mSlots: cute.Tensor, mState: cute.Tensor, mOut: cute.Tensor, rounds: Int32):
+        N, T = self.cfg.num_ctas, self.cfg.num_threads
+        tidx = cute.arch.thread_idx()[0]
+        bidx = cute.arch.block_idx()[0]
+        acc = Int32(0)
+        for r in cutlass.range(rounds, unroll=1):
+            if tidx == 0:
+                mSlots[r % 2, bidx] = bidx * 7 + r
+            self.bar.sync(mState)
+            part = Int32(0)
+            for c in cutlass.range(tidx, N, T, unroll=1):
+                part = part + mSlots[r % 2, c]
+            acc = acc + part
+        # per-thread partial sums -> one total per CTA, through shared memory
+        smem = cutlass.memory.SmemAllocator()
+        sAcc = smem.allocate_tensor(Int32, cute.make_layout(T), byte_alignment=16)
+        sAcc[tidx] = acc
+        cute.arch.barrier()
+        if tidx == 0:
+            tot = Int32(0)
+            for t in cutlass.range(T, unroll=1):
+                tot = tot + sAcc[t]
+            mOut[bidx] = tot

@@ -4,6 +4,7 @@ building blocks to call inside your own ``@cute.kernel``.
 * :class:`ClusterReduce` -- all-reduce / reduce-scatter of fp32 fragments.
 * :class:`ClusterGather` -- all-gather of one typed tile per CTA.
 * :func:`cluster_sync`   -- full cluster barrier (after barrier init, before exit).
+* :class:`GridBarrier`   -- barrier across all (co-resident) CTAs of a launch.
 
 Installed as ``cf_cute.primitives``. Each module's docstring draws its
 shared-memory layout and states its barrier contract.
@@ -11,6 +12,7 @@ shared-memory layout and states its barrier contract.
 
 from ._dsmem import cluster_sync
 from .cluster_gather import ClusterGather, ClusterGatherPlan
+from .grid_barrier import GridBarrier, max_resident_clusters
 from .cluster_reduce import REDUCE_OPS, ClusterReduce, ClusterReducePlan, ReduceOp
 from .plan import MAX_CLUSTER_SIZE, SMEM_LIMIT_BYTES, FragmentPlan, check_grid
 
@@ -23,6 +25,8 @@ __all__ = [
     "REDUCE_OPS",
     "FragmentPlan",
     "cluster_sync",
+    "GridBarrier",
+    "max_resident_clusters",
     "check_grid",
     "MAX_CLUSTER_SIZE",
     "SMEM_LIMIT_BYTES",

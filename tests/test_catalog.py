@@ -8,7 +8,7 @@ from cf_cute.catalog import entries
 def test_catalog_covers_every_cluster_size_and_kind():
     es = list(entries())
     assert {e.cfg.cluster_size for e in es} == set(range(1, 17))
-    assert {e.ptx_kind for e in es} >= {"st_async", "bulk", "global", None}
+    assert {e.ptx_kind for e in es} >= {"st_async", "bulk", "global", "grid", None}
     assert len({e.name for e in es}) == len(es)
 
 

@@ -1,0 +1,70 @@
+"""GridBarrier: a barrier across every CTA of one launch, through global memory.
+
+STATUS: compiles for sm_90a (tests/test_grid_barrier.py); not yet run on a GPU.
+
+For single-launch kernels whose phases depend on results of all CTAs (the
+fused attention block: per-head attention, then the output projection over
+all heads). Every CTA of the grid must be resident at once, or the barrier
+deadlocks: size the grid with :func:`max_resident_clusters` (host side).
+
+State: ``int32[2]`` in global memory, ``[count, generation]``, zeroed once by
+the host (``torch.zeros(2, dtype=torch.int32, device="cuda")``) and reused by
+every later launch and every barrier inside a launch: the last CTA to arrive
+resets ``count`` to 0 before it publishes the next generation, so nothing
+needs re-zeroing between launches or CUDA-graph replays. One state per kernel
+that may run concurrently with another using barriers.
+
+Protocol (thread 0 of each CTA, between two CTA-wide barriers)::
+
+    fence.acq_rel.gpu                        this CTA's global writes, ordered by the
+                                             CTA barrier, become visible at gpu scope
+    g   = ld.relaxed.gpu   state[1]          current generation (cannot move before
+                                             every CTA has arrived, and we have not)
+    old = atom.add.acq_rel.gpu state[0], 1
+    if old == N - 1:  st state[0] = 0; st.release.gpu state[1] = g + 1
+    else:             spin until ld.acquire.gpu state[1] != g
+
+Only integer atomics, for synchronisation; results stay atomic-free.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Int32
+
+__all__ = ["GridBarrier", "max_resident_clusters"]
+
+
+def max_resident_clusters(cluster_size: int) -> int:
+    """How many clusters of ``cluster_size`` CTAs (one CTA per SM, any shared
+    memory size) the current GPU runs at once; needs a GPU."""
+    from cutlass.utils import HardwareInfo
+    return HardwareInfo().get_max_active_clusters(cluster_size)
+
+
+class GridBarrier:
+    def __init__(self, num_ctas: int):
+        if not isinstance(num_ctas, int) or num_ctas <= 0:
+            raise ValueError(f"num_ctas must be a positive integer, got {num_ctas!r}")
+        self.num_ctas = num_ctas
+
+    @cute.jit
+    def sync(self, mState: cute.Tensor):
+        """All threads of every CTA call this; returns once every CTA arrived,
+        with their prior global-memory writes visible."""
+        cute.arch.barrier()
+        if cute.arch.thread_idx()[0] == 0:
+            count = mState.iterator
+            gen_ptr = mState.iterator + 1
+            cute.arch.fence_acq_rel_gpu()
+            g = cute.arch.load(gen_ptr, Int32, sem="relaxed", scope="gpu")
+            old = cute.arch.atomic_add(count, Int32(1), sem="acq_rel", scope="gpu")
+            if old == Int32(self.num_ctas - 1):
+                cute.arch.store(count, Int32(0), sem="relaxed", scope="gpu")
+                cute.arch.store(gen_ptr, g + Int32(1), sem="release", scope="gpu")
+            else:
+                cur = cute.arch.load(gen_ptr, Int32, sem="acquire", scope="gpu")
+                while cur == g:
+                    cur = cute.arch.load(gen_ptr, Int32, sem="acquire", scope="gpu")
+        cute.arch.barrier()
