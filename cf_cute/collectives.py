@@ -66,8 +66,7 @@ def expected_reduce(x: torch.Tensor, cfg: ReduceHarnessConfig, rounds: int) -> t
         if cfg.scatter:
             if t >= A:
                 continue
-            owner = t // (A // C) if C > 1 else None
-            ranks = [owner] if owner is not None else list(range(C))
+            ranks = [red.owner_of_thread(t)] if C > 1 else list(range(C))
         else:
             ranks = list(range(C))
         for c in ranks:

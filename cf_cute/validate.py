@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["check_tensor", "check_same_device", "check_operands", "DTYPES", "dtype_name"]
+__all__ = ["check_tensor", "check_operands", "DTYPES", "dtype_name"]
 
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
           torch.int32: "int32", torch.int64: "int64"}
@@ -45,13 +45,6 @@ def check_tensor(name: str, t, *, dtype: torch.dtype | Iterable[torch.dtype] | N
         raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
     if align and t.data_ptr() % align:
         raise ValueError(f"{name}'s data pointer must be {align}-byte aligned")
-
-
-def check_same_device(**tensors) -> None:
-    devs = {n: t.device for n, t in tensors.items()}
-    if len(set(devs.values())) > 1:
-        raise ValueError("all tensors must be on one device, got " +
-                         ", ".join(f"{n} on {d}" for n, d in devs.items()))
 
 
 def check_operands(names: tuple, *tensors, align: int = 16) -> None:

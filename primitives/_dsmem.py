@@ -40,7 +40,6 @@ __all__ = [
     "init_barrier_array",
     "cluster_sync",
     "to_words",
-    "from_words",
 ]
 
 
@@ -135,12 +134,3 @@ def to_words(frag: cute.Tensor) -> cute.Tensor:
     words = cute.make_rmem_tensor(nbits // 32, Int32)
     words.store(frag.load().bitcast(Int32))
     return words
-
-
-@cute.jit
-def from_words(words: cute.Tensor, dtype: cutlass.Constexpr) -> cute.Tensor:
-    """Register tensor of ``dtype`` reinterpreting a register tensor of words."""
-    n = cute.size(words) * 32 // dtype.width
-    out = cute.make_rmem_tensor(n, dtype)
-    out.store(words.load().bitcast(dtype))
-    return out
