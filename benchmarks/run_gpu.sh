@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device call: install, GPU tests of the given files (default: everything),
+# then the benchmarks, logs under $OUT (or ./gpu_logs). Usage on the device machine:
+#   source .device/setup.sh && bash benchmarks/run_gpu.sh [pytest targets...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG=${OUT:-gpu_logs}; mkdir -p "$LOG"
+export CF_CUTE_CACHE_DIR=${CF_CUTE_CACHE_DIR:-/tmp/cf_cute_cache}
+export CF_CUTE_COMMIT=${CF_CUTE_COMMIT:-unknown}
+python -m pip install -q --no-deps --no-build-isolation -e . > "$LOG/pip.log" 2>&1 || { tail "$LOG/pip.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$LOG/gpu.txt"
+targets=("$@"); [ ${#targets[@]} -eq 0 ] && targets=(tests)
+timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -x -m gpu "${targets[@]}" 2>&1 | tee "$LOG/pytest.log" | tail -5
+if [ -z "${SKIP_BENCH:-}" ]; then
+  timeout 120 python benchmarks/bench_host_overhead.py > "$LOG/host.md" 2>&1; tail -8 "$LOG/host.md"
+  timeout "${BENCH_TIMEOUT:-240}" python benchmarks/bench_attention.py ${ATTN_ARGS:---context 1024,4096 --batch 1,16} \
+    > "$LOG/attention.md" 2>&1; tail -12 "$LOG/attention.md"
+fi
