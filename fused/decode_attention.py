@@ -38,6 +38,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from cf_cute.primitives import ClusterGather, cluster_sync
+from cf_cute.primitives.plan import check_smem
+
 from ._attn_shape import AttnShape
 
 __all__ = ["DecodeAttentionConfig", "DecodeAttention"]
@@ -89,8 +91,12 @@ class DecodeAttention:
         used = G * hd + 2 * G
         step = 4 * cfg.num_threads if used > 4 * cfg.num_threads else 4
         self.tile_elems = (used + step - 1) // step * step
-        self.gat = ClusterGather(Float32, self.tile_elems, cfg.cluster_size, cfg.num_threads)
+        # one gather per launch: a single stage
+        self.gat = ClusterGather(Float32, self.tile_elems, cfg.cluster_size, cfg.num_threads, stages=1)
         self.scale = _LOG2E / math.sqrt(hd)
+        self.smem_bytes = (self.gat.smem_bytes + 4 * self.tile_elems + 4 * self.groups * G * (2 + hd)
+                           + 4 * 16)
+        check_smem(f"DecodeAttention({G} heads per KV head, cluster {cfg.cluster_size})", self.smem_bytes)
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,

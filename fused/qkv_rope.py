@@ -32,6 +32,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from cf_cute.primitives import ClusterReduce, cluster_sync
+from cf_cute.primitives.plan import check_smem
+
 from ._attn_shape import AttnShape
 
 __all__ = ["QKVRopeConfig", "QKVRope"]
@@ -98,6 +100,9 @@ class QKVRope:
                                if total % k == 0 and total // k <= 32 * T and (total // k) % 4 == 0)
         self.red_qkv = ClusterReduce(total // self.qkv_rounds, C, T, op="sum",
                                      stages=2 if self.qkv_rounds > 1 else 1, barrier_id=2)
+        self.smem_bytes = (self.red_norm.smem_bytes + self.red_qkv.smem_bytes
+                           + 4 * (cfg.batch * cfg.slice + total + (T // _WARP) * cfg.batch) + 4 * 16)
+        check_smem(f"QKVRope(batch {cfg.batch}, hidden slice {cfg.slice}, cluster {C})", self.smem_bytes)
 
     @cute.jit
     def __call__(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
