@@ -34,3 +34,20 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+def make_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int, paged: bool,
+                  device="cuda", dtype=None, page_size: int = 16, spare_pages: int = 5):
+    """Random k and v caches, contiguous ``[B, L, kv, hd]`` or paged
+    ``[pages, page_size, kv, hd]`` with a shuffled page table ``[B, L / page_size]``
+    (int32, CPU) that leaves ``spare_pages`` pages unused; table is None when contiguous."""
+    import torch
+    dtype = dtype or torch.bfloat16
+    if paged:
+        n_pages = batch * max_len // page_size + spare_pages
+        k = torch.randn(n_pages, page_size, kv_heads, head_dim, device=device, dtype=dtype)
+        table = torch.randperm(n_pages)[: batch * (max_len // page_size)].view(batch, -1).int()
+    else:
+        k = torch.randn(batch, max_len, kv_heads, head_dim, device=device, dtype=dtype)
+        table = None
+    return k, torch.randn_like(k), table

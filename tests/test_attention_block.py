@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from conftest import make_kv_cache
+
 from cf_cute.attention import attention_block, pack_attention
 from cf_cute.reference import AttentionWeights, ContiguousKV, PagedKV, rope_tables
 from cf_cute.reference import attention_block as reference_block
@@ -46,15 +48,7 @@ def test_matches_reference(heads, kv_heads, hd, H, batch, paged, residual):
     positions = torch.randint(0, L, (batch,), dtype=torch.int32)
     positions[0] = 0                                   # context of one token
     cos, sin = rope_tables(L, hd, 500000.0)
-    if paged:
-        P = 16
-        n_pages = batch * L // P + 7
-        kc = torch.randn(n_pages, P, kv_heads, hd, device=dev, dtype=dt)
-        table = torch.randperm(n_pages)[: batch * (L // P)].view(batch, L // P).int()
-    else:
-        kc = torch.randn(batch, L, kv_heads, hd, device=dev, dtype=dt)
-        table = None
-    vc = torch.randn_like(kc)
+    kc, vc, table = make_kv_cache(batch, L, kv_heads, hd, paged, dev, dt)
     ref_cache = (PagedKV(kc.float().cpu(), vc.float().cpu(), table) if paged
                  else ContiguousKV(kc.float().cpu(), vc.float().cpu()))
     cpu_w = AttentionWeights(*(t.float().cpu() for t in (wts.norm, wts.wq, wts.wk, wts.wv, wts.wo)))

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from conftest import make_kv_cache
+
 from cf_cute.decode_attention import arg_specs, decode_attention
 from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfig
 from cf_cute.jit import compile_for_inspection
@@ -64,15 +66,7 @@ def test_matches_reference(cluster, heads, kv_heads, hd, paged):
     B, L = 3, 1040
     lengths = torch.tensor([1, 7, 1037], dtype=torch.int32)          # 1, fewer than C, odd long
     q = torch.randn(B, heads, hd, device="cuda", dtype=torch.bfloat16)
-    if paged:
-        P, n_pages = 16, B * L // 16 + 5
-        k = torch.randn(n_pages, P, kv_heads, hd, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        table = torch.randperm(n_pages)[: B * (L // P)].view(B, L // P).int()
-    else:
-        k = torch.randn(B, L, kv_heads, hd, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        table = None
+    k, v, table = make_kv_cache(B, L, kv_heads, hd, paged)
     out = torch.full_like(q, float("nan"))
     decode_attention(q, k, v, lengths, page_table=table, cluster_size=cluster, out=out)
     ref = _reference(q.cpu(), k.cpu(), v.cpu(), lengths, table)

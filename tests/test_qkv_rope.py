@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from conftest import make_kv_cache
+
 from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
 from cf_cute.jit import compile_for_inspection
 from cf_cute.qkv_rope import arg_specs, pack_qkv, qkv_rope
@@ -77,15 +79,7 @@ def test_matches_reference(heads, kv_heads, hd, H, batch, style, paged, residual
     res = torch.randn(batch, H, device=dev, dtype=dt) if residual else None
     positions = torch.randint(0, L, (batch,), dtype=torch.int32)
     cos, sin = rope_tables(L, hd, 500000.0)
-    if paged:
-        P = 16
-        n_pages = batch * L // P + 3
-        kc = torch.randn(n_pages, P, kv_heads, hd, device=dev, dtype=dt)
-        table = torch.randperm(n_pages)[: batch * (L // P)].view(batch, L // P).int()
-    else:
-        kc = torch.randn(batch, L, kv_heads, hd, device=dev, dtype=dt)
-        table = None
-    vc = torch.randn_like(kc)
+    kc, vc, table = make_kv_cache(batch, L, kv_heads, hd, paged, dev, dt)
     k0, v0 = kc.clone(), vc.clone()
     cluster = 4 if batch < 16 else 8
     q, h = qkv_rope(hidden, norm_w, w, cos.to(dev), sin.to(dev), positions, kc, vc, num_heads=heads,
