@@ -1,7 +1,8 @@
 """ClusterGather: every CTA of a cluster receives every CTA's tile, in rank order.
 
 Each CTA of a cluster of ``C`` contributes a tile of ``tile_elems`` values of
-``dtype`` (4 bytes to 64 KB, a whole number of 32-bit words). After
+``dtype`` (a whole number of 32-bit words, from 4 bytes up to what C tiles
+fit in shared memory: 16 KB at C <= 8, about 14 KB at C = 16). After
 ``gather`` every CTA holds all C tiles in its own shared memory, tile ``r``
 being CTA ``r``'s, and reads them through the returned tensor
 ``sAll[(elem, rank)]``. Data moves only through distributed shared memory:
@@ -11,12 +12,15 @@ caller's shared-memory tile) and either ``st.async``s them into slot
 CTA's mbarrier (small tiles), or writes them to its own slot ``my_rank`` and
 lane j ships the whole slot to CTA j with one
 ``cp.async.bulk.shared::cluster`` (tiles of 4 KB and more: one mbarrier
-update per tile instead of one per 16 bytes).
+update per tile instead of one per 16 bytes). Threads handle interleaved
+vectors of the tile (``element_index``), so shared-memory accesses are
+conflict-free; ``stages=None`` takes 2 stages when they fit, else 1.
 
 Shared-memory layout (``allocate``; S stages, ring by round)::
 
     tiles  words[S][C][W]     W = tile words rounded up to 4 (16-B aligned slots)
-    full   mbarrier[S]        1 arrival (thread 0's expect_tx) + C * tile bytes
+    full   mbarrier[S]        1 arrival (thread 0's expect_tx) + the tile bytes from
+                              C CTAs (st.async, own included) or C-1 peers (bulk)
     empty  mbarrier[S]        C - 1 arrivals, one remote arrive from each peer
 
 Barrier contract, for round ``k`` (stage ``s = k % S``, parity ``p = (k/S) & 1``):
@@ -37,8 +41,9 @@ Example::
 
     gat = ClusterGather(cutlass.BFloat16, tile_elems=512, cluster_size=8, num_threads=128)
     bufs = gat.allocate(smem); gat.init(bufs); cluster_sync()
-    sAll = gat.gather(bufs, sMyTile, k)        # sMyTile: smem tensor of 512 bf16
-    ... read sAll[(i, r)] ...
+    sAll = gat.gather(bufs, sMyTile, k)        # sMyTile: smem tensor of 512 bf16, written
+                                               # and barrier-synchronised by the caller
+    ... read sAll[i, r] (element i of CTA r's tile) ...
     gat.release(bufs, k)
     gat.teardown()
 """
