@@ -21,7 +21,7 @@ import torch
 
 from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfig
 from cf_cute.jit import TensorSpec, compile_kernel
-from cf_cute.validate import check_operands, check_tensor, dtype_name
+from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked
 
 __all__ = ["decode_attention", "decode_attention_config", "arg_specs"]
 
@@ -53,10 +53,10 @@ def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def arg_specs(cfg: DecodeAttentionConfig) -> list:
     """Fake-tensor specs of (q, k_cache, v_cache, page_table, lengths, out)."""
-    a = cfg.arg_shapes()
-    return [TensorSpec(cfg.dtype, a["q"]), TensorSpec(cfg.dtype, a["kv"]), TensorSpec(cfg.dtype, a["kv"]),
-            TensorSpec("int32", a["table"], align=4), TensorSpec("int32", a["lengths"], align=4),
-            TensorSpec(cfg.dtype, a["q"])]
+    q = (cfg.batch, cfg.num_heads, cfg.head_dim)
+    return [TensorSpec(cfg.dtype, q), TensorSpec(cfg.dtype, cfg.kv_shape), TensorSpec(cfg.dtype, cfg.kv_shape),
+            TensorSpec("int32", cfg.table_shape, align=4), TensorSpec("int32", (cfg.batch,), align=4),
+            TensorSpec(cfg.dtype, q)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,32 +64,19 @@ def _kernel(cfg: DecodeAttentionConfig):
     return compile_kernel(DecodeAttention, cfg, arg_specs(cfg))
 
 
-def _host_checked(t: torch.Tensor, lo: int, hi: int, what: str, device) -> torch.Tensor:
-    """Range-check a CPU index tensor and move it to ``device``; device tensors pass."""
-    if t.device.type == "cpu":
-        if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
-            raise ValueError(f"{what} must lie in [{lo}, {hi}], got values in "
-                             f"[{int(t.min())}, {int(t.max())}]")
-        return t.to(device, non_blocking=True)
-    return t
-
-
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
                      page_table: torch.Tensor | None = None, cluster_size: int = 4,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     cfg = decode_attention_config(q, k_cache, v_cache, page_table, cluster_size)
     check_tensor("lengths", lengths, dtype=torch.int32, shape=(cfg.batch,), cuda=False, align=4)
-    lengths = _host_checked(lengths, 1, cfg.max_len, "lengths", q.device)
+    lengths = host_index_checked(lengths, 1, cfg.max_len, "lengths", q.device)
     if page_table is None:
         page_table = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
     else:
-        page_table = _host_checked(page_table, 0, cfg.num_pages - 1, "page_table entries", q.device)
+        page_table = host_index_checked(page_table, 0, cfg.num_pages - 1, "page_table entries", q.device)
     if out is None:
         out = torch.empty_like(q)
     check_tensor("out", out, dtype=q.dtype, shape=tuple(q.shape), cuda=False)
-    check_operands(_NAMES, q, k_cache, v_cache, page_table, lengths, out, align=4)
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
-        if t.data_ptr() % 16:
-            raise ValueError(f"{name}'s data pointer must be 16-byte aligned")
+    check_operands(_NAMES, q, k_cache, v_cache, page_table, lengths, out, align=(16, 16, 16, 4, 4, 16))
     _kernel(cfg)(q, k_cache, v_cache, page_table, lengths, out)
     return out

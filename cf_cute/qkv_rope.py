@@ -20,7 +20,7 @@ import torch
 
 from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
 from cf_cute.jit import TensorSpec, compile_kernel
-from cf_cute.validate import check_operands, check_tensor, dtype_name
+from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked
 
 __all__ = ["pack_qkv", "qkv_rope", "qkv_rope_config", "arg_specs"]
 
@@ -69,11 +69,7 @@ def qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: int, 
 
 def arg_specs(cfg: QKVRopeConfig) -> list:
     dt, B, H = cfg.dtype, cfg.batch, cfg.hidden
-    if cfg.paged:
-        kv = (cfg.num_pages, cfg.page_size, cfg.num_kv_heads, cfg.head_dim)
-        table = (B, cfg.max_pages)
-    else:
-        kv, table = (B, cfg.max_len, cfg.num_kv_heads, cfg.head_dim), (1, 1)
+    kv, table = cfg.kv_shape, cfg.table_shape
     rope = (cfg.max_positions, cfg.head_dim // 2)
     return [TensorSpec(dt, (B, H)), TensorSpec(dt, (B, H)), TensorSpec(dt, (H,)),
             TensorSpec(dt, (cfg.num_kv_heads, cfg.rows, H)), TensorSpec("float32", rope, align=4),
@@ -100,26 +96,18 @@ def qkv_rope(hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, *, nu
     check_tensor("positions", positions, dtype=torch.int32, shape=(B,), cuda=False, align=4)
     if residual is not None:
         check_tensor("residual", residual, dtype=hidden.dtype, shape=(B, H), cuda=False)
-    if positions.device.type == "cpu":                    # checked before launch, then moved
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= min(cfg.max_len, cfg.max_positions):
-            raise ValueError(f"positions must lie in [0, {min(cfg.max_len, cfg.max_positions) - 1}] "
-                             f"(cache capacity {cfg.max_len}, RoPE table {cfg.max_positions}), "
-                             f"got [{lo}, {hi}]")
-        positions = positions.to(hidden.device, non_blocking=True)
+    positions = host_index_checked(positions, 0, min(cfg.max_len, cfg.max_positions) - 1, "positions",
+                                   hidden.device, f" (cache capacity {cfg.max_len}, RoPE table {cfg.max_positions})")
     if page_table is None:
         page_table = torch.zeros(1, 1, dtype=torch.int32, device=hidden.device)
-    elif page_table.device.type == "cpu":
-        if int(page_table.min()) < 0 or int(page_table.max()) >= cfg.num_pages:
-            raise ValueError(f"page_table entries must lie in [0, {cfg.num_pages - 1}]")
-        page_table = page_table.to(hidden.device, non_blocking=True)
+    else:
+        page_table = host_index_checked(page_table, 0, cfg.num_pages - 1, "page_table entries", hidden.device)
     q = torch.empty(B, num_heads, cfg.head_dim, dtype=hidden.dtype, device=hidden.device)
     h = torch.empty_like(hidden) if residual is not None else hidden
     res = residual if residual is not None else hidden
-    check_operands(("hidden", "residual", "norm_w", "w_qkv", "k_cache", "v_cache", "q", "h"),
-                   hidden, res, norm_w, w_qkv, k_cache, v_cache, q, h)
-    check_operands(("cos", "sin", "positions", "page_table"), cos, sin, positions, page_table, align=4)
-    if cos.device != hidden.device:
-        raise ValueError(f"cos/sin are on {cos.device}, expected {hidden.device}")
+    check_operands(("hidden", "residual", "norm_w", "w_qkv", "k_cache", "v_cache", "q", "h", "cos", "sin",
+                    "positions", "page_table"),
+                   hidden, res, norm_w, w_qkv, k_cache, v_cache, q, h, cos, sin, positions, page_table,
+                   align=(16,) * 8 + (4,) * 4)
     _kernel(cfg)(hidden, res, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, page_table, q, h)
     return q, h

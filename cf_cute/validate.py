@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["check_tensor", "check_operands", "DTYPES", "dtype_name"]
+__all__ = ["check_tensor", "check_operands", "host_index_checked", "DTYPES", "dtype_name"]
 
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
           torch.int32: "int32", torch.int64: "int64"}
@@ -47,25 +47,39 @@ def check_tensor(name: str, t, *, dtype: torch.dtype | Iterable[torch.dtype] | N
         raise ValueError(f"{name}'s data pointer must be {align}-byte aligned")
 
 
-def check_operands(names: tuple, *tensors, align: int = 16) -> None:
+def check_operands(names: tuple, *tensors, align: int | tuple = 16) -> None:
     """The per-call checks that a cached shape/dtype check cannot cover: every
-    tensor contiguous, ``align``-byte aligned, on the same CUDA device as the
-    first. Built for the launch path (about 0.4 µs a tensor); the precise
-    error is worked out only when a check fails."""
+    tensor contiguous, aligned (``align`` bytes, or one alignment per tensor),
+    on the same CUDA device as the first. Built for the launch path (about
+    0.4 µs a tensor); the precise error is worked out only when a check fails."""
+    aligns = align if isinstance(align, tuple) else (align,) * len(tensors)
     dev = tensors[0].get_device()
-    for t in tensors:
-        if not t.is_contiguous() or t.data_ptr() % align or t.get_device() != dev:
-            _explain(names, tensors, align)
+    for t, a in zip(tensors, aligns):
+        if not t.is_contiguous() or t.data_ptr() % a or t.get_device() != dev:
+            _explain(names, tensors, aligns)
     if dev < 0:
         raise ValueError(f"operands must be on a CUDA device, got {tensors[0].device}")
 
 
-def _explain(names: tuple, tensors: tuple, align: int) -> None:
+def _explain(names: tuple, tensors: tuple, aligns: tuple) -> None:
     device = tensors[0].device
-    for name, t in zip(names, tensors):
+    for name, t, a in zip(names, tensors, aligns):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
-        if t.data_ptr() % align:
-            raise ValueError(f"{name}'s data pointer must be {align}-byte aligned")
+        if t.data_ptr() % a:
+            raise ValueError(f"{name}'s data pointer must be {a}-byte aligned")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, expected {device} like {names[0]}")
+
+
+def host_index_checked(t: torch.Tensor, lo: int, hi: int, what: str, device, note: str = "") -> torch.Tensor:
+    """An index tensor (positions, lengths, page table) on the CPU is range-checked
+    against ``[lo, hi]`` before any launch, then moved to ``device`` without a
+    sync; a tensor already on the GPU is returned as it is (checking it would
+    need a host sync: the kernels clamp such indices to the cache instead)."""
+    if t.device.type != "cpu":
+        return t
+    if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
+        raise ValueError(f"{what} must lie in [{lo}, {hi}]{note}, got values in "
+                         f"[{int(t.min())}, {int(t.max())}]")
+    return t.to(device, non_blocking=True)

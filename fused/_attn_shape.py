@@ -23,6 +23,18 @@ class AttnShape:
     def max_pages(self) -> int:
         return self.max_len // self.page_size
 
+    @property
+    def kv_shape(self) -> tuple:
+        """Static shape of each KV cache tensor."""
+        if self.paged:
+            return (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        return (self.batch, self.max_len, self.num_kv_heads, self.head_dim)
+
+    @property
+    def table_shape(self) -> tuple:
+        """Static shape of the page table ((1, 1) placeholder when contiguous)."""
+        return (self.batch, self.max_pages) if self.paged else (1, 1)
+
     def validate_shape(self) -> None:
         check_cluster_size(self.cluster_size)
         if self.dtype not in ("bfloat16", "float16"):

@@ -68,16 +68,6 @@ class DecodeAttentionConfig(AttnShape):
     def grid(self) -> int:
         return self.batch * self.num_kv_heads * self.cluster_size
 
-    def arg_shapes(self) -> dict:
-        """Static shapes of the kernel's tensors (q, k/v cache, page table, lengths, o)."""
-        if self.paged:
-            kv = (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
-            table = (self.batch, self.max_pages)
-        else:
-            kv, table = (self.batch, self.max_len, self.num_kv_heads, self.head_dim), (1, 1)
-        q = (self.batch, self.num_heads, self.head_dim)
-        return {"q": q, "kv": kv, "table": table, "lengths": (self.batch,)}
-
 
 class DecodeAttention:
     def __init__(self, cfg: DecodeAttentionConfig):
