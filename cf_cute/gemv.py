@@ -20,7 +20,7 @@ __all__ = ["splitk_gemv", "splitk_gemv_config", "arg_specs"]
 
 
 def splitk_gemv_config(x: torch.Tensor, w: torch.Tensor, cluster_size: int = 4,
-                       block_m: int = 64, residual: bool = False) -> SplitKGemvConfig:
+                       block_m: int = 128, residual: bool = False) -> SplitKGemvConfig:
     """The static configuration for these operands (checks dtypes and shapes)."""
     check_tensor("w", w, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
     check_tensor("x", x, dtype=w.dtype, shape=(None, w.shape[1]), cuda=False)
@@ -46,7 +46,7 @@ _NAMES = ("w", "x", "residual", "out")
 
 
 def splitk_gemv(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = None,
-                cluster_size: int = 4, block_m: int = 64, out: torch.Tensor | None = None) -> torch.Tensor:
+                cluster_size: int = 4, block_m: int = 128, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [B, K] @ w [M, K].T (+ residual [B, M]) -> [B, M]`` (bf16/fp16, fp32
     accumulation), K split over a cluster of ``cluster_size`` CTAs and reduced
     over DSMEM. Launches on the current stream; no host synchronisation."""

@@ -9,7 +9,8 @@ cached tokens, for all ``G = heads / kv_heads`` query heads that share KV head
 g (GQA: K and V are read once for the group)::
 
     CTA r:   for each token of its range (TPT = head_dim/8 lanes per token,
-             16-byte loads of k and v):
+             16-byte loads of k and v, `unroll` tokens per group loaded
+             before any is used):
                  s_h = q_h . k * scale * log2(e)           (shuffle over TPT lanes)
                  online softmax in base 2: m_h, l_h, o_h[lane's 8 dims]
              merge its T/TPT token groups through shared memory (fixed order)
@@ -59,7 +60,8 @@ class DecodeAttentionConfig(AttnShape):
     page_size: int = 16
     num_pages: int = 0            # paged: pages in the pool
     dtype: str = "bfloat16"
-    num_threads: int = 128
+    num_threads: int = 256
+    unroll: int = 4               # tokens per token group whose k/v loads are issued together
 
     def validate(self) -> None:
         self.validate_shape()
@@ -101,9 +103,9 @@ class DecodeAttention:
         if const_expr(self.cfg.paged):
             P = self.cfg.page_size
             page = cutlass.min(cutlass.max(mTable[b, t // P], Int32(0)), Int32(self.cfg.num_pages - 1))
-            return cute.local_tile(mX, (1, 1, 1, 8), (page, t % P, g, d8)).load().to(Float32)
+            return cute.local_tile(mX, (1, 1, 1, 8), (page, t % P, g, d8)).load().reshape((8,))
         else:
-            return cute.local_tile(mX, (1, 1, 1, 8), (b, t, g, d8)).load().to(Float32)
+            return cute.local_tile(mX, (1, 1, 1, 8), (b, t, g, d8)).load().reshape((8,))
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
@@ -150,27 +152,31 @@ class DecodeAttention:
         # every thread of the CTA runs the same number of steps (the shuffles need
         # whole warps); a token group past the end loads a clamped token and skips
         # the update
-        steps = (end - start + NG - 1) // NG
+        U = cfg.unroll
+        steps = (end - start + NG * U - 1) // (NG * U)
         for it in cutlass.range(steps, unroll=1):
-            t = start + it * NG + grp
-            valid = t < end
-            ts = cutlass.min(t, end - 1)
-            kv = self._kv_vec(mK, mTable, b, ts, g, d8)
-            vv = cute.make_rmem_tensor(8, Float32)
-            vv.store(self._kv_vec(mV, mTable, b, ts, g, d8))
-            for h in cutlass.range_constexpr(G):
-                s = Float32(0.0)
-                for j in cutlass.range_constexpr(8):
-                    s = s + q[h, j] * kv[j]
-                s = cute.arch.warp_reduction(s, lambda a, c: a + c, threads_in_group=TPT)
-                if valid:
-                    m_new = cute.arch.fmax(m[h], s)
-                    corr = cute.math.exp2(m[h] - m_new, fastmath=True)
-                    p = cute.math.exp2(s - m_new, fastmath=True)
-                    l[h] = l[h] * corr + p
+            # issue the 2U loads of this iteration before any of them is used
+            kr = cute.make_rmem_tensor((8, U), mK.element_type)
+            vr = cute.make_rmem_tensor((8, U), mK.element_type)
+            for u in cutlass.range_constexpr(U):
+                ts = cutlass.min(start + it * NG * U + u * NG + grp, end - 1)
+                kr[None, u].store(self._kv_vec(mK, mTable, b, ts, g, d8))
+                vr[None, u].store(self._kv_vec(mV, mTable, b, ts, g, d8))
+            for u in cutlass.range_constexpr(U):
+                valid = start + it * NG * U + u * NG + grp < end
+                for h in cutlass.range_constexpr(G):
+                    s = Float32(0.0)
                     for j in cutlass.range_constexpr(8):
-                        o[h, j] = o[h, j] * corr + p * vv[j]
-                    m[h] = m_new
+                        s = s + q[h, j] * Float32(kr[j, u])
+                    s = cute.arch.warp_reduction(s, lambda a, c: a + c, threads_in_group=TPT)
+                    if valid:
+                        m_new = cute.arch.fmax(m[h], s)
+                        corr = cute.math.exp2(m[h] - m_new, fastmath=True)
+                        p = cute.math.exp2(s - m_new, fastmath=True)
+                        l[h] = l[h] * corr + p
+                        for j in cutlass.range_constexpr(8):
+                            o[h, j] = o[h, j] * corr + p * Float32(vr[j, u])
+                        m[h] = m_new
 
         # ---- merge the NG token groups of this CTA (fixed order)
         for h in cutlass.range_constexpr(G):

@@ -8,8 +8,9 @@ it); CTA r owns the hidden slice ``[r*H/C, (r+1)*H/C)`` (split-K)::
 
     h    = hidden (+ residual)                  fp32, this CTA's slice, shared memory
     ss_b = sum(h_b^2) over the slice  --ClusterReduce.all_reduce (B values)-->  full sum
-    x    = round_to_dtype(h * rsqrt(ss / H + eps) * norm_w)      (in place)
-    part[b, row] = x_b . W_g[row, slice]      rows = [q heads of g | k_g | v_g] ((G+2)*hd)
+    x    = round_to_dtype(h * rsqrt(ss / H + eps) * norm_w)      -> sX (mma_gemv layout)
+    part[b, row] = x_b . W_g[row, slice]      rows = [q heads of g | k_g | v_g] ((G+2)*hd),
+                                              16-row tiles over the warps, tensor cores
     qkv  = ClusterReduce.all_reduce(part)     every CTA holds q, k, v of its group (B*(G+2)*hd)
     RoPE (neox halves or gptj pairs, cos/sin tables [positions, hd/2]) on q and k;
     q -> q_out[b, heads of g], k (roped) and v -> cache slot positions[b]
@@ -32,14 +33,16 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
 from cf_cute.primitives import ClusterReduce, cluster_sync
-from cf_cute.primitives.plan import check_smem
+from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from ._attn_shape import AttnShape
+from .mma_gemv import acc_coords, mma_atom, new_acc, warp_gemv_tile, x_smem_layout
 
 __all__ = ["QKVRopeConfig", "QKVRope"]
 
 _VEC = 8
 _WARP = 32
+_STEP = 32
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,12 @@ class QKVRopeConfig(AttnShape):
     eps: float = 1e-5
     has_residual: bool = False
     dtype: str = "bfloat16"
-    num_threads: int = 128
+    num_threads: int = 256
+    unroll: int = 8
+
+    @property
+    def n_tiles(self) -> int:
+        return (self.batch + 7) // 8
 
     @property
     def rows(self) -> int:
@@ -77,10 +85,12 @@ class QKVRopeConfig(AttnShape):
         self.validate_shape()
         if self.rope_style not in ("neox", "gptj"):
             raise ValueError(f"rope_style must be 'neox' or 'gptj', got {self.rope_style!r}")
-        step = self.cluster_size * _WARP * _VEC
+        step = self.cluster_size * _STEP
         if self.hidden % step:
-            raise ValueError(f"hidden = {self.hidden} must be a multiple of cluster_size * 256 = {step}: "
+            raise ValueError(f"hidden = {self.hidden} must be a multiple of cluster_size * {_STEP} = {step}: "
                              f"use a smaller cluster")
+        if self.head_dim % 16:
+            raise ValueError(f"head_dim = {self.head_dim} must be a multiple of 16")
         if self.batch * self.slice * 4 > 128 * 1024:
             raise ValueError(f"batch {self.batch} x hidden slice {self.slice} does not fit in shared memory: "
                              f"use a larger cluster")
@@ -94,14 +104,21 @@ class QKVRope:
         T, C = cfg.num_threads, cfg.cluster_size
         self.red_norm = ClusterReduce(cfg.batch, C, T, op="sum", stages=1, barrier_id=1)
         # the B*(G+2)*hd partial sums go through the cluster in `qkv_rounds` rounds of
-        # at most 32 values per thread (register budget)
+        # at most 32 values per thread (register budget): the fewest rounds that fit
         total = cfg.batch * cfg.rows
-        self.qkv_rounds = next(k for k in range(1, 65)
-                               if total % k == 0 and total // k <= 32 * T and (total // k) % 4 == 0)
-        self.red_qkv = ClusterReduce(total // self.qkv_rounds, C, T, op="sum",
-                                     stages=2 if self.qkv_rounds > 1 else 1, barrier_id=2)
-        self.smem_bytes = (self.red_norm.smem_bytes + self.red_qkv.smem_bytes
-                           + 4 * (cfg.batch * cfg.slice + total + (T // _WARP) * cfg.batch) + 4 * 16)
+        fixed = (self.red_norm.smem_bytes + 4 * (cfg.batch * cfg.slice + total + (T // _WARP) * cfg.batch)
+                 + 2 * cfg.n_tiles * 8 * (cfg.slice + 32) + 4 * 16)
+        for k in range(1, 65):
+            if total % k or total // k > 32 * T or (total // k) % 4:
+                continue
+            try:
+                red = ClusterReduce(total // k, C, T, op="sum", stages=2 if k > 1 else 1, barrier_id=2)
+            except ValueError:          # this count cannot be laid over the threads
+                continue
+            self.qkv_rounds, self.red_qkv = k, red
+            self.smem_bytes = fixed + self.red_qkv.smem_bytes
+            if self.smem_bytes <= SMEM_LIMIT_BYTES:
+                break
         check_smem(f"QKVRope(batch {cfg.batch}, hidden slice {cfg.slice}, cluster {C})", self.smem_bytes)
 
     @cute.jit
@@ -144,6 +161,7 @@ class QKVRope:
         sH = smem.allocate_tensor(Float32, cute.make_layout((B, Hc), stride=(Hc, 1)), byte_alignment=16)
         sPart = smem.allocate_tensor(Float32, cute.make_layout(B * R), byte_alignment=16)
         sSS = smem.allocate_tensor(Float32, cute.make_layout((NW, B), stride=(B, 1)), byte_alignment=16)
+        sX = smem.allocate_tensor(mW.element_type, x_smem_layout(cfg.n_tiles, Hc), byte_alignment=16)
         self.red_norm.init(bufs_n)
         self.red_qkv.init(bufs_q)
         cute.arch.cluster_arrive_relaxed()
@@ -185,28 +203,27 @@ class QKVRope:
                 sSS[0, pn + v] = cute.math.rsqrt(total[v] / Float32(cfg.hidden) + Float32(cfg.eps))
         cute.arch.barrier()
 
-        # ---- x = round(h * rstd * w), in place
-        for b in cutlass.range_constexpr(B):
-            rstd = sSS[0, b]
-            for j in cutlass.range(tidx, Hc, T, unroll=1):
-                x = sH[b, j] * rstd * Float32(mNormW[k0 + j])
-                sH[b, j] = Float32(self.dtype(x))
+        # ---- x = round(h * rstd * w) -> sX (rows past the batch zero)
+        for i in cutlass.range(tidx, cfg.n_tiles * 8 * Hc, T, unroll=1):
+            b = i // Hc
+            j = i % Hc
+            if b < B:
+                sX[b, j] = self.dtype(sH[b, j] * sSS[0, b] * Float32(mNormW[k0 + j]))
+            else:
+                sX[b, j] = self.dtype(0.0)
         cute.arch.barrier()
 
-        # ---- split-K GEMV over this CTA's slice: part[b, row]
-        for i in cutlass.range(warp, R, NW, unroll=1):
-            acc = cute.make_rmem_tensor(B, Float32)
-            acc.fill(0.0)
-            for s in cutlass.range_constexpr(Hc // (_WARP * _VEC)):
-                kv = s * _WARP + lane
-                w = cute.local_tile(mW, (1, 1, _VEC), (g, i, k0 // _VEC + kv)).load().to(Float32)
-                for b in cutlass.range_constexpr(B):
-                    for e in cutlass.range_constexpr(_VEC):
-                        acc[b] = acc[b] + w[e] * sH[b, kv * _VEC + e]
-            for b in cutlass.range_constexpr(B):
-                tot = cute.arch.warp_reduction_sum(acc[b])
-                if lane == 0:
-                    sPart[b * R + i] = tot
+        # ---- split-K GEMV over this CTA's slice on tensor cores: part[b, row]
+        atom = mma_atom(mW.element_type)
+        mWg = mW[g, None, None]
+        for mt in cutlass.range(warp, R // 16, NW, unroll=1):
+            acc = new_acc(cfg.n_tiles)
+            warp_gemv_tile(atom, mWg, mt * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll)
+            for nt in cutlass.range_constexpr(cfg.n_tiles):
+                for e in cutlass.range_constexpr(4):
+                    rl, b = acc_coords(lane, nt, e)
+                    if b < B:
+                        sPart[b * R + mt * 16 + rl] = acc[e, nt]
         cute.arch.barrier()
         fq = self.red_qkv.make_fragment()
         pq = self.red_qkv.thread_offset(tidx)

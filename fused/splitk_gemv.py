@@ -11,13 +11,15 @@ Work split (cluster of C CTAs per block of BM output rows)::
     ClusterReduce.reduce_scatter over DSMEM  ->  CTA r owns rows r*BM/C .. (r+1)*BM/C - 1
                                                  and writes them to y (no atomics)
 
-Inside a CTA, warp w takes rows w, w + W_, ...; each lane streams 16-byte
-vectors of the row (8 bf16/fp16), multiplies by x in fp32, and the warp sums
-with shuffles. Lane 0 puts the row partial in ``sPart[b, row]``; after a
+Inside a CTA the x slice is staged in shared memory (``fused.mma_gemv``
+layout) and warp w takes the 16-row tiles w, w + W_, ... of the block, each
+over the CTA's whole K slice, on tensor cores (``warp_gemv_tile``: lanes
+stream 16-byte vectors of W, requests on the MMA's N side, so W is read once
+for the whole batch). The fp32 tile results go to ``sPart[b, row]``; after a
 CTA barrier the threads pick up the reduce-scatter fragment from there.
 
 Shapes are static per compiled kernel: ``K`` must be a multiple of
-``C * 256`` (one 16-byte vector per lane per step), ``M`` of ``BM``.
+``C * 32`` (one MMA step), ``M`` of ``BM``, ``BM`` of 16.
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterReduce, cluster_sync
-from cf_cute.primitives.plan import check_cluster_size
+from cf_cute.primitives import ClusterReduce
+from cf_cute.primitives.plan import check_cluster_size, check_smem
+
+from .mma_gemv import acc_coords, mma_atom, new_acc, warp_gemv_tile, x_smem_layout
 
 __all__ = ["SplitKGemvConfig", "SplitKGemv"]
 
 _VEC = 8          # 16 bytes of bf16/fp16
 _WARP = 32
+_STEP = 32        # k per MMA step
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,9 @@ class SplitKGemvConfig:
     k: int
     batch: int = 1
     cluster_size: int = 4
-    block_m: int = 64
-    num_threads: int = 128
+    block_m: int = 128
+    num_threads: int = 256
+    unroll: int = 8               # MMA steps of W loads issued ahead per warp
     dtype: str = "bfloat16"
     residual: bool = False        # y = x @ W.T + r (the residual stream), added in fp32
 
@@ -54,13 +60,17 @@ class SplitKGemvConfig:
             raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype!r}")
         if not 1 <= self.batch <= 16:
             raise ValueError(f"batch must be in 1..16, got {self.batch}")
-        step = self.cluster_size * _WARP * _VEC
+        step = self.cluster_size * _STEP
         if self.k % step:
-            raise ValueError(f"K = {self.k} must be a multiple of cluster_size * 256 = {step}")
-        if self.m % self.block_m:
-            raise ValueError(f"M = {self.m} must be a multiple of block_m = {self.block_m}")
-        if self.block_m % (self.num_threads // _WARP):
-            raise ValueError("block_m must be a multiple of the warp count")
+            raise ValueError(f"K = {self.k} must be a multiple of cluster_size * {_STEP} = {step}")
+        if self.block_m % 16 or self.m % self.block_m:
+            raise ValueError(f"M = {self.m} must be a multiple of block_m = {self.block_m}, "
+                             f"itself a multiple of 16")
+
+    @property
+    def n_tiles(self) -> int:
+        """MMA n-tiles of 8 requests."""
+        return (self.batch + 7) // 8
 
     @property
     def grid(self) -> int:
@@ -76,6 +86,10 @@ class SplitKGemv:
         self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
         self.red = ClusterReduce(cfg.batch * cfg.block_m, cfg.cluster_size, cfg.num_threads,
                                  op="sum", scatter=True)
+        kc = cfg.k // cfg.cluster_size
+        self.smem_bytes = (self.red.smem_bytes + 2 * cfg.n_tiles * 8 * (kc + 32)
+                           + 4 * cfg.batch * cfg.block_m + 64)
+        check_smem(f"SplitKGemv(batch {cfg.batch}, K slice {kc})", self.smem_bytes)
 
     @cute.jit
     def __call__(self, mX: cute.Tensor, mW: cute.Tensor, mR: cute.Tensor, mY: cute.Tensor, stream):
@@ -88,36 +102,43 @@ class SplitKGemv:
         cfg = self.cfg
         B, BM, C = cfg.batch, cfg.block_m, cfg.cluster_size
         n_warps = cfg.num_threads // _WARP
-        k_chunk = cfg.k // C
-        k_steps = k_chunk // (_WARP * _VEC)
+        kc = cfg.k // C
+        NT = cfg.n_tiles
         tidx = cute.arch.thread_idx()[0]
         lane = cute.arch.lane_idx()
         warp = cute.arch.warp_idx()
         bidx = cute.arch.block_idx()[0]
         rank = Int32(cute.arch.block_idx_in_cluster())
         m_base = (bidx // C) * BM
+        k0 = rank * kc
 
         smem = cutlass.memory.SmemAllocator()
         bufs = self.red.allocate(smem)
+        sX = smem.allocate_tensor(mX.element_type, x_smem_layout(NT, kc), byte_alignment=16)
         sPart = smem.allocate_tensor(Float32, cute.make_layout((B, BM)), byte_alignment=16)
         self.red.init(bufs)
         cute.arch.cluster_arrive_relaxed()
 
-        for i in cutlass.range_constexpr(BM // n_warps):
-            row = m_base + warp + i * n_warps
-            acc = cute.make_rmem_tensor(B, Float32)
-            acc.fill(0.0)
-            for s in cutlass.range_constexpr(k_steps):
-                kv = (rank * k_chunk) // _VEC + s * _WARP + lane
-                w = cute.local_tile(mW, (1, _VEC), (row, kv)).load().to(Float32)
-                for b in cutlass.range_constexpr(B):
-                    xv = cute.local_tile(mX, (1, _VEC), (b, kv)).load().to(Float32)
-                    for j in cutlass.range_constexpr(_VEC):
-                        acc[b] = acc[b] + w[j] * xv[j]
-            for b in cutlass.range_constexpr(B):
-                tot = cute.arch.warp_reduction_sum(acc[b])
-                if lane == 0:
-                    sPart[b, warp + i * n_warps] = tot
+        # x slice -> shared memory (rows past the batch are zero)
+        for i in cutlass.range(tidx, NT * 8 * (kc // _VEC), cfg.num_threads, unroll=1):
+            b = i // (kc // _VEC)
+            j = i % (kc // _VEC)
+            dst = cute.local_tile(sX, (1, _VEC), (b, j))
+            if b < B:
+                dst.store(cute.local_tile(mX, (1, _VEC), (b, k0 // _VEC + j)).load())
+            else:
+                dst.fill(0.0)
+        cute.arch.barrier()
+
+        atom = mma_atom(mW.element_type)
+        for mt in cutlass.range(warp, BM // 16, n_warps, unroll=1):
+            acc = new_acc(NT)
+            warp_gemv_tile(atom, mW, m_base + mt * 16, k0, sX, acc, lane, kc // _STEP, NT, cfg.unroll)
+            for nt in cutlass.range_constexpr(NT):
+                for i in cutlass.range_constexpr(4):
+                    rl, b = acc_coords(lane, nt, i)
+                    if b < B:
+                        sPart[b, mt * 16 + rl] = acc[i, nt]
         cute.arch.barrier()
 
         # fragment position p = b * BM + row  (thread t holds p in [t*V, t*V+V))

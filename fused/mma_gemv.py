@@ -1,0 +1,125 @@
+"""Warp-level GEMV core on tensor cores: ``acc[b, row] += x[b, :] . W[row, :]``
+for a 16-row tile of ``W`` and up to 16 requests, streaming ``W`` from global
+memory at full bandwidth.
+
+Decode GEMVs are bandwidth-bound; what matters is how many bytes of ``W`` each
+SM keeps in flight and that every byte is used once. One ``mma.sync.m16n8k16``
+(bf16/fp16 in, fp32 accumulate) takes a 16 x 16 tile of ``W`` (rows on M) and
+16 x 8 of ``x`` (requests on N); the dot product does not care about the order
+of ``k``, so each lane loads 16 contiguous bytes of a row and the *same*
+permutation of ``k`` is applied to ``x``::
+
+    step s (32 columns of k, 1 KB of W per warp), lane l = 4 * r + c:
+        w0 = W[row0 + r,     k0 + 32 s + 8 c : +8]        16-byte global load
+        w1 = W[row0 + r + 8, k0 + 32 s + 8 c : +8]        16-byte global load
+        xv = sX[n,           32 s + 8 c : +8]   n = r (+ 8 for the 2nd n-tile)
+        mma j = 0, 1:  A = (w0[4j:4j+2], w1[4j:4j+2], w0[4j+2:4j+4], w1[4j+2:4j+4])
+                       B = (xv[4j:4j+2], xv[4j+2:4j+4])
+    accumulator (per n-tile, 4 fp32):  (row0 + r, 2c), (row0 + r, 2c + 1),
+                                       (row0 + r + 8, 2c), (row0 + r + 8, 2c + 1)
+
+so ``W`` stays in its nn.Linear layout (a warp instruction reads 8 rows x 64
+contiguous bytes: whole sectors) and needs no packing. Loads are issued in
+blocks of ``unroll`` steps, the next block before the current one is
+multiplied, so each thread has up to ``4 * unroll`` 16-byte loads in flight.
+
+``x`` lives in shared memory as ``[n_tiles * 8, k_len + 32]`` (bf16/fp16,
+rows past the batch zero): the 64-byte row padding makes the per-lane
+16-byte reads conflict-free (a quarter warp touches two rows).
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+__all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "acc_coords"]
+
+X_PAD = 32          # elements of row padding in the x buffer (64 bytes)
+
+
+def x_smem_layout(n_tiles: int, k_len: int):
+    """Layout of the shared x buffer: ``(n_tiles * 8, k_len)`` rows padded by ``X_PAD``."""
+    return cute.make_layout((n_tiles * 8, k_len), stride=(k_len + X_PAD, 1))
+
+
+def mma_atom(dtype):
+    return cute.make_mma_atom(cute.nvgpu.warp.MmaF16BF16Op(dtype, Float32, (16, 8, 16)))
+
+
+@cute.jit
+def new_acc(n_tiles: cutlass.Constexpr[int]) -> cute.Tensor:
+    """Zeroed accumulators, ``n_tiles`` fragments of 4 fp32 (see module docstring)."""
+    acc = cute.make_rmem_tensor(cute.make_layout((4, n_tiles)), Float32)
+    acc.fill(0.0)
+    return acc
+
+
+@cute.jit
+def acc_coords(lane: Int32, nt: cutlass.Constexpr[int], i: cutlass.Constexpr[int]):
+    """(row within the 16-row tile, request) of accumulator value ``i`` of n-tile ``nt``."""
+    return lane // 4 + 8 * (i // 2), nt * 8 + 2 * (lane % 4) + i % 2
+
+
+@cute.jit
+def _load_w(mW: cute.Tensor, row0: Int32, kv0: Int32, lane: Int32, s: cutlass.Constexpr[int], dst: cute.Tensor,
+            slot: cutlass.Constexpr[int]):
+    r = lane // 4
+    kv = kv0 + 4 * s + lane % 4
+    dst[None, 0, slot].store(cute.local_tile(mW, (1, 8), (row0 + r, kv)).load().reshape((8,)))
+    dst[None, 1, slot].store(cute.local_tile(mW, (1, 8), (row0 + r + 8, kv)).load().reshape((8,)))
+
+
+@cute.jit
+def _mma_step(atom, acc: cute.Tensor, w: cute.Tensor, slot: cutlass.Constexpr[int], sX: cute.Tensor,
+              lane: Int32, s: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int]):
+    dt = w.element_type
+    for nt in cutlass.range_constexpr(n_tiles):
+        xv = cute.local_tile(sX, (1, 8), (nt * 8 + lane // 4, 4 * s + lane % 4)).load()
+        xr = cute.make_rmem_tensor(8, dt)
+        xr.store(xv.reshape((8,)))
+        for j in cutlass.range_constexpr(2):
+            a = cute.make_rmem_tensor(cute.make_layout(((2, 2, 2), 1, 1)), dt)
+            b = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), dt)
+            for e in cutlass.range_constexpr(2):
+                a[e] = w[4 * j + e, 0, slot]
+                a[2 + e] = w[4 * j + e, 1, slot]
+                a[4 + e] = w[4 * j + 2 + e, 0, slot]
+                a[6 + e] = w[4 * j + 2 + e, 1, slot]
+                b[e] = xr[4 * j + e]
+                b[2 + e] = xr[4 * j + 2 + e]
+            c = acc[None, nt]
+            cv = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), Float32)
+            for e in cutlass.range_constexpr(4):
+                cv[e] = c[e]
+            cute.gemm(atom, cv, a, b, cv)
+            for e in cutlass.range_constexpr(4):
+                acc[e, nt] = cv[e]
+
+
+@cute.jit
+def warp_gemv_tile(atom, mW: cute.Tensor, row0: Int32, k0: Int32, sX: cute.Tensor, acc: cute.Tensor,
+                   lane: Int32, k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
+                   unroll: cutlass.Constexpr[int]):
+    """``acc += W[row0:row0+16, k0:k0+32*k_steps] x sX[:, :32*k_steps]^T`` for one warp.
+
+    ``mW`` is the whole ``[M, K]`` weight in global memory (row-major, 16-byte
+    aligned rows), ``k0`` a multiple of 8, ``sX`` the shared x buffer
+    (``x_smem_layout``) whose column 0 is ``k0``; ``acc`` from :func:`new_acc`.
+    """
+    dt = mW.element_type
+    kv0 = k0 // 8
+    n_blocks = (k_steps + unroll - 1) // unroll
+    # two register buffers of `unroll` steps: block i+1 is loaded before block i is used
+    wbuf = cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt)
+    for u in cutlass.range_constexpr(min(unroll, k_steps)):
+        _load_w(mW, row0, kv0, lane, u, wbuf, u)
+    for blk in cutlass.range_constexpr(n_blocks):
+        cur = (blk % 2) * unroll
+        nxt = ((blk + 1) % 2) * unroll
+        if const_expr(blk + 1 < n_blocks):
+            for u in cutlass.range_constexpr(min(unroll, k_steps - (blk + 1) * unroll)):
+                _load_w(mW, row0, kv0, lane, (blk + 1) * unroll + u, wbuf, nxt + u)
+        for u in cutlass.range_constexpr(min(unroll, k_steps - blk * unroll)):
+            _mma_step(atom, acc, wbuf, cur + u, sX, lane, blk * unroll + u, n_tiles)
