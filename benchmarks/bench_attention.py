@@ -8,6 +8,7 @@ graph per set and the replays are timed with CUDA events (median).
 
     python benchmarks/bench_attention.py [--context 1024,4096,16384,32768] [--batch 1,16]
                                          [--heads 32 --kv-heads 32 --hidden 4096]
+                                         [--clusters 2,4] [--unfused]
 
 Floor = (QKV + O weights + the KV cache read) / measured read bandwidth.
 """
@@ -21,10 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from cf_cute.attention import attention_block, pack_attention
-from cf_cute.decode_attention import decode_attention
-from cf_cute.gemv import splitk_gemv
-from cf_cute.qkv_rope import qkv_rope
+from cf_cute.attention import attention_block, attention_block_unfused, default_cluster_size, pack_attention
 from cf_cute.reference import AttentionWeights, rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -82,7 +80,7 @@ def graphed(fn):
     return g
 
 
-def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: float):
+def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: float, clusters, unfused: bool):
     dev, dt = "cuda", torch.bfloat16
     hd = 128
     L = ctx + 1
@@ -102,43 +100,30 @@ def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: 
         hidden = torch.randn(batch, H, device=dev, dtype=dt)
         items.append((w, pack_attention(w, num_heads=heads, num_kv_heads=kv_heads), kc, vc, hidden))
     results = {}
-    for name, fns in _stage_fns(items, positions, cos, sin).items():   # where the cf_cute time goes
-        graphs = [graphed(f) for f in fns]
-        results[name] = time_ms(lambda: [g.replay() for g in graphs]) * 1e3 / sets
-    for name in ("torch eager", "torch graph", "cf_cute graph"):
+    names = ["torch eager", "torch graph"] + [f"fused C={c}" for c in clusters] + (["3 launches"] if unfused else [])
+    for name in names:
         fns = []
         for w, packed, kc, vc, hidden in items:
             if name.startswith("torch"):
                 blk = TorchBlock(w, heads, kv_heads, cos, sin, ctx)
                 fns.append(lambda blk=blk, h=hidden, kc=kc, vc=vc: blk(h, kc, vc, positions))
+            elif name.startswith("fused"):
+                c = int(name.split("=")[1])
+                fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc, c=c:
+                           attention_block(h, p, kc, vc, positions, cos, sin, cluster_size=c))
             else:
                 fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc:
-                           attention_block(h, p, kc, vc, positions, cos, sin))
-        if name.endswith("graph"):
+                           attention_block_unfused(h, p, kc, vc, positions, cos, sin))
+        if name == "torch eager":
+            step = lambda: [f() for f in fns]                # noqa: E731
+        else:
             graphs = [graphed(f) for f in fns]
             step = lambda: [g.replay() for g in graphs]      # noqa: E731
-        else:
-            step = lambda: [f() for f in fns]                # noqa: E731
         results[name] = time_ms(step) * 1e3 / sets          # µs per block
     weight_bytes = (heads + 2 * kv_heads) * hd * H * 2 + H * heads * hd * 2
     kv_bytes = 2 * batch * ctx * kv_heads * hd * 2
     floor_us = (weight_bytes + kv_bytes) / (bw * 1e3)
     return results, floor_us, weight_bytes + kv_bytes
-
-
-def _stage_fns(items, positions, cos, sin):
-    """The three launches of the composed block, each alone (inputs prepared once)."""
-    stages = {"qkv_rope": [], "attention": [], "o_proj": []}
-    for _, p, kc, vc, hidden in items:
-        q, h = qkv_rope(hidden, p.norm, p.w_qkv, cos, sin, positions, kc, vc,
-                        num_heads=p.num_heads, num_kv_heads=p.num_kv_heads)
-        lengths = positions + 1
-        o = decode_attention(q, kc, vc, lengths)
-        stages["qkv_rope"].append(lambda p=p, h=hidden, kc=kc, vc=vc: qkv_rope(
-            h, p.norm, p.w_qkv, cos, sin, positions, kc, vc, num_heads=p.num_heads, num_kv_heads=p.num_kv_heads))
-        stages["attention"].append(lambda q=q, kc=kc, vc=vc, o=o: decode_attention(q, kc, vc, lengths, out=o))
-        stages["o_proj"].append(lambda o=o, p=p, h=h: splitk_gemv(o.view(o.shape[0], -1), p.wo, residual=h))
-    return stages
 
 
 def main(argv=None) -> int:
@@ -149,25 +134,30 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--budget-gb", type=float, default=40.0, help="device memory for the rotating sets")
+    ap.add_argument("--clusters", default="", help="cluster sizes of the fused kernel (default: its heuristic)")
+    ap.add_argument("--unfused", action="store_true", help="also time the three-launch composition")
     a = ap.parse_args(argv)
+    clusters = ([int(c) for c in a.clusters.split(",")] if a.clusters
+                else [default_cluster_size(a.kv_heads, a.hidden)])
     bw = read_bandwidth_gbs()
     rows = []
     for batch in (int(b) for b in a.batch.split(",")):
         for ctx in (int(c) for c in a.context.split(",")):
             per_set = 2 * batch * (ctx + 1) * a.kv_heads * 128 * 2 + 2 * (a.heads + a.kv_heads) * 128 * a.hidden * 2
             sets = max(2, min(8, int(a.budget_gb * 1e9 // per_set)))
-            res, floor_us, nbytes = run(ctx, batch, a.heads, a.kv_heads, a.hidden, sets, bw)
-            cf = res["cf_cute graph"]
-            rows.append([batch, ctx, sets, f"{floor_us:.1f}", f"{res['torch eager']:.1f}", f"{res['torch graph']:.1f}",
-                         f"{cf:.1f}", f"{nbytes / cf / 1e3:.0f}", f"{100 * floor_us / cf:.0f}%",
-                         f"{res['torch graph'] / cf:.2f}x", f"{res['qkv_rope']:.1f}", f"{res['attention']:.1f}",
-                         f"{res['o_proj']:.1f}"])
-            print(" | ".join(map(str, rows[-1])), flush=True)
+            res, floor_us, nbytes = run(ctx, batch, a.heads, a.kv_heads, a.hidden, sets, bw, clusters, a.unfused)
+            for name in res:
+                if name.startswith("torch"):
+                    continue
+                t = res[name]
+                rows.append([batch, ctx, sets, name, f"{floor_us:.1f}", f"{res['torch eager']:.1f}",
+                             f"{res['torch graph']:.1f}", f"{t:.1f}", f"{nbytes / t / 1e3:.0f}",
+                             f"{100 * floor_us / t:.0f}%", f"{res['torch graph'] / t:.2f}x"])
+                print(" | ".join(map(str, rows[-1])), flush=True)
     print(f"\nAttention block, H={a.hidden}, {a.heads}/{a.kv_heads} heads x 128, bf16, read bandwidth "
           f"{bw:.0f} GB/s ({stamp()}):\n")
-    print(markdown_table(["batch", "context", "sets", "floor µs", "torch eager µs", "torch graph µs",
-                          "cf_cute µs", "cf_cute GB/s", "% of floor", "vs torch graph",
-                          "qkv_rope µs", "attention µs", "o_proj µs"], rows))
+    print(markdown_table(["batch", "context", "sets", "cf_cute", "floor µs", "torch eager µs", "torch graph µs",
+                          "cf_cute µs", "cf_cute GB/s", "% of floor", "vs torch graph"], rows))
     return 0
 
 

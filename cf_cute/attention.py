@@ -1,31 +1,41 @@
 """The attention half of a Llama decoder layer at decode time, from torch.
 
-STATUS: composed of three cluster kernels (compiled for sm_90a, not yet run
-on a GPU): ``qkv_rope`` -> ``decode_attention`` -> ``splitk_gemv`` with the
-residual fused. Issue 3 asks for one launch; this composition is the
-correctness baseline the single-launch kernel must match, with the same
-signature.
-
     packed = pack_attention(weights, num_heads=32, num_kv_heads=8)      # once
     out = attention_block(hidden, packed, k_cache, v_cache, positions, cos, sin,
                           residual=None, page_table=None)
 
 ``out = h + o_proj(attention(rmsnorm(h)))`` with ``h = hidden (+ residual)``:
 the next block's input. The new k/v land in the caches at ``positions``.
+``attention_block`` is one launch of ``cf_cute.fused.attention_block``
+(phase A per KV-head cluster, a grid barrier, phase B the output
+projection); ``attention_block_unfused`` is the same computation as three
+launches (``qkv_rope`` -> ``decode_attention`` -> ``splitk_gemv``), kept as a
+baseline.
+
+The single launch needs every CTA resident at once (checked against the GPU
+on first use) and a small workspace per (shape, device): the attention output
+``[B, heads*hd]``, the residual stream and the grid barrier's counter. Calls
+that share a workspace must not run concurrently on different streams; pass
+``workspace=AttentionWorkspace(...)`` of your own for that.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from cf_cute.decode_attention import decode_attention
+from cf_cute.fused.attention_block import AttentionBlock, AttentionBlockConfig
 from cf_cute.gemv import splitk_gemv
+from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.qkv_rope import pack_qkv, qkv_rope
 from cf_cute.reference import AttentionWeights
+from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked
 
-__all__ = ["PackedAttention", "pack_attention", "attention_block"]
+__all__ = ["PackedAttention", "pack_attention", "attention_block", "attention_block_unfused",
+           "attention_block_config", "default_cluster_size", "AttentionWorkspace", "arg_specs"]
 
 
 @dataclass
@@ -48,10 +58,11 @@ def pack_attention(weights: AttentionWeights, *, num_heads: int, num_kv_heads: i
                            eps=eps, rope_style=rope_style)
 
 
-def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                    residual: torch.Tensor | None = None, page_table: torch.Tensor | None = None,
-                    cluster_size: int = 4) -> torch.Tensor:
+def attention_block_unfused(hidden: torch.Tensor, packed: PackedAttention, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            *, residual: torch.Tensor | None = None, page_table: torch.Tensor | None = None,
+                            cluster_size: int = 4) -> torch.Tensor:
+    """The same block as three launches (baseline for the fused kernel)."""
     q, h = qkv_rope(hidden, packed.norm, packed.w_qkv, cos, sin, positions, k_cache, v_cache,
                     num_heads=packed.num_heads, num_kv_heads=packed.num_kv_heads, residual=residual,
                     page_table=page_table, cluster_size=cluster_size, rope_style=packed.rope_style,
@@ -61,3 +72,138 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
         page_table = page_table.to(hidden.device, non_blocking=True)
     o = decode_attention(q, k_cache, v_cache, lengths, page_table=page_table, cluster_size=cluster_size)
     return splitk_gemv(o.view(o.shape[0], -1), packed.wo, residual=h, cluster_size=cluster_size)
+
+
+def default_cluster_size(num_kv_heads: int, hidden: int, sm_count: int = 132) -> int:
+    """The largest power-of-two cluster (<= 16) with one cluster per KV head
+    fitting in one wave of ``sm_count`` SMs and dividing the hidden size."""
+    c = 16
+    while c > 1 and (num_kv_heads * c > sm_count or hidden % (32 * c)):
+        c //= 2
+    return c
+
+
+def attention_block_config(hidden, packed: PackedAttention, k_cache, cos, page_table, *, cluster_size: int,
+                           has_residual: bool) -> AttentionBlockConfig:
+    check_tensor("hidden", hidden, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
+    B, H = hidden.shape
+    nh, nkv = packed.num_heads, packed.num_kv_heads
+    check_tensor("w_qkv", packed.w_qkv, dtype=hidden.dtype, shape=(nkv, None, H), cuda=False)
+    G = nh // max(nkv, 1)
+    hd = packed.w_qkv.shape[1] // (G + 2)
+    check_tensor("wo", packed.wo, dtype=hidden.dtype, shape=(H, nh * hd), cuda=False)
+    check_tensor("norm", packed.norm, dtype=hidden.dtype, shape=(H,), cuda=False)
+    check_tensor("cos", cos, dtype=torch.float32, shape=(None, hd // 2), cuda=False, align=4)
+    check_tensor("k_cache", k_cache, dtype=hidden.dtype, shape=(None, None, nkv, hd), cuda=False)
+    common = dict(batch=B, hidden=H, num_heads=nh, num_kv_heads=nkv, head_dim=hd, max_positions=cos.shape[0],
+                  cluster_size=cluster_size, rope_style=packed.rope_style, eps=packed.eps,
+                  has_residual=has_residual, dtype=dtype_name(hidden.dtype))
+    if page_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"contiguous k_cache must be [B={B}, max_len, kv_heads, hd], got {list(k_cache.shape)}")
+        cfg = AttentionBlockConfig(max_len=k_cache.shape[1], **common)
+    else:
+        check_tensor("page_table", page_table, dtype=torch.int32, shape=(B, None), cuda=False, align=4)
+        cfg = AttentionBlockConfig(max_len=page_table.shape[1] * k_cache.shape[1], paged=True,
+                                   page_size=k_cache.shape[1], num_pages=k_cache.shape[0], **common)
+    cfg.validate()
+    if packed.w_qkv.shape[1] != (G + 2) * hd:
+        raise ValueError(f"w_qkv must be [kv_heads, (G+2)*head_dim, H] (see pack_qkv), got {list(packed.w_qkv.shape)}")
+    return cfg
+
+
+def arg_specs(cfg: AttentionBlockConfig) -> list:
+    """Fake-tensor specs of (hidden, residual, norm, w_qkv, wo, cos, sin, positions, k_cache, v_cache,
+    page_table, attn, h_out, barrier, out)."""
+    dt, B, H = cfg.dtype, cfg.batch, cfg.hidden
+    rope = (cfg.max_positions, cfg.head_dim // 2)
+    return [TensorSpec(dt, (B, H)), TensorSpec(dt, (B, H)), TensorSpec(dt, (H,)),
+            TensorSpec(dt, (cfg.num_kv_heads, (cfg.group + 2) * cfg.head_dim, H)), TensorSpec(dt, (H, cfg.o_k)),
+            TensorSpec("float32", rope, align=4), TensorSpec("float32", rope, align=4),
+            TensorSpec("int32", (B,), align=4), TensorSpec(dt, cfg.kv_shape), TensorSpec(dt, cfg.kv_shape),
+            TensorSpec("int32", cfg.table_shape, align=4), TensorSpec(dt, (B, cfg.o_k)), TensorSpec(dt, (B, H)),
+            TensorSpec("int32", (2,), align=4), TensorSpec(dt, (B, H))]
+
+
+@dataclass
+class AttentionWorkspace:
+    """Scratch of one fused attention launch: attention output, residual
+    stream, grid-barrier state (zeroed once; it resets itself)."""
+    attn: torch.Tensor
+    h: torch.Tensor
+    barrier: torch.Tensor
+
+    @classmethod
+    def new(cls, cfg: AttentionBlockConfig, device) -> "AttentionWorkspace":
+        dt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16
+        return cls(attn=torch.empty(cfg.batch, cfg.o_k, dtype=dt, device=device),
+                   h=torch.empty(cfg.batch, cfg.hidden, dtype=dt, device=device),
+                   barrier=torch.zeros(2, dtype=torch.int32, device=device))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_kernel(cfg: AttentionBlockConfig):
+    return compile_kernel(AttentionBlock, cfg, arg_specs(cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_ctas(cluster_size: int, device_index: int) -> int:
+    from cf_cute.primitives import max_resident_clusters
+    with torch.cuda.device(device_index):
+        return max_resident_clusters(cluster_size) * cluster_size
+
+
+_workspaces: dict = {}
+
+
+def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                    residual: torch.Tensor | None = None, page_table: torch.Tensor | None = None,
+                    cluster_size: int | None = None, out: torch.Tensor | None = None,
+                    workspace: AttentionWorkspace | None = None) -> torch.Tensor:
+    """One launch: (residual add) + RMSNorm + QKV + RoPE + KV append + decode
+    attention + output projection + residual. Returns ``out [B, hidden]``.
+    Positions on the CPU are range-checked before the launch; on the GPU they
+    are clamped to the cache by the kernel (no host sync)."""
+    if cluster_size is None:
+        cluster_size = default_cluster_size(packed.num_kv_heads, hidden.shape[-1])
+    cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=cluster_size,
+                                 has_residual=residual is not None)
+    B, H = hidden.shape
+    check_tensor("sin", sin, dtype=torch.float32, shape=tuple(cos.shape), cuda=False, align=4)
+    check_tensor("v_cache", v_cache, dtype=hidden.dtype, shape=tuple(k_cache.shape), cuda=False)
+    check_tensor("positions", positions, dtype=torch.int32, shape=(B,), cuda=False, align=4)
+    if residual is not None:
+        check_tensor("residual", residual, dtype=hidden.dtype, shape=(B, H), cuda=False)
+    if out is not None:
+        check_tensor("out", out, dtype=hidden.dtype, shape=(B, H), cuda=False)
+    cap = min(cfg.max_len, cfg.max_positions)
+    positions = host_index_checked(positions, 0, cap - 1, "positions", hidden.device,
+                                   f" (cache capacity {cfg.max_len}, RoPE table {cfg.max_positions})")
+    if page_table is None:
+        page_table = torch.zeros(1, 1, dtype=torch.int32, device=hidden.device)
+    else:
+        page_table = host_index_checked(page_table, 0, cfg.num_pages - 1, "page_table entries", hidden.device)
+    if hidden.device.type != "cuda":
+        raise ValueError(f"operands must be on a CUDA device, got {hidden.device}")
+    dev = hidden.device.index if hidden.device.index is not None else torch.cuda.current_device()
+    if cfg.grid > _resident_ctas(cluster_size, dev):
+        raise ValueError(f"the fused attention block needs {cfg.grid} CTAs ({cfg.num_kv_heads} clusters of "
+                         f"{cluster_size}) resident at once; this GPU holds {_resident_ctas(cluster_size, dev)}: "
+                         f"use a smaller cluster_size")
+    if workspace is None:
+        key = (cfg, dev)
+        workspace = _workspaces.get(key)
+        if workspace is None:
+            workspace = _workspaces.setdefault(key, AttentionWorkspace.new(cfg, hidden.device))
+    if out is None:
+        out = torch.empty_like(hidden)
+    res = residual if residual is not None else hidden
+    check_operands(("hidden", "residual", "norm", "w_qkv", "wo", "k_cache", "v_cache", "out", "attn", "h",
+                    "cos", "sin", "positions", "page_table", "barrier"),
+                   hidden, res, packed.norm, packed.w_qkv, packed.wo, k_cache, v_cache, out, workspace.attn,
+                   workspace.h, cos, sin, positions, page_table, workspace.barrier,
+                   align=(16,) * 10 + (4,) * 5)
+    _fused_kernel(cfg)(hidden, res, packed.norm, packed.w_qkv, packed.wo, cos, sin, positions, k_cache, v_cache,
+                       page_table, workspace.attn, workspace.h, workspace.barrier, out)
+    return out

@@ -20,6 +20,7 @@ from cf_cute.collective_kernels import (
     ReduceHarnessConfig,
     ReduceHarnessKernel,
 )
+from cf_cute.fused.attention_block import AttentionBlock, AttentionBlockConfig
 from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfig
 from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
 from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
@@ -85,7 +86,26 @@ def _qkv(cfg: QKVRopeConfig) -> Entry:
                  "st_async" if cfg.cluster_size > 1 else None)
 
 
+def _block(cfg: AttentionBlockConfig) -> Entry:
+    from cf_cute.attention import arg_specs
+    return Entry(f"attention_block b={cfg.batch} {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim} H={cfg.hidden} "
+                 f"C={cfg.cluster_size}{' paged' if cfg.paged else ''}", AttentionBlock, cfg, arg_specs(cfg),
+                 "st_async")
+
+
+# the fused attention block for the built-in Llama shapes (models.BUILTIN_CONFIGS), cache 4096
+_BLOCK_SHAPES = {"llama-2-7b": (32, 32, 128, 4096), "llama-3-8b": (32, 8, 128, 4096),
+                 "llama-3.2-1b": (32, 8, 64, 2048), "llama-3.2-3b": (24, 8, 128, 3072)}
+
+
 def entries() -> Iterator[Entry]:
+    from cf_cute.attention import default_cluster_size
+    for heads, kv_heads, hd, hidden in _BLOCK_SHAPES.values():
+        for batch in (1, 16):
+            c = default_cluster_size(kv_heads, hidden)
+            yield _block(AttentionBlockConfig(batch=batch, hidden=hidden, num_heads=heads, num_kv_heads=kv_heads,
+                                              head_dim=hd, max_len=4096, max_positions=4096, cluster_size=c,
+                                              has_residual=True))
     for c in range(1, 17):
         yield _reduce(ReduceHarnessConfig(num_elems=256, cluster_size=c))
     for c in (2, 4, 8, 16):

@@ -107,51 +107,42 @@ class DecodeAttention:
         else:
             return cute.local_tile(mX, (1, 1, 1, 8), (b, t, g, d8)).load().reshape((8,))
 
-    @cute.kernel
-    def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
-               mLen: cute.Tensor, mO: cute.Tensor):
-        cfg = self.cfg
-        G, hd, C, T = cfg.group, cfg.head_dim, cfg.cluster_size, cfg.num_threads
-        TPT, NG = self.tpt, self.groups
-        tidx = cute.arch.thread_idx()[0]
-        bidx = cute.arch.block_idx()[0]
-        rank = Int32(cute.arch.block_idx_in_cluster())
-        cl = bidx // C
-        b = cl // cfg.num_kv_heads
-        g = cl % cfg.num_kv_heads
-        d8 = tidx % TPT               # this lane's 8-dim slice
-        grp = tidx // TPT             # this thread's token group
-
-        smem = cutlass.memory.SmemAllocator()
-        bufs = self.gat.allocate(smem)
-        sPart = smem.allocate_tensor(Float32, cute.make_layout(self.tile_elems), byte_alignment=16)
-        sGM = smem.allocate_tensor(Float32, cute.make_layout((NG, G)), byte_alignment=16)
-        sGL = smem.allocate_tensor(Float32, cute.make_layout((NG, G)), byte_alignment=16)
-        sGO = smem.allocate_tensor(Float32, cute.make_layout((NG, G * hd)), byte_alignment=16)
-        self.gat.init(bufs)
-        cute.arch.cluster_arrive_relaxed()
-
-        # this lane's slice of the G query heads, pre-scaled for exp2
+    @cute.jit
+    def load_q(self, mQ: cute.Tensor, b: Int32, g: Int32) -> cute.Tensor:
+        """This lane's 8 dims of the G query heads of KV head g, pre-scaled for exp2."""
+        G = self.cfg.group
+        d8 = cute.arch.thread_idx()[0] % self.tpt
         q = cute.make_rmem_tensor((G, 8), Float32)
         for h in cutlass.range_constexpr(G):
             qv = cute.local_tile(mQ, (1, 1, 8), (b, g * G + h, d8)).load().to(Float32)
             for j in cutlass.range_constexpr(8):
                 q[h, j] = qv[j] * Float32(self.scale)
+        return q
+
+    @cute.jit
+    def new_state(self):
+        """Online-softmax state (m, l, o) of this thread, empty."""
+        G = self.cfg.group
         m = cute.make_rmem_tensor(G, Float32)
         l = cute.make_rmem_tensor(G, Float32)
         o = cute.make_rmem_tensor((G, 8), Float32)
         m.fill(-Float32.inf)
         l.fill(0.0)
         o.fill(0.0)
+        return m, l, o
 
-        # memory safety for unchecked device-side lengths / page indices: clamp
-        n = cutlass.max(cutlass.min(mLen[b], Int32(cfg.max_len)), Int32(0))
-        chunk = (n + C - 1) // C
-        start = rank * chunk
-        end = cutlass.min(n, start + chunk)
-        # every thread of the CTA runs the same number of steps (the shuffles need
-        # whole warps); a token group past the end loads a clamped token and skips
-        # the update
+    @cute.jit
+    def attend(self, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor, b: Int32, g: Int32, start: Int32,
+               end: Int32, q: cute.Tensor, m: cute.Tensor, l: cute.Tensor, o: cute.Tensor):
+        """Fold cached tokens ``[start, end)`` of request b, KV head g into this
+        thread's state: token group ``tidx // TPT`` takes every NG-th token,
+        lane ``tidx % TPT`` 8 dims. All threads of the CTA call it with the same
+        range (the shuffles need whole warps)."""
+        cfg = self.cfg
+        G, TPT, NG = cfg.group, self.tpt, self.groups
+        tidx = cute.arch.thread_idx()[0]
+        d8 = tidx % TPT
+        grp = tidx // TPT
         U = cfg.unroll
         steps = (end - start + NG * U - 1) // (NG * U)
         for it in cutlass.range(steps, unroll=1):
@@ -178,7 +169,18 @@ class DecodeAttention:
                             o[h, j] = o[h, j] * corr + p * Float32(vr[j, u])
                         m[h] = m_new
 
-        # ---- merge the NG token groups of this CTA (fixed order)
+    @cute.jit
+    def merge_groups(self, m: cute.Tensor, l: cute.Tensor, o: cute.Tensor, sGM: cute.Tensor, sGL: cute.Tensor,
+                     sGO: cute.Tensor, sPart: cute.Tensor):
+        """Merge the NG token groups' states (fixed order) into this CTA's
+        partial ``sPart = [o (G*hd, relative to m) | m (G) | l (G)]``. Starts
+        and ends with a CTA barrier."""
+        cfg = self.cfg
+        G, hd, T, TPT, NG = cfg.group, cfg.head_dim, cfg.num_threads, self.tpt, self.groups
+        tidx = cute.arch.thread_idx()[0]
+        d8 = tidx % TPT
+        grp = tidx // TPT
+        cute.arch.barrier()
         for h in cutlass.range_constexpr(G):
             if d8 == 0:
                 sGM[grp, h] = m[h]
@@ -204,6 +206,44 @@ class DecodeAttention:
                 sPart[G * hd + h] = mx
                 sPart[G * hd + G + h] = lsum
         cute.arch.barrier()
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
+               mLen: cute.Tensor, mO: cute.Tensor):
+        cfg = self.cfg
+        G, hd, C, T = cfg.group, cfg.head_dim, cfg.cluster_size, cfg.num_threads
+        TPT, NG = self.tpt, self.groups
+        tidx = cute.arch.thread_idx()[0]
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        cl = bidx // C
+        b = cl // cfg.num_kv_heads
+        g = cl % cfg.num_kv_heads
+
+        smem = cutlass.memory.SmemAllocator()
+        bufs = self.gat.allocate(smem)
+        sPart = smem.allocate_tensor(Float32, cute.make_layout(self.tile_elems), byte_alignment=16)
+        sGM = smem.allocate_tensor(Float32, cute.make_layout((NG, G)), byte_alignment=16)
+        sGL = smem.allocate_tensor(Float32, cute.make_layout((NG, G)), byte_alignment=16)
+        sGO = smem.allocate_tensor(Float32, cute.make_layout((NG, G * hd)), byte_alignment=16)
+        self.gat.init(bufs)
+        cute.arch.cluster_arrive_relaxed()
+
+        q = self.load_q(mQ, b, g)
+        m, l, o = self.new_state()
+
+        # memory safety for unchecked device-side lengths / page indices: clamp
+        n = cutlass.max(cutlass.min(mLen[b], Int32(cfg.max_len)), Int32(0))
+        chunk = (n + C - 1) // C
+        start = rank * chunk
+        end = cutlass.min(n, start + chunk)
+        # every thread of the CTA runs the same number of steps (the shuffles need
+        # whole warps); a token group past the end loads a clamped token and skips
+        # the update
+        self.attend(mK, mV, mTable, b, g, start, end, q, m, l, o)
+
+        # ---- merge the NG token groups of this CTA (fixed order)
+        self.merge_groups(m, l, o, sGM, sGL, sGO, sPart)
 
         # ---- one DSMEM round: every CTA gets every CTA's partial tile
         cute.arch.cluster_wait()

@@ -36,6 +36,10 @@ from cutlass import Float32, Int32, const_expr
 
 __all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "acc_coords"]
 
+# ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
+# read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,
+# rows >= B read as zero; with ``x_rows=0`` it comes from the shared buffer.
+
 X_PAD = 32          # elements of row padding in the x buffer (64 bytes)
 
 
@@ -64,21 +68,32 @@ def acc_coords(lane: Int32, nt: cutlass.Constexpr[int], i: cutlass.Constexpr[int
 
 @cute.jit
 def _load_w(mW: cute.Tensor, row0: Int32, kv0: Int32, lane: Int32, s: cutlass.Constexpr[int], dst: cute.Tensor,
-            slot: cutlass.Constexpr[int]):
+            slot: cutlass.Constexpr[int], mX: cute.Tensor, xdst: cute.Tensor, x_rows: cutlass.Constexpr[int],
+            n_tiles: cutlass.Constexpr[int]):
     r = lane // 4
     kv = kv0 + 4 * s + lane % 4
     dst[None, 0, slot].store(cute.local_tile(mW, (1, 8), (row0 + r, kv)).load().reshape((8,)))
     dst[None, 1, slot].store(cute.local_tile(mW, (1, 8), (row0 + r + 8, kv)).load().reshape((8,)))
+    if const_expr(x_rows > 0):
+        for nt in cutlass.range_constexpr(n_tiles):
+            n = nt * 8 + r
+            if n < x_rows:
+                xdst[None, nt, slot].store(cute.local_tile(mX, (1, 8), (n, kv)).load().reshape((8,)))
+            else:
+                xdst[None, nt, slot].fill(0.0)
 
 
 @cute.jit
 def _mma_step(atom, acc: cute.Tensor, w: cute.Tensor, slot: cutlass.Constexpr[int], sX: cute.Tensor,
-              lane: Int32, s: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int]):
+              lane: Int32, s: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int], xbuf: cute.Tensor,
+              x_rows: cutlass.Constexpr[int]):
     dt = w.element_type
     for nt in cutlass.range_constexpr(n_tiles):
-        xv = cute.local_tile(sX, (1, 8), (nt * 8 + lane // 4, 4 * s + lane % 4)).load()
         xr = cute.make_rmem_tensor(8, dt)
-        xr.store(xv.reshape((8,)))
+        if const_expr(x_rows > 0):
+            xr.store(xbuf[None, nt, slot].load())
+        else:
+            xr.store(cute.local_tile(sX, (1, 8), (nt * 8 + lane // 4, 4 * s + lane % 4)).load().reshape((8,)))
         for j in cutlass.range_constexpr(2):
             a = cute.make_rmem_tensor(cute.make_layout(((2, 2, 2), 1, 1)), dt)
             b = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), dt)
@@ -101,25 +116,28 @@ def _mma_step(atom, acc: cute.Tensor, w: cute.Tensor, slot: cutlass.Constexpr[in
 @cute.jit
 def warp_gemv_tile(atom, mW: cute.Tensor, row0: Int32, k0: Int32, sX: cute.Tensor, acc: cute.Tensor,
                    lane: Int32, k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
-                   unroll: cutlass.Constexpr[int]):
-    """``acc += W[row0:row0+16, k0:k0+32*k_steps] x sX[:, :32*k_steps]^T`` for one warp.
+                   unroll: cutlass.Constexpr[int], x_rows: cutlass.Constexpr[int] = 0):
+    """``acc += W[row0:row0+16, k0:k0+32*k_steps] x X[:, k0:k0+32*k_steps]^T`` for one warp.
 
     ``mW`` is the whole ``[M, K]`` weight in global memory (row-major, 16-byte
-    aligned rows), ``k0`` a multiple of 8, ``sX`` the shared x buffer
-    (``x_smem_layout``) whose column 0 is ``k0``; ``acc`` from :func:`new_acc`.
+    aligned rows), ``k0`` a multiple of 8, ``acc`` from :func:`new_acc`.
+    ``x_rows == 0``: ``sX`` is the shared x buffer (``x_smem_layout``) whose
+    column 0 is ``k0``. ``x_rows = B > 0``: ``sX`` is the global ``[B, K]``
+    activation itself, read alongside W.
     """
     dt = mW.element_type
     kv0 = k0 // 8
     n_blocks = (k_steps + unroll - 1) // unroll
     # two register buffers of `unroll` steps: block i+1 is loaded before block i is used
     wbuf = cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt)
+    xbuf = cute.make_rmem_tensor(cute.make_layout((8, n_tiles if x_rows > 0 else 1, 2 * unroll)), dt)
     for u in cutlass.range_constexpr(min(unroll, k_steps)):
-        _load_w(mW, row0, kv0, lane, u, wbuf, u)
+        _load_w(mW, row0, kv0, lane, u, wbuf, u, sX, xbuf, x_rows, n_tiles)
     for blk in cutlass.range_constexpr(n_blocks):
         cur = (blk % 2) * unroll
         nxt = ((blk + 1) % 2) * unroll
         if const_expr(blk + 1 < n_blocks):
             for u in cutlass.range_constexpr(min(unroll, k_steps - (blk + 1) * unroll)):
-                _load_w(mW, row0, kv0, lane, (blk + 1) * unroll + u, wbuf, nxt + u)
+                _load_w(mW, row0, kv0, lane, (blk + 1) * unroll + u, wbuf, nxt + u, sX, xbuf, x_rows, n_tiles)
         for u in cutlass.range_constexpr(min(unroll, k_steps - blk * unroll)):
-            _mma_step(atom, acc, wbuf, cur + u, sX, lane, blk * unroll + u, n_tiles)
+            _mma_step(atom, acc, wbuf, cur + u, sX, lane, blk * unroll + u, n_tiles, xbuf, x_rows)

@@ -38,7 +38,7 @@ from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 from ._attn_shape import AttnShape
 from .mma_gemv import acc_coords, mma_atom, new_acc, warp_gemv_tile, x_smem_layout
 
-__all__ = ["QKVRopeConfig", "QKVRope"]
+__all__ = ["QKVRopeConfig", "QKVRope", "QKVBuffers"]
 
 _VEC = 8
 _WARP = 32
@@ -64,6 +64,7 @@ class QKVRopeConfig(AttnShape):
     dtype: str = "bfloat16"
     num_threads: int = 256
     unroll: int = 8
+    smem_budget: int = SMEM_LIMIT_BYTES   # bytes this stage may use (less when fused into a larger kernel)
 
     @property
     def n_tiles(self) -> int:
@@ -96,6 +97,14 @@ class QKVRopeConfig(AttnShape):
                              f"use a larger cluster")
 
 
+class QKVBuffers:
+    """Shared-memory buffers of :class:`QKVRope` (see ``allocate``)."""
+
+    def __init__(self, red_norm, red_qkv, sH, sPart, sSS, sX):
+        self.red_norm, self.red_qkv = red_norm, red_qkv
+        self.sH, self.sPart, self.sSS, self.sX = sH, sPart, sSS, sX
+
+
 class QKVRope:
     def __init__(self, cfg: QKVRopeConfig):
         cfg.validate()
@@ -117,7 +126,7 @@ class QKVRope:
                 continue
             self.qkv_rounds, self.red_qkv = k, red
             self.smem_bytes = fixed + self.red_qkv.smem_bytes
-            if self.smem_bytes <= SMEM_LIMIT_BYTES:
+            if self.smem_bytes <= cfg.smem_budget:
                 break
         check_smem(f"QKVRope(batch {cfg.batch}, hidden slice {cfg.slice}, cluster {C})", self.smem_bytes)
 
@@ -139,32 +148,44 @@ class QKVRope:
         else:
             mX[b, pos, g, d] = self.dtype(val)
 
-    @cute.kernel
-    def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
-               mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
-               mTable: cute.Tensor, mQ: cute.Tensor, mHOut: cute.Tensor):
+    @cute.jit
+    def allocate(self, smem) -> QKVBuffers:
+        """Carve this stage's shared memory out of ``smem`` (a SmemAllocator)."""
         cfg = self.cfg
-        B, C, T, G, hd = cfg.batch, cfg.cluster_size, cfg.num_threads, cfg.group, cfg.head_dim
+        B, Hc = cfg.batch, cfg.slice
+        return QKVBuffers(
+            red_norm=self.red_norm.allocate(smem),
+            red_qkv=self.red_qkv.allocate(smem),
+            sH=smem.allocate_tensor(Float32, cute.make_layout((B, Hc), stride=(Hc, 1)), byte_alignment=16),
+            sPart=smem.allocate_tensor(Float32, cute.make_layout(B * cfg.rows), byte_alignment=16),
+            sSS=smem.allocate_tensor(Float32, cute.make_layout((cfg.num_threads // _WARP, B), stride=(B, 1)),
+                                     byte_alignment=16),
+            sX=smem.allocate_tensor(self.dtype, x_smem_layout(cfg.n_tiles, Hc), byte_alignment=16))
+
+    @cute.jit
+    def init(self, bufs: QKVBuffers):
+        """Barrier init (thread 0); the caller then arrives on the cluster barrier
+        (``cluster_arrive_relaxed``); :meth:`project` waits on it."""
+        self.red_norm.init(bufs.red_norm)
+        self.red_qkv.init(bufs.red_qkv)
+
+    @cute.jit
+    def project(self, bufs: QKVBuffers, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor,
+                mW: cute.Tensor, mHOut: cute.Tensor, g: Int32):
+        """Residual add, RMSNorm and the QKV projection of KV head ``g``: on
+        return ``bufs.sPart[b * rows + i]`` holds row i of [q heads | k | v] of
+        request b (fp32, before RoPE) in every CTA of the cluster."""
+        cfg = self.cfg
+        B, C, T = cfg.batch, cfg.cluster_size, cfg.num_threads
         Hc, R = cfg.slice, cfg.rows
         NW = T // _WARP
         tidx = cute.arch.thread_idx()[0]
         lane = cute.arch.lane_idx()
         warp = cute.arch.warp_idx()
-        bidx = cute.arch.block_idx()[0]
         rank = Int32(cute.arch.block_idx_in_cluster())
-        g = bidx // C
         k0 = rank * Hc
-
-        smem = cutlass.memory.SmemAllocator()
-        bufs_n = self.red_norm.allocate(smem)
-        bufs_q = self.red_qkv.allocate(smem)
-        sH = smem.allocate_tensor(Float32, cute.make_layout((B, Hc), stride=(Hc, 1)), byte_alignment=16)
-        sPart = smem.allocate_tensor(Float32, cute.make_layout(B * R), byte_alignment=16)
-        sSS = smem.allocate_tensor(Float32, cute.make_layout((NW, B), stride=(B, 1)), byte_alignment=16)
-        sX = smem.allocate_tensor(mW.element_type, x_smem_layout(cfg.n_tiles, Hc), byte_alignment=16)
-        self.red_norm.init(bufs_n)
-        self.red_qkv.init(bufs_q)
-        cute.arch.cluster_arrive_relaxed()
+        bufs_n, bufs_q = bufs.red_norm, bufs.red_qkv
+        sH, sPart, sSS, sX = bufs.sH, bufs.sPart, bufs.sSS, bufs.sX
 
         # ---- h = hidden (+ residual) for this slice; partial sums of squares
         for b in cutlass.range_constexpr(B):
@@ -236,6 +257,26 @@ class QKVRope:
                 for v in cutlass.range_constexpr(self.red_qkv.per_thread):
                     sPart[base + pq + v] = qkv[v]
         cute.arch.barrier()
+
+
+    @cute.kernel
+    def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
+               mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
+               mTable: cute.Tensor, mQ: cute.Tensor, mHOut: cute.Tensor):
+        cfg = self.cfg
+        B, C, T, G, hd = cfg.batch, cfg.cluster_size, cfg.num_threads, cfg.group, cfg.head_dim
+        R = cfg.rows
+        tidx = cute.arch.thread_idx()[0]
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        g = bidx // C
+
+        smem = cutlass.memory.SmemAllocator()
+        bufs = self.allocate(smem)
+        self.init(bufs)
+        cute.arch.cluster_arrive_relaxed()
+        self.project(bufs, mHidden, mResidual, mNormW, mW, mHOut, g)
+        sPart = bufs.sPart
 
         # ---- RoPE, q out, k/v append: items (b, head slot, pair) round-robin over the cluster
         half = hd // 2

@@ -1,0 +1,336 @@
+"""The attention half of a Llama decoder layer at decode time in one launch.
+
+    out = h + o_proj(attention(rope(qkv(rmsnorm(h)))))     h = hidden (+ residual)
+
+with the new k and v appended to the cache. Composed from the cluster
+primitives and the building blocks of ``qkv_rope`` (norm + QKV on tensor
+cores), ``decode_attention`` (split-KV online softmax) and ``mma_gemv``.
+
+Grid: one cluster of C CTAs per KV head (``num_kv_heads * C`` CTAs, all
+resident at once: the host checks it, the grid barrier needs it)::
+
+  phase A, cluster g (KV head g with its G query heads), CTA rank r:
+    QKVRope.project      h slice, sum of squares --ClusterReduce--> rstd, x slice,
+                         split-K QKV of the group's (G+2)*hd rows
+                         --ClusterReduce.all_reduce--> q|k|v in every CTA (fp32, smem)
+    RoPE in place        q pre-scaled by log2(e)/sqrt(hd); k, v rounded to the cache dtype
+    KV append            request b's new token is cached token pos_b; the CTA whose
+                         KV range holds it writes k, v (then a CTA barrier, so its own
+                         attention loop reads it back)
+    attention            for each request b: tokens [r*ceil((pos+1)/C), ...) of the
+                         cache, online softmax per token group, groups merged in
+                         fixed order -> (m, l, o) per (b, head)
+    merge                ClusterGather of (m, l) [B*G*2]; each CTA scales its o by
+                         exp2(m - M) / L; ClusterReduce.reduce_scatter (sum) of
+                         o [B*G*hd] -> the owner CTA writes attn[b, head, :] (global
+                         scratch, L2-resident)
+  GridBarrier            every CTA's attn slice is written and visible
+  phase B, CTA c:        16-row tiles c, c + N, ... of W_o [H, heads*hd]; the warps split
+                         K, tensor cores with x = attn read from L2, partials summed
+                         in warp order through shared memory, + h -> out
+
+Deterministic: every sum has a fixed order (warp order, rank order in the
+collectives), no float atomics; the grid barrier uses integer atomics only.
+Shared memory: the QKVRope buffers, the token-group merge buffers of
+DecodeAttention, the per-request partials ``sO [B*G*hd]``/``sML [B*G*2]``, the
+two merge collectives and ``sRed [warps, 16, batch]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync
+from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
+
+from ._attn_shape import AttnShape
+from .decode_attention import DecodeAttention, DecodeAttentionConfig
+from .mma_gemv import acc_coords, mma_atom, new_acc, warp_gemv_tile
+from .qkv_rope import QKVRope, QKVRopeConfig
+
+__all__ = ["AttentionBlockConfig", "AttentionBlock"]
+
+_WARP = 32
+_STEP = 32
+
+
+@dataclass(frozen=True)
+class AttentionBlockConfig(AttnShape):
+    batch: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_len: int                  # contiguous: cache length; paged: max_pages * page_size
+    max_positions: int            # rows of the cos/sin tables
+    cluster_size: int = 4
+    paged: bool = False
+    page_size: int = 16
+    num_pages: int = 0
+    rope_style: str = "neox"
+    eps: float = 1e-5
+    has_residual: bool = False
+    dtype: str = "bfloat16"
+    num_threads: int = 256
+    unroll: int = 8               # MMA steps of weight loads in flight per warp
+    attn_unroll: int = 4          # tokens per token group loaded together
+
+    @property
+    def grid(self) -> int:
+        return self.num_kv_heads * self.cluster_size
+
+    @property
+    def n_tiles(self) -> int:
+        return (self.batch + 7) // 8
+
+    @property
+    def o_k(self) -> int:
+        """K of the output projection (heads * head_dim)."""
+        return self.num_heads * self.head_dim
+
+    def qkv_config(self, smem_budget: int = SMEM_LIMIT_BYTES) -> QKVRopeConfig:
+        return QKVRopeConfig(batch=self.batch, hidden=self.hidden, num_heads=self.num_heads,
+                             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, max_len=self.max_len,
+                             max_positions=self.max_positions, cluster_size=self.cluster_size,
+                             paged=self.paged, page_size=self.page_size, num_pages=self.num_pages,
+                             rope_style=self.rope_style, eps=self.eps, has_residual=self.has_residual,
+                             dtype=self.dtype, num_threads=self.num_threads, unroll=self.unroll,
+                             smem_budget=smem_budget)
+
+    def attention_config(self) -> DecodeAttentionConfig:
+        return DecodeAttentionConfig(batch=self.batch, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                     head_dim=self.head_dim, max_len=self.max_len,
+                                     cluster_size=self.cluster_size, paged=self.paged, page_size=self.page_size,
+                                     num_pages=self.num_pages, dtype=self.dtype, num_threads=self.num_threads,
+                                     unroll=self.attn_unroll)
+
+    def validate(self) -> None:
+        self.qkv_config().validate()
+        self.attention_config().validate()
+        nw = self.num_threads // _WARP
+        if self.hidden % 16:
+            raise ValueError(f"hidden = {self.hidden} must be a multiple of 16")
+        if self.o_k % (nw * _STEP):
+            raise ValueError(f"num_heads * head_dim = {self.o_k} must be a multiple of {nw * _STEP} "
+                             f"(the output projection's K is split over {nw} warps)")
+
+
+class AttentionBlock:
+    def __init__(self, cfg: AttentionBlockConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
+        B, C, T, G, hd = cfg.batch, cfg.cluster_size, cfg.num_threads, cfg.group, cfg.head_dim
+        self.attn = DecodeAttention(cfg.attention_config())
+        ml = 2 * B * G
+        self.ml_elems = (ml + 3) // 4 * 4
+        self.gat_ml = ClusterGather(Float32, self.ml_elems, C, T, stages=1, barrier_id=3)
+        self.gbar = GridBarrier(cfg.grid)
+        NG = self.attn.groups
+        own = (self.gat_ml.smem_bytes + 4 * (NG * G * (2 + hd) + self.attn.tile_elems + B * G * hd + self.ml_elems)
+               + 4 * (T // _WARP) * 16 * B + 8 * 16)
+        # the o merge goes through the cluster in `o_rounds` rounds of B / o_rounds requests,
+        # and the QKV partials in as many rounds as QKVRope needs to fit what is left
+        self.front = None
+        for o_rounds in (r for r in range(1, B + 1) if B % r == 0):
+            try:
+                red_o = ClusterReduce(B // o_rounds * G * hd, C, T, op="sum", scatter=True, stages=1,
+                                      barrier_id=4)
+                front = QKVRope(cfg.qkv_config(SMEM_LIMIT_BYTES - own - red_o.smem_bytes))
+            except ValueError:
+                continue
+            fits = front.smem_bytes + own + red_o.smem_bytes <= SMEM_LIMIT_BYTES
+            if fits and (self.front is None or o_rounds + front.qkv_rounds < self.o_rounds + self.front.qkv_rounds):
+                self.front, self.red_o, self.o_rounds = front, red_o, o_rounds
+        if self.front is None:
+            raise ValueError(f"AttentionBlock(batch {B}, {G} query heads per KV head, cluster {C}) does not fit "
+                             f"in shared memory: use a larger cluster or a smaller batch")
+        self.smem_bytes = self.front.smem_bytes + own + self.red_o.smem_bytes
+        check_smem(f"AttentionBlock(batch {B}, {G} query heads per KV head, cluster {C})", self.smem_bytes)
+
+    @cute.jit
+    def __call__(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mWqkv: cute.Tensor,
+                 mWo: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor,
+                 mV: cute.Tensor, mTable: cute.Tensor, mAttn: cute.Tensor, mHOut: cute.Tensor,
+                 mBar: cute.Tensor, mOut: cute.Tensor, stream):
+        self.kernel(mHidden, mResidual, mNormW, mWqkv, mWo, mCos, mSin, mPos, mK, mV, mTable, mAttn, mHOut,
+                    mBar, mOut).launch(grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
+                                       cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+    @cute.jit
+    def _rope_in_place(self, sPart: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor):
+        """RoPE on q (then scaled for exp2) and k; k and v rounded to the cache dtype."""
+        cfg = self.cfg
+        B, T, G, hd, R = cfg.batch, cfg.num_threads, cfg.group, cfg.head_dim, cfg.qkv_config().rows
+        tidx = cute.arch.thread_idx()[0]
+        half = hd // 2
+        for it in cutlass.range(tidx, B * (G + 1) * half, T, unroll=1):
+            b = it // ((G + 1) * half)
+            hs = (it // half) % (G + 1)
+            i = it % half
+            if const_expr(cfg.rope_style == "neox"):
+                d1 = i
+                d2 = i + half
+            else:
+                d1 = 2 * i
+                d2 = 2 * i + 1
+            prow = cutlass.min(cutlass.max(mPos[b], Int32(0)), Int32(min(cfg.max_len, cfg.max_positions) - 1))
+            c = mCos[prow, i]
+            s = mSin[prow, i]
+            x1 = sPart[b * R + hs * hd + d1]
+            x2 = sPart[b * R + hs * hd + d2]
+            r1 = x1 * c - x2 * s
+            r2 = x2 * c + x1 * s
+            if hs < G:
+                sPart[b * R + hs * hd + d1] = r1 * Float32(self.attn.scale)
+                sPart[b * R + hs * hd + d2] = r2 * Float32(self.attn.scale)
+            else:
+                sPart[b * R + hs * hd + d1] = Float32(self.dtype(r1))
+                sPart[b * R + hs * hd + d2] = Float32(self.dtype(r2))
+        for it in cutlass.range(tidx, B * hd, T, unroll=1):
+            b = it // hd
+            d = it % hd
+            sPart[b * R + (G + 1) * hd + d] = Float32(self.dtype(sPart[b * R + (G + 1) * hd + d]))
+
+    @cute.jit
+    def _token_range(self, mPos: cute.Tensor, b: Int32, rank: Int32):
+        """(pos, start, end, chunk): request b's new token is cached token pos;
+        this CTA attends to tokens [start, end) of [0, pos]."""
+        C = self.cfg.cluster_size
+        pos = cutlass.min(cutlass.max(mPos[b], Int32(0)), Int32(min(self.cfg.max_len, self.cfg.max_positions) - 1))
+        chunk = (pos + C) // C                      # ceil((pos + 1) / C)
+        start = rank * chunk
+        end = cutlass.min(pos + 1, start + chunk)
+        return pos, start, end, chunk
+
+    @cute.kernel
+    def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mWqkv: cute.Tensor,
+               mWo: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor,
+               mV: cute.Tensor, mTable: cute.Tensor, mAttn: cute.Tensor, mHOut: cute.Tensor,
+               mBar: cute.Tensor, mOut: cute.Tensor):
+        cfg = self.cfg
+        B, C, T, G, hd = cfg.batch, cfg.cluster_size, cfg.num_threads, cfg.group, cfg.head_dim
+        R = cfg.qkv_config().rows
+        NW = T // _WARP
+        NG, TPT = self.attn.groups, self.attn.tpt
+        tidx = cute.arch.thread_idx()[0]
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        g = bidx // C
+
+        smem = cutlass.memory.SmemAllocator()
+        qb = self.front.allocate(smem)
+        bufs_ml = self.gat_ml.allocate(smem)
+        bufs_o = self.red_o.allocate(smem)
+        sGM = smem.allocate_tensor(Float32, cute.make_layout((NG, G)), byte_alignment=16)
+        sGL = smem.allocate_tensor(Float32, cute.make_layout((NG, G)), byte_alignment=16)
+        sGO = smem.allocate_tensor(Float32, cute.make_layout((NG, G * hd)), byte_alignment=16)
+        sTile = smem.allocate_tensor(Float32, cute.make_layout(self.attn.tile_elems), byte_alignment=16)
+        sO = smem.allocate_tensor(Float32, cute.make_layout(B * G * hd), byte_alignment=16)
+        sML = smem.allocate_tensor(Float32, cute.make_layout(self.ml_elems), byte_alignment=16)
+        sRed = smem.allocate_tensor(Float32, cute.make_layout((NW, 16, B)), byte_alignment=16)
+        self.front.init(qb)
+        self.gat_ml.init(bufs_ml)
+        self.red_o.init(bufs_o)
+        cute.arch.cluster_arrive_relaxed()
+
+        # ================= phase A: one cluster per KV head
+        self.front.project(qb, mHidden, mResidual, mNormW, mWqkv, mHOut, g)
+        sPart = qb.sPart
+        self._rope_in_place(sPart, mCos, mSin, mPos)
+        cute.arch.barrier()
+        # KV append by the CTA whose KV range holds the new token
+        for it in cutlass.range(tidx, B * hd, T, unroll=1):
+            b = it // hd
+            d = it % hd
+            pos, start, end, chunk = self._token_range(mPos, b, rank)
+            if pos // chunk == rank:
+                self.front._cache_store(mK, mTable, b, pos, g, d, sPart[b * R + G * hd + d])
+                self.front._cache_store(mV, mTable, b, pos, g, d, sPart[b * R + (G + 1) * hd + d])
+        cute.arch.barrier()
+
+        d8 = tidx % TPT
+        for b in cutlass.range(B, unroll=1):
+            pos, start, end, chunk = self._token_range(mPos, b, rank)
+            q = cute.make_rmem_tensor((G, 8), Float32)
+            for h in cutlass.range_constexpr(G):
+                for j in cutlass.range_constexpr(8):
+                    q[h, j] = sPart[b * R + h * hd + d8 * 8 + j]
+            m, l, o = self.attn.new_state()
+            self.attn.attend(mK, mV, mTable, b, g, start, end, q, m, l, o)
+            self.attn.merge_groups(m, l, o, sGM, sGL, sGO, sTile)
+            for e in cutlass.range(tidx, G * hd, T, unroll=1):
+                sO[b * G * hd + e] = sTile[e]
+            for h in cutlass.range(tidx, G, T, unroll=1):
+                sML[(b * G + h) * 2] = sTile[G * hd + h]
+                sML[(b * G + h) * 2 + 1] = sTile[G * hd + G + h]
+        cute.arch.barrier()
+
+        # ---- merge over the cluster: (m, l) of every CTA, then o scaled and reduce-scattered
+        sAll = self.gat_ml.gather(bufs_ml, sML, Int32(0))
+        V = self.red_o.per_thread
+        n_o = self.red_o.num_elems                  # values per round: B / o_rounds requests
+        p0 = self.red_o.thread_offset(tidx)
+        for k in cutlass.range_constexpr(self.o_rounds):
+            frag = self.red_o.make_fragment()
+            for v in cutlass.range_constexpr(V):
+                p = k * n_o + p0 + v
+                bh = p // hd
+                mx = -Float32.inf
+                for r in cutlass.range_constexpr(C):
+                    mx = cute.arch.fmax(mx, sAll[2 * bh, r])
+                lsum = Float32(0.0)
+                for r in cutlass.range_constexpr(C):
+                    if sAll[2 * bh, r] != -Float32.inf:
+                        lsum = lsum + sAll[2 * bh + 1, r] * cute.math.exp2(sAll[2 * bh, r] - mx, fastmath=True)
+                wgt = Float32(0.0)
+                if sML[2 * bh] != -Float32.inf:
+                    wgt = cute.math.exp2(sML[2 * bh] - mx, fastmath=True) / lsum
+                frag[v] = sO[p] * wgt
+            res = self.red_o.reduce_scatter(bufs_o, frag, Int32(k))
+            if self.red_o.owns(tidx):
+                for v in cutlass.range_constexpr(V):
+                    p = k * n_o + tidx * V + v
+                    b = p // (G * hd)
+                    mAttn[b, g * G * hd + p % (G * hd)] = self.dtype(res[v])
+        self.gat_ml.release(bufs_ml, Int32(0))
+        cluster_sync()             # retires every collective of phase A
+
+        # ================= grid barrier: all of attn is written
+        self.gbar.sync(mBar)
+
+        # ================= phase B: output projection rows, full K, + h
+        N = cfg.grid
+        MT = cfg.hidden // 16
+        kw = cfg.o_k // NW
+        atom = mma_atom(mWo.element_type)
+        for i in cutlass.range_constexpr((MT + N - 1) // N):
+            mt = bidx + i * N
+            if mt < MT:
+                acc = new_acc(cfg.n_tiles)
+                warp_gemv_tile(atom, mWo, mt * 16, warp * kw, mAttn, acc, lane, kw // _STEP, cfg.n_tiles,
+                               cfg.unroll, B)
+                for nt in cutlass.range_constexpr(cfg.n_tiles):
+                    for e in cutlass.range_constexpr(4):
+                        rl, b = acc_coords(lane, nt, e)
+                        if b < B:
+                            sRed[warp, rl, b] = acc[e, nt]
+                cute.arch.barrier()
+                for e in cutlass.range(tidx, 16 * B, T, unroll=1):
+                    rl = e % 16
+                    b = e // 16
+                    tot = Float32(0.0)
+                    for wi in cutlass.range_constexpr(NW):
+                        tot = tot + sRed[wi, rl, b]
+                    row = mt * 16 + rl
+                    hv = Float32(mHidden[b, row])
+                    if const_expr(cfg.has_residual):
+                        hv = hv + Float32(mResidual[b, row])
+                    mOut[b, row] = self.dtype(hv + tot)
+                cute.arch.barrier()
