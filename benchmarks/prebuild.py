@@ -19,22 +19,60 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _unfused(batch, heads, kv_heads, hd, H, L, paged, residual, cluster=4):
+    """The three kernels of attention_block_unfused for these shapes (meta tensors: no memory)."""
+    import torch
+    from cf_cute.decode_attention import decode_attention_config
+    from cf_cute.gemv import splitk_gemv_config
+    from cf_cute.qkv_rope import qkv_rope_config
+    m = dict(device="meta", dtype=torch.bfloat16)
+    G = heads // kv_heads
+    kv = (batch * L // 16 + 5, 16, kv_heads, hd) if paged else (batch, L, kv_heads, hd)
+    table = torch.empty(batch, L // 16, dtype=torch.int32, device="meta") if paged else None
+    k = torch.empty(*kv, **m)
+    out = [qkv_rope_config(torch.empty(batch, H, **m), torch.empty(kv_heads, (G + 2) * hd, H, **m),
+                           torch.empty(L, hd // 2, dtype=torch.float32, device="meta"), k, table,
+                           num_heads=heads, num_kv_heads=kv_heads, cluster_size=cluster, rope_style="neox",
+                           eps=1e-5, has_residual=residual),
+           decode_attention_config(torch.empty(batch, heads, hd, **m), k, k, table, cluster),
+           splitk_gemv_config(torch.empty(batch, heads * hd, **m), torch.empty(H, heads * hd, **m), cluster,
+                              128, True)]
+    return out
+
+
 def _configs(contexts, batches):
     sys.path.insert(0, str(ROOT / "tests"))
     from test_attention_block import FUSED_CASES, fused_config
     from cf_cute.fused.attention_block import AttentionBlockConfig
-    out = [fused_config(*c) for c in FUSED_CASES]
+    out = [fused_config(*c) for c in FUSED_CASES if c[5] is not None]
+    out += _unfused(16, 32, 32, 128, 4096, 1024, False, True)            # the case that falls back
+    out += _unfused(5, 32, 32, 128, 4096, 1024, True, False)             # test_unfused_matches_reference
     for b in batches:                       # benchmarks/bench_attention.py, Llama-2-7B shape
         for ctx in contexts:
-            out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32, head_dim=128,
-                                            max_len=ctx + 1, max_positions=ctx + 1, cluster_size=4))
+            for c in (2, 4):
+                out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
+                                                head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
+                                                cluster_size=c))
+            if b == 16:
+                out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False)
     return out
 
 
 def _build(cfg):
+    from cf_cute import decode_attention, gemv, qkv_rope
     from cf_cute.attention import _fused_kernel
+    from cf_cute.fused.attention_block import AttentionBlockConfig, AttentionBlock
     t = time.time()
-    _fused_kernel(cfg)
+    if isinstance(cfg, AttentionBlockConfig):
+        try:
+            AttentionBlock(cfg)
+        except ValueError:                  # does not fit: nothing to build
+            return -1.0
+        _fused_kernel(cfg)
+    else:
+        mod = {"QKVRopeConfig": qkv_rope, "DecodeAttentionConfig": decode_attention,
+               "SplitKGemvConfig": gemv}[type(cfg).__name__]
+        mod._kernel(cfg)
     return time.time() - t
 
 
@@ -47,8 +85,7 @@ def main(argv=None) -> int:
     cfgs = _configs([int(c) for c in a.context.split(",")], [int(b) for b in a.batch.split(",")])
     with ProcessPoolExecutor(a.jobs) as ex:
         for cfg, dt in zip(cfgs, ex.map(_build, cfgs)):
-            print(f"{dt:6.1f} s  batch {cfg.batch} heads {cfg.num_heads}/{cfg.num_kv_heads} hidden {cfg.hidden} "
-                  f"max_len {cfg.max_len} cluster {cfg.cluster_size}", flush=True)
+            print(f"{dt:6.1f} s  {cfg}", flush=True)
     return 0
 
 

@@ -61,8 +61,9 @@ def pack_attention(weights: AttentionWeights, *, num_heads: int, num_kv_heads: i
 def attention_block_unfused(hidden: torch.Tensor, packed: PackedAttention, k_cache: torch.Tensor,
                             v_cache: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                             *, residual: torch.Tensor | None = None, page_table: torch.Tensor | None = None,
-                            cluster_size: int = 4) -> torch.Tensor:
-    """The same block as three launches (baseline for the fused kernel)."""
+                            cluster_size: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The same block as three launches (baseline for the fused kernel, and what
+    ``attention_block`` runs when no single-launch grid is resident at once)."""
     q, h = qkv_rope(hidden, packed.norm, packed.w_qkv, cos, sin, positions, k_cache, v_cache,
                     num_heads=packed.num_heads, num_kv_heads=packed.num_kv_heads, residual=residual,
                     page_table=page_table, cluster_size=cluster_size, rope_style=packed.rope_style,
@@ -71,7 +72,7 @@ def attention_block_unfused(hidden: torch.Tensor, packed: PackedAttention, k_cac
     if page_table is not None and page_table.device != hidden.device:
         page_table = page_table.to(hidden.device, non_blocking=True)
     o = decode_attention(q, k_cache, v_cache, lengths, page_table=page_table, cluster_size=cluster_size)
-    return splitk_gemv(o.view(o.shape[0], -1), packed.wo, residual=h, cluster_size=cluster_size)
+    return splitk_gemv(o.view(o.shape[0], -1), packed.wo, residual=h, cluster_size=cluster_size, out=out)
 
 
 def default_cluster_size(num_kv_heads: int, hidden: int, sm_count: int = 132) -> int:
@@ -147,13 +148,30 @@ def _fused_kernel(cfg: AttentionBlockConfig):
 
 
 @functools.lru_cache(maxsize=None)
-def _resident_ctas(cluster_size: int, device_index: int) -> int:
+def _resident_ctas(cfg: AttentionBlockConfig, device_index: int) -> int:
+    """CTAs of this kernel (its shared memory, block size, CTAs per SM) resident at once."""
     from cf_cute.primitives import max_resident_clusters
+    k = AttentionBlock(cfg)
     with torch.cuda.device(device_index):
-        return max_resident_clusters(cluster_size) * cluster_size
+        n = max_resident_clusters(cfg.cluster_size, k.smem_bytes, cfg.num_threads) * cfg.cluster_size
+    return n if k.ctas_per_sm > 1 else min(n, max_resident_clusters(cfg.cluster_size) * cfg.cluster_size)
 
 
 _workspaces: dict = {}
+
+
+def _auto_cluster(hidden, packed, k_cache, cos, page_table, has_residual: bool, dev: int) -> int | None:
+    for c in (16, 8, 4, 2):
+        if packed.num_kv_heads * c > 132 or hidden.shape[-1] % (32 * c):
+            continue
+        try:
+            cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=c,
+                                         has_residual=has_residual)
+        except ValueError:
+            continue
+        if hidden.device.type != "cuda" or cfg.grid <= _resident_ctas(cfg, dev):
+            return c
+    return None
 
 
 def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -163,10 +181,18 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
                     workspace: AttentionWorkspace | None = None) -> torch.Tensor:
     """One launch: (residual add) + RMSNorm + QKV + RoPE + KV append + decode
     attention + output projection + residual. Returns ``out [B, hidden]``.
+    ``cluster_size=None`` takes the largest cluster whose grid (one cluster per
+    KV head) is resident at once on this GPU, and falls back to
+    :func:`attention_block_unfused` when there is none (Llama-2-7B at batch 16:
+    its 128 CTAs of 216 KB do not fit the 120 SMs that hold clusters of 4).
     Positions on the CPU are range-checked before the launch; on the GPU they
     are clamped to the cache by the kernel (no host sync)."""
-    if cluster_size is None:
-        cluster_size = default_cluster_size(packed.num_kv_heads, hidden.shape[-1])
+    dev = hidden.device.index if hidden.device.index is not None else 0
+    if cluster_size is None:           # the largest cluster whose grid is resident at once
+        cluster_size = _auto_cluster(hidden, packed, k_cache, cos, page_table, residual is not None, dev)
+        if cluster_size is None:       # no single-launch grid fits this GPU: three launches
+            return attention_block_unfused(hidden, packed, k_cache, v_cache, positions, cos, sin,
+                                           residual=residual, page_table=page_table, out=out)
     cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=cluster_size,
                                  has_residual=residual is not None)
     B, H = hidden.shape
@@ -186,10 +212,9 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
         page_table = host_index_checked(page_table, 0, cfg.num_pages - 1, "page_table entries", hidden.device)
     if hidden.device.type != "cuda":
         raise ValueError(f"operands must be on a CUDA device, got {hidden.device}")
-    dev = hidden.device.index if hidden.device.index is not None else torch.cuda.current_device()
-    if cfg.grid > _resident_ctas(cluster_size, dev):
+    if cfg.grid > _resident_ctas(cfg, dev):
         raise ValueError(f"the fused attention block needs {cfg.grid} CTAs ({cfg.num_kv_heads} clusters of "
-                         f"{cluster_size}) resident at once; this GPU holds {_resident_ctas(cluster_size, dev)}: "
+                         f"{cluster_size}) resident at once; this GPU holds {_resident_ctas(cfg, dev)}: "
                          f"use a smaller cluster_size")
     if workspace is None:
         key = (cfg, dev)

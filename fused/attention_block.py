@@ -150,6 +150,9 @@ class AttentionBlock:
             raise ValueError(f"AttentionBlock(batch {B}, {G} query heads per KV head, cluster {C}) does not fit "
                              f"in shared memory: use a larger cluster or a smaller batch")
         self.smem_bytes = self.front.smem_bytes + own + self.red_o.smem_bytes
+        # two CTAs per SM when shared memory allows (registers are then capped at 128 a
+        # thread): clusters of 4 fill only 120 of the H100's 132 SMs at one CTA per SM
+        self.ctas_per_sm = 2 if 2 * (self.smem_bytes + 1024) <= 228 * 1024 else 1
         check_smem(f"AttentionBlock(batch {B}, {G} query heads per KV head, cluster {C})", self.smem_bytes)
 
     @cute.jit
@@ -159,7 +162,8 @@ class AttentionBlock:
                  mBar: cute.Tensor, mOut: cute.Tensor, stream):
         self.kernel(mHidden, mResidual, mNormW, mWqkv, mWo, mCos, mSin, mPos, mK, mV, mTable, mAttn, mHOut,
                     mBar, mOut).launch(grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
-                                       cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+                                       cluster=[self.cfg.cluster_size, 1, 1], stream=stream,
+                                       min_blocks_per_mp=self.ctas_per_sm, preferred_smem_carveout=100)
 
     @cute.jit
     def _rope_in_place(self, sPart: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor):

@@ -36,11 +36,45 @@ from cutlass import Int32
 __all__ = ["GridBarrier", "max_resident_clusters"]
 
 
-def max_resident_clusters(cluster_size: int) -> int:
-    """How many clusters of ``cluster_size`` CTAs (one CTA per SM, any shared
-    memory size) the current GPU runs at once; needs a GPU."""
+def max_resident_clusters(cluster_size: int, smem_bytes: int | None = None, num_threads: int = 128) -> int:
+    """How many clusters of ``cluster_size`` CTAs the current GPU runs at once
+    (needs a GPU). ``smem_bytes=None`` assumes one CTA per SM (any shared
+    memory size); otherwise CTAs of ``num_threads`` threads using ``smem_bytes``
+    of dynamic shared memory, whose registers allow as many CTAs per SM as
+    shared memory does (launch them with ``min_blocks_per_mp`` to be sure).
+
+    On the H100 SXM measured here, one CTA per SM holds only 30 clusters of 4
+    (120 CTAs): clusters live inside a GPC and the GPCs have 14 to 18 SMs."""
+    try:                                     # the driver calls below need a current context
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.current_device()
+            torch.empty(1, device="cuda")
+    except ImportError:
+        pass
     from cutlass.utils import HardwareInfo
-    return HardwareInfo().get_max_active_clusters(cluster_size)
+    hw = HardwareInfo()
+    if smem_bytes is None:
+        return hw.get_max_active_clusters(cluster_size)
+    from cuda.bindings import driver
+    # HardwareInfo's occupancy probe, with this kernel's block size and shared memory
+    fn = hw._get_device_function()
+    hw._checkCudaErrors(driver.cuFuncSetAttribute(
+        fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes))
+    hw._checkCudaErrors(driver.cuFuncSetAttribute(
+        fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1))
+    cfg = driver.CUlaunchConfig()
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = num_threads, 1, 1
+    cfg.sharedMemBytes = smem_bytes
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    val = driver.CUlaunchAttributeValue()
+    val.clusterDim.x, val.clusterDim.y, val.clusterDim.z = cluster_size, 1, 1
+    attr.value = val
+    cfg.numAttrs = 1
+    cfg.attrs = [attr]
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = cluster_size, 1, 1
+    return hw._checkCudaErrors(driver.cuOccupancyMaxActiveClusters(fn, cfg))
 
 
 class GridBarrier:
