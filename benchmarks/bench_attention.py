@@ -22,7 +22,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from cf_cute.attention import attention_block, attention_block_unfused, pack_attention
+from cf_cute.attention import AttentionTuning, attention_block, attention_block_unfused, pack_attention
+
+# tuning variants timed with --variants (name -> AttentionTuning), at the auto cluster size
+VARIANTS = {"unroll4": AttentionTuning(unroll=4), "no-prefetch": AttentionTuning(l2_prefetch=False),
+            "attn-unroll8": AttentionTuning(attn_unroll=8)}
 from cf_cute.reference import AttentionWeights, rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -80,7 +84,8 @@ def graphed(fn):
     return g
 
 
-def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: float, clusters, unfused: bool):
+def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: float, clusters, unfused: bool,
+        variants=()):
     dev, dt = "cuda", torch.bfloat16
     hd = 128
     L = ctx + 1
@@ -101,17 +106,21 @@ def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: 
         items.append((w, pack_attention(w, num_heads=heads, num_kv_heads=kv_heads), kc, vc, hidden))
     results = {}
     names = (["torch eager", "torch graph", "cf_cute auto"] + [f"fused C={c}" for c in clusters]
-             + (["3 launches"] if unfused else []))
+             + [f"auto {v}" for v in variants] + (["3 launches"] if unfused else []))
     for name in names:
         fns = []
         for w, packed, kc, vc, hidden in items:
             if name.startswith("torch"):
                 blk = TorchBlock(w, heads, kv_heads, cos, sin, ctx)
                 fns.append(lambda blk=blk, h=hidden, kc=kc, vc=vc: blk(h, kc, vc, positions))
-            elif name.startswith("fused") or name == "cf_cute auto":
+            elif name.startswith("fused") or name.startswith("cf_cute auto"):
                 c = int(name.split("=")[1]) if "=" in name else None
                 fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc, c=c:
                            attention_block(h, p, kc, vc, positions, cos, sin, cluster_size=c))
+            elif name.startswith("auto "):
+                t = VARIANTS[name[5:]]
+                fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc, t=t:
+                           attention_block(h, p, kc, vc, positions, cos, sin, tuning=t))
             else:
                 fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc:
                            attention_block_unfused(h, p, kc, vc, positions, cos, sin))
@@ -141,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-gb", type=float, default=40.0, help="device memory for the rotating sets")
     ap.add_argument("--clusters", default="", help="cluster sizes of the fused kernel (default: its heuristic)")
     ap.add_argument("--unfused", action="store_true", help="also time the three-launch composition")
+    ap.add_argument("--variants", default="", help=f"tuning variants, from {sorted(VARIANTS)}")
     a = ap.parse_args(argv)
     clusters = [int(c) for c in a.clusters.split(",")] if a.clusters else []
     bw = read_bandwidth_gbs()
@@ -149,7 +159,8 @@ def main(argv=None) -> int:
         for ctx in (int(c) for c in a.context.split(",")):
             per_set = 2 * batch * (ctx + 1) * a.kv_heads * 128 * 2 + 2 * (a.heads + a.kv_heads) * 128 * a.hidden * 2
             sets = max(2, min(8, int(a.budget_gb * 1e9 // per_set)))
-            res, floor_us, nbytes = run(ctx, batch, a.heads, a.kv_heads, a.hidden, sets, bw, clusters, a.unfused)
+            res, floor_us, nbytes = run(ctx, batch, a.heads, a.kv_heads, a.hidden, sets, bw, clusters, a.unfused,
+                                        [v for v in a.variants.split(",") if v])
             for name in res:
                 if name.startswith("torch"):
                     continue

@@ -21,6 +21,7 @@ that share a workspace must not run concurrently on different streams; pass
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -35,7 +36,15 @@ from cf_cute.reference import AttentionWeights
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked
 
 __all__ = ["PackedAttention", "pack_attention", "attention_block", "attention_block_unfused",
-           "attention_block_config", "default_cluster_size", "AttentionWorkspace", "arg_specs"]
+           "attention_block_config", "default_cluster_size", "AttentionWorkspace", "AttentionTuning", "arg_specs"]
+
+
+@dataclass(frozen=True)
+class AttentionTuning:
+    """Knobs of the fused kernel that change speed, never results."""
+    unroll: int = 8              # MMA steps of weight loads in flight per warp
+    attn_unroll: int = 4         # KV tokens per token group loaded together
+    l2_prefetch: bool = True     # L2 prefetch of the first QKV tile and of the W_o rows
 
 
 @dataclass
@@ -85,7 +94,7 @@ def default_cluster_size(num_kv_heads: int, hidden: int, sm_count: int = 132) ->
 
 
 def attention_block_config(hidden, packed: PackedAttention, k_cache, cos, page_table, *, cluster_size: int,
-                           has_residual: bool) -> AttentionBlockConfig:
+                           has_residual: bool, tuning: AttentionTuning | None = None) -> AttentionBlockConfig:
     check_tensor("hidden", hidden, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
     B, H = hidden.shape
     nh, nkv = packed.num_heads, packed.num_kv_heads
@@ -98,7 +107,8 @@ def attention_block_config(hidden, packed: PackedAttention, k_cache, cos, page_t
     check_tensor("k_cache", k_cache, dtype=hidden.dtype, shape=(None, None, nkv, hd), cuda=False)
     common = dict(batch=B, hidden=H, num_heads=nh, num_kv_heads=nkv, head_dim=hd, max_positions=cos.shape[0],
                   cluster_size=cluster_size, rope_style=packed.rope_style, eps=packed.eps,
-                  has_residual=has_residual, dtype=dtype_name(hidden.dtype))
+                  has_residual=has_residual, dtype=dtype_name(hidden.dtype),
+                  **dataclasses.asdict(tuning or AttentionTuning()))
     if page_table is None:
         if k_cache.shape[0] != B:
             raise ValueError(f"contiguous k_cache must be [B={B}, max_len, kv_heads, hd], got {list(k_cache.shape)}")
@@ -160,17 +170,18 @@ def _resident_ctas(cfg: AttentionBlockConfig, device_index: int) -> int:
 _workspaces: dict = {}
 
 
-def _auto_cluster(hidden, packed, k_cache, cos, page_table, has_residual: bool, dev: int) -> int | None:
+def _auto_cluster(hidden, packed, k_cache, cos, page_table, has_residual: bool, dev: int,
+                  tuning: AttentionTuning | None) -> int | None:
     for c in (16, 8, 4, 2):
         if packed.num_kv_heads * c > 132 or hidden.shape[-1] % (32 * c):
             continue
         try:
             cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=c,
-                                         has_residual=has_residual)
-        except ValueError:
+                                         has_residual=has_residual, tuning=tuning)
+            if hidden.device.type != "cuda" or cfg.grid <= _resident_ctas(cfg, dev):
+                return c
+        except ValueError:               # invalid or over the shared-memory limit at this size
             continue
-        if hidden.device.type != "cuda" or cfg.grid <= _resident_ctas(cfg, dev):
-            return c
     return None
 
 
@@ -178,7 +189,8 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
                     positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                     residual: torch.Tensor | None = None, page_table: torch.Tensor | None = None,
                     cluster_size: int | None = None, out: torch.Tensor | None = None,
-                    workspace: AttentionWorkspace | None = None) -> torch.Tensor:
+                    workspace: AttentionWorkspace | None = None,
+                    tuning: AttentionTuning | None = None) -> torch.Tensor:
     """One launch: (residual add) + RMSNorm + QKV + RoPE + KV append + decode
     attention + output projection + residual. Returns ``out [B, hidden]``.
     ``cluster_size=None`` takes the largest cluster whose grid (one cluster per
@@ -189,12 +201,12 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
     are clamped to the cache by the kernel (no host sync)."""
     dev = hidden.device.index if hidden.device.index is not None else 0
     if cluster_size is None:           # the largest cluster whose grid is resident at once
-        cluster_size = _auto_cluster(hidden, packed, k_cache, cos, page_table, residual is not None, dev)
+        cluster_size = _auto_cluster(hidden, packed, k_cache, cos, page_table, residual is not None, dev, tuning)
         if cluster_size is None:       # no single-launch grid fits this GPU: three launches
             return attention_block_unfused(hidden, packed, k_cache, v_cache, positions, cos, sin,
                                            residual=residual, page_table=page_table, out=out)
     cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=cluster_size,
-                                 has_residual=residual is not None)
+                                 has_residual=residual is not None, tuning=tuning)
     B, H = hidden.shape
     check_tensor("sin", sin, dtype=torch.float32, shape=tuple(cos.shape), cuda=False, align=4)
     check_tensor("v_cache", v_cache, dtype=hidden.dtype, shape=tuple(k_cache.shape), cuda=False)

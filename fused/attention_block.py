@@ -49,7 +49,7 @@ from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from ._attn_shape import AttnShape
 from .decode_attention import DecodeAttention, DecodeAttentionConfig
-from .mma_gemv import acc_coords, mma_atom, new_acc, warp_gemv_tile
+from .mma_gemv import acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile
 from .qkv_rope import QKVRope, QKVRopeConfig
 
 __all__ = ["AttentionBlockConfig", "AttentionBlock"]
@@ -78,6 +78,7 @@ class AttentionBlockConfig(AttnShape):
     num_threads: int = 256
     unroll: int = 8               # MMA steps of weight loads in flight per warp
     attn_unroll: int = 4          # tokens per token group loaded together
+    l2_prefetch: bool = True      # first QKV tile before the norm, W_o rows before the grid barrier
 
     @property
     def grid(self) -> int:
@@ -99,7 +100,7 @@ class AttentionBlockConfig(AttnShape):
                              paged=self.paged, page_size=self.page_size, num_pages=self.num_pages,
                              rope_style=self.rope_style, eps=self.eps, has_residual=self.has_residual,
                              dtype=self.dtype, num_threads=self.num_threads, unroll=self.unroll,
-                             smem_budget=smem_budget)
+                             smem_budget=smem_budget, l2_prefetch=self.l2_prefetch)
 
     def attention_config(self) -> DecodeAttentionConfig:
         return DecodeAttentionConfig(batch=self.batch, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -275,6 +276,11 @@ class AttentionBlock:
                 sML[(b * G + h) * 2] = sTile[G * hd + h]
                 sML[(b * G + h) * 2 + 1] = sTile[G * hd + G + h]
         cute.arch.barrier()
+        if const_expr(cfg.l2_prefetch):            # this CTA's phase-B rows of W_o, while the merge runs
+            MT0 = cfg.hidden // 16
+            for i in cutlass.range_constexpr((MT0 + cfg.grid - 1) // cfg.grid):
+                if warp == i and bidx + i * cfg.grid < MT0:
+                    prefetch_rows_l2(mWo, (bidx + i * cfg.grid) * 16, 16, Int32(0), cfg.o_k, lane)
 
         # ---- merge over the cluster: (m, l) of every CTA, then o scaled and reduce-scattered
         sAll = self.gat_ml.gather(bufs_ml, sML, Int32(0))

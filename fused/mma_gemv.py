@@ -33,8 +33,9 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
+from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
-__all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "acc_coords"]
+__all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "acc_coords", "prefetch_rows_l2"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
 # read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,
@@ -141,3 +142,14 @@ def warp_gemv_tile(atom, mW: cute.Tensor, row0: Int32, k0: Int32, sX: cute.Tenso
                 _load_w(mW, row0, kv0, lane, (blk + 1) * unroll + u, wbuf, nxt + u, sX, xbuf, x_rows, n_tiles)
         for u in cutlass.range_constexpr(min(unroll, k_steps - blk * unroll)):
             _mma_step(atom, acc, wbuf, cur + u, sX, lane, blk * unroll + u, n_tiles, xbuf, x_rows)
+
+
+@cute.jit
+def prefetch_rows_l2(mW: cute.Tensor, row0: Int32, n_rows: cutlass.Constexpr[int], k0: Int32,
+                     k_len: cutlass.Constexpr[int], lane: Int32):
+    """Lanes ``0 .. n_rows-1`` of a warp ask L2 for ``W[row0 + lane, k0:k0+k_len]``
+    (``cp.async.bulk.prefetch.L2``, one instruction per row, nothing waits): the
+    HBM reads of a later tile start while the warp does something else."""
+    if lane < n_rows:
+        off = (row0 + lane) * cute.size(mW, mode=[1]) + k0
+        cp_async_bulk_prefetch(mW.iterator + off, k_len * mW.element_type.width // 8)

@@ -36,7 +36,7 @@ from cf_cute.primitives import ClusterReduce, cluster_sync
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from ._attn_shape import AttnShape
-from .mma_gemv import acc_coords, mma_atom, new_acc, warp_gemv_tile, x_smem_layout
+from .mma_gemv import acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile, x_smem_layout
 
 __all__ = ["QKVRopeConfig", "QKVRope", "QKVBuffers"]
 
@@ -65,6 +65,7 @@ class QKVRopeConfig(AttnShape):
     num_threads: int = 256
     unroll: int = 8
     smem_budget: int = SMEM_LIMIT_BYTES   # bytes this stage may use (less when fused into a larger kernel)
+    l2_prefetch: bool = True      # each warp's first weight tile is requested before the norm
 
     @property
     def n_tiles(self) -> int:
@@ -186,6 +187,9 @@ class QKVRope:
         k0 = rank * Hc
         bufs_n, bufs_q = bufs.red_norm, bufs.red_qkv
         sH, sPart, sSS, sX = bufs.sH, bufs.sPart, bufs.sSS, bufs.sX
+        if const_expr(cfg.l2_prefetch):
+            if warp < R // 16:
+                prefetch_rows_l2(mW[g, None, None], warp * 16, 16, k0, Hc, lane)
 
         # ---- h = hidden (+ residual) for this slice; partial sums of squares
         for b in cutlass.range_constexpr(B):

@@ -111,7 +111,9 @@ def test_fused_is_deterministic_graph_capturable_and_writes_every_output():
     case = FUSED_CASES[1]
     out, ref, kc, vc, _, args, kw = _run_case(case, attention_block)
     hidden, packed, _, _, positions, cos, sin = args
-    positions = positions.cuda()                       # device positions: no host sync
+    positions = positions.cuda()                       # device positions and table: no host sync
+    if kw["page_table"] is not None:
+        kw["page_table"] = kw["page_table"].cuda()
     k2, v2 = kc.clone(), vc.clone()                    # the append rewrites the same slots
     poisoned = torch.full_like(out, float("nan"))
     again = attention_block(hidden, packed, k2, v2, positions, cos, sin, out=poisoned, **kw)
