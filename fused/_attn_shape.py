@@ -48,6 +48,12 @@ class AttnShape:
             raise ValueError(f"at most 8 query heads per KV head, got {self.group}")
         if not 1 <= self.batch <= 16:
             raise ValueError(f"batch must be in 1..16, got {self.batch}")
+        n = 1
+        for d in self.kv_shape:
+            n *= d
+        if n >= 2**31:
+            raise ValueError(f"each KV cache holds {n} elements; caches of 2^31 elements or more need 64-bit "
+                             f"indexing, which the kernels do not do yet (split the cache or the batch)")
         if self.paged:
             if self.page_size < 16 or self.page_size & (self.page_size - 1):
                 raise ValueError(f"page_size must be a power of two >= 16, got {self.page_size}")

@@ -61,6 +61,7 @@ def test_fused_compiles_with_dsmem_and_grid_barrier(case):
     cfg = fused_config(*case)
     ptx = compile_for_inspection(AttentionBlock, cfg, arg_specs(cfg)).__ptx__
     assert "st.async.shared::cluster" in ptx and "mma.sync.aligned.m16n8k16" in ptx
+    assert "cp.async.bulk.prefetch.L2" in ptx
     assert "atom.global.acq_rel.add" in ptx                      # the grid barrier, integers only
     assert "atom.global.add.f" not in ptx and "red.global.add.f" not in ptx
 
@@ -70,6 +71,8 @@ def test_fused_config_errors():
         fused_config(64, 4, 128, 4096, 1, 4, False, False, "neox").validate()
     with pytest.raises(ValueError, match="multiple of cluster_size"):
         AttentionBlock(fused_config(32, 32, 128, 4000, 1, 4, False, False, "neox"))
+    with pytest.raises(ValueError, match="64-bit indexing"):            # 16 x 32769 x 32 x 128 >= 2^31
+        fused_config(32, 32, 128, 4096, 16, 4, False, False, "neox", L=32769).validate()
     with pytest.raises(ValueError, match="does not fit"):
         AttentionBlock(fused_config(32, 8, 128, 4096, 16, 1, False, False, "neox"))
 
