@@ -5,7 +5,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${OUT:-gpu_logs}; mkdir -p "$LOG"
-export CF_CUTE_CACHE_DIR=${CF_CUTE_CACHE_DIR:-/tmp/cf_cute_cache}
+# kernels prebuilt on the CPU machine (benchmarks/prebuild.py) load from .device/cfcache
+export CF_CUTE_CACHE_DIR=${CF_CUTE_CACHE_DIR:-$PWD/.device/cfcache}
 export CF_CUTE_COMMIT=${CF_CUTE_COMMIT:-unknown}
 python -m pip install -q --no-deps --no-build-isolation -e . > "$LOG/pip.log" 2>&1 || { tail "$LOG/pip.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$LOG/gpu.txt"

@@ -1,8 +1,9 @@
 """``python -m cf_cute [main|compile-all|bench]``
 
-``main`` (the default): on a Hopper GPU, run the benchmarks that exist so far
-(cluster primitives against the global-memory exchange, host overhead per
-call) and print their tables; without a GPU, compile every kernel of the
+``main`` (the default): on a Hopper GPU, run the benchmarks (the fused
+attention block on the Llama-2-7B shape with random weights against torch
+eager and CUDA graphs, the cluster primitives against the global-memory
+exchange, host overhead per call) and print their tables; without a GPU, compile every kernel of the
 catalog for sm_90a, check the PTX for the cluster instructions the design
 relies on, and say that no GPU was used.
 """
@@ -64,9 +65,10 @@ def bench(argv: list[str]) -> int:
         return 2
     sys.path.insert(0, str(BENCH_DIR))
     rc = 0
-    for script in ("bench_primitives.py", "bench_host_overhead.py"):
+    for script, default in (("bench_attention.py", ["--context", "1024,4096", "--batch", "1,16"]),
+                            ("bench_primitives.py", []), ("bench_host_overhead.py", [])):
         print(f"== {script}", flush=True)
-        sys.argv = [script] + argv
+        sys.argv = [script] + (argv or default)
         try:
             runpy.run_path(str(BENCH_DIR / script), run_name="__main__")
         except SystemExit as e:

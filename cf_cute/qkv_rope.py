@@ -1,7 +1,6 @@
 """Torch-facing fused (residual add) + RMSNorm + QKV + RoPE + KV append.
 
-STATUS: compiled for sm_90a and checked on the CPU; its GPU tests
-(tests/test_qkv_rope.py) have not run yet.
+STATUS: GPU-tested on an H100.
 
     w_qkv = pack_qkv(wq, wk, wv, num_heads, num_kv_heads)      # once, at load time
     q, h = qkv_rope(hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache,
