@@ -49,7 +49,7 @@ from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from ._attn_shape import AttnShape
 from .decode_attention import DecodeAttention, DecodeAttentionConfig
-from .mma_gemv import acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile
+from .mma_gemv import acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile, warp_gemv_tiles
 from .qkv_rope import QKVRope, QKVRopeConfig
 
 __all__ = ["AttentionBlockConfig", "AttentionBlock"]
@@ -79,6 +79,8 @@ class AttentionBlockConfig(AttnShape):
     unroll: int = 8               # MMA steps of weight loads in flight per warp
     attn_unroll: int = 4          # tokens per token group loaded together
     l2_prefetch: bool = True      # first QKV tile before the norm, W_o rows before the grid barrier
+    pipeline_tiles: bool = True   # one load pipeline across a warp's row tiles (QKV and W_o)
+    early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
 
     @property
     def grid(self) -> int:
@@ -100,7 +102,8 @@ class AttentionBlockConfig(AttnShape):
                              paged=self.paged, page_size=self.page_size, num_pages=self.num_pages,
                              rope_style=self.rope_style, eps=self.eps, has_residual=self.has_residual,
                              dtype=self.dtype, num_threads=self.num_threads, unroll=self.unroll,
-                             smem_budget=smem_budget, l2_prefetch=self.l2_prefetch)
+                             smem_budget=smem_budget, l2_prefetch=self.l2_prefetch,
+                             pipeline_tiles=self.pipeline_tiles)
 
     def attention_config(self) -> DecodeAttentionConfig:
         return DecodeAttentionConfig(batch=self.batch, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -202,6 +205,15 @@ class AttentionBlock:
             sPart[b * R + (G + 1) * hd + d] = Float32(self.dtype(sPart[b * R + (G + 1) * hd + d]))
 
     @cute.jit
+    def _prefetch_wo(self, mWo: cute.Tensor, bidx: Int32, warp: Int32, lane: Int32):
+        """Ask L2 for this CTA's phase-B rows of W_o (warp i: tile i)."""
+        cfg = self.cfg
+        MT = cfg.hidden // 16
+        for i in cutlass.range_constexpr((MT + cfg.grid - 1) // cfg.grid):
+            if warp == i and bidx + i * cfg.grid < MT:
+                prefetch_rows_l2(mWo, (bidx + i * cfg.grid) * 16, 16, Int32(0), cfg.o_k, lane)
+
+    @cute.jit
     def _token_range(self, mPos: cute.Tensor, b: Int32, rank: Int32):
         """(pos, start, end, chunk): request b's new token is cached token pos;
         this CTA attends to tokens [start, end) of [0, pos]."""
@@ -260,6 +272,8 @@ class AttentionBlock:
                 self.front._cache_store(mV, mTable, b, pos, g, d, sPart[b * R + (G + 1) * hd + d])
         cute.arch.barrier()
 
+        if const_expr(cfg.l2_prefetch and cfg.early_wo_prefetch):       # W_o rows, while attention runs
+            self._prefetch_wo(mWo, bidx, warp, lane)
         d8 = tidx % TPT
         for b in cutlass.range(B, unroll=1):
             pos, start, end, chunk = self._token_range(mPos, b, rank)
@@ -276,11 +290,8 @@ class AttentionBlock:
                 sML[(b * G + h) * 2] = sTile[G * hd + h]
                 sML[(b * G + h) * 2 + 1] = sTile[G * hd + G + h]
         cute.arch.barrier()
-        if const_expr(cfg.l2_prefetch):            # this CTA's phase-B rows of W_o, while the merge runs
-            MT0 = cfg.hidden // 16
-            for i in cutlass.range_constexpr((MT0 + cfg.grid - 1) // cfg.grid):
-                if warp == i and bidx + i * cfg.grid < MT0:
-                    prefetch_rows_l2(mWo, (bidx + i * cfg.grid) * 16, 16, Int32(0), cfg.o_k, lane)
+        if const_expr(cfg.l2_prefetch and not cfg.early_wo_prefetch):   # W_o rows, while the merge runs
+            self._prefetch_wo(mWo, bidx, warp, lane)
 
         # ---- merge over the cluster: (m, l) of every CTA, then o scaled and reduce-scattered
         sAll = self.gat_ml.gather(bufs_ml, sML, Int32(0))
@@ -320,12 +331,19 @@ class AttentionBlock:
         MT = cfg.hidden // 16
         kw = cfg.o_k // NW
         atom = mma_atom(mWo.element_type)
-        for i in cutlass.range_constexpr((MT + N - 1) // N):
+        count = (MT + N - 1) // N
+        if const_expr(cfg.pipeline_tiles):
+            accs = warp_gemv_tiles(atom, mWo, bidx, N, MT, count, warp * kw, mAttn, lane, kw // _STEP,
+                                   cfg.n_tiles, cfg.unroll, B)
+        for i in cutlass.range_constexpr(count):
             mt = bidx + i * N
             if mt < MT:
-                acc = new_acc(cfg.n_tiles)
-                warp_gemv_tile(atom, mWo, mt * 16, warp * kw, mAttn, acc, lane, kw // _STEP, cfg.n_tiles,
-                               cfg.unroll, B)
+                if const_expr(cfg.pipeline_tiles):
+                    acc = accs[None, None, i]
+                else:
+                    acc = new_acc(cfg.n_tiles)
+                    warp_gemv_tile(atom, mWo, mt * 16, warp * kw, mAttn, acc, lane, kw // _STEP, cfg.n_tiles,
+                                   cfg.unroll, B)
                 for nt in cutlass.range_constexpr(cfg.n_tiles):
                     for e in cutlass.range_constexpr(4):
                         rl, b = acc_coords(lane, nt, e)

@@ -35,7 +35,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
-__all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "acc_coords", "prefetch_rows_l2"]
+__all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles", "acc_coords",
+           "prefetch_rows_l2"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
 # read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,
@@ -153,3 +154,38 @@ def prefetch_rows_l2(mW: cute.Tensor, row0: Int32, n_rows: cutlass.Constexpr[int
     if lane < n_rows:
         off = (row0 + lane) * cute.size(mW, mode=[1]) + k0
         cp_async_bulk_prefetch(mW.iterator + off, k_len * mW.element_type.width // 8)
+
+
+@cute.jit
+def warp_gemv_tiles(atom, mW: cute.Tensor, first_tile: Int32, tile_stride: cutlass.Constexpr[int],
+                    total_tiles: cutlass.Constexpr[int], count: cutlass.Constexpr[int], k0: Int32,
+                    sX: cute.Tensor, lane: Int32, k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
+                    unroll: cutlass.Constexpr[int], x_rows: cutlass.Constexpr[int] = 0) -> cute.Tensor:
+    """:func:`warp_gemv_tile` over ``count`` 16-row tiles ``first_tile + j * tile_stride``
+    of ``W`` as one load pipeline: the first block of tile j+1 is loaded while tile
+    j's last block is multiplied, so the warp never waits for a cold start between
+    tiles. Tiles past ``total_tiles`` repeat the last tile (the caller ignores
+    them). Returns the accumulators ``acc[4, n_tiles, count]`` (fp32)."""
+    dt = mW.element_type
+    kv0 = k0 // 8
+    n_blocks = (k_steps + unroll - 1) // unroll
+    acc = cute.make_rmem_tensor(cute.make_layout((4, n_tiles, count)), Float32)
+    acc.fill(0.0)
+    rows = [cutlass.min(first_tile + j * tile_stride, Int32(total_tiles - 1)) * 16 for j in range(count)]
+    seq = [(j, blk) for j in range(count) for blk in range(n_blocks)]
+    wbuf = cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt)
+    xbuf = cute.make_rmem_tensor(cute.make_layout((8, n_tiles if x_rows > 0 else 1, 2 * unroll)), dt)
+    for u in cutlass.range_constexpr(min(unroll, k_steps)):
+        _load_w(mW, rows[0], kv0, lane, u, wbuf, u, sX, xbuf, x_rows, n_tiles)
+    for i in cutlass.range_constexpr(len(seq)):
+        j, blk = seq[i]
+        cur = (i % 2) * unroll
+        if const_expr(i + 1 < len(seq)):
+            j2, blk2 = seq[i + 1]
+            nxt = ((i + 1) % 2) * unroll
+            for u in cutlass.range_constexpr(min(unroll, k_steps - blk2 * unroll)):
+                _load_w(mW, rows[j2], kv0, lane, blk2 * unroll + u, wbuf, nxt + u, sX, xbuf, x_rows, n_tiles)
+        acc_j = acc[None, None, j]
+        for u in cutlass.range_constexpr(min(unroll, k_steps - blk * unroll)):
+            _mma_step(atom, acc_j, wbuf, cur + u, sX, lane, blk * unroll + u, n_tiles, xbuf, x_rows)
+    return acc

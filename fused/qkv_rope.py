@@ -37,7 +37,8 @@ from cf_cute.primitives import ClusterReduce, cluster_sync
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from ._attn_shape import AttnShape
-from .mma_gemv import acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile, x_smem_layout
+from .mma_gemv import (acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile, warp_gemv_tiles,
+                       x_smem_layout)
 
 __all__ = ["QKVRopeConfig", "QKVRope", "QKVBuffers"]
 
@@ -67,6 +68,7 @@ class QKVRopeConfig(AttnShape):
     unroll: int = 8
     smem_budget: int = SMEM_LIMIT_BYTES   # bytes this stage may use (less when fused into a larger kernel)
     l2_prefetch: bool = True      # each warp's first weight tile is requested before the norm
+    pipeline_tiles: bool = True   # one load pipeline across a warp's row tiles (no cold start per tile)
 
     @property
     def n_tiles(self) -> int:
@@ -242,14 +244,27 @@ class QKVRope:
         # ---- split-K GEMV over this CTA's slice on tensor cores: part[b, row]
         atom = mma_atom(mW.element_type)
         mWg = mW[g, None, None]
-        for mt in cutlass.range(warp, R // 16, NW, unroll=1):
-            acc = new_acc(cfg.n_tiles)
-            warp_gemv_tile(atom, mWg, mt * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll)
-            for nt in cutlass.range_constexpr(cfg.n_tiles):
-                for e in cutlass.range_constexpr(4):
-                    rl, b = acc_coords(lane, nt, e)
-                    if b < B:
-                        sPart[b * R + mt * 16 + rl] = acc[e, nt]
+        if const_expr(cfg.pipeline_tiles):
+            count = (R // 16 + NW - 1) // NW
+            accs = warp_gemv_tiles(atom, mWg, warp, NW, R // 16, count, k0, sX, lane, Hc // _STEP, cfg.n_tiles,
+                                   cfg.unroll)
+            for j in cutlass.range_constexpr(count):
+                mt = warp + j * NW
+                if mt < R // 16:
+                    for nt in cutlass.range_constexpr(cfg.n_tiles):
+                        for e in cutlass.range_constexpr(4):
+                            rl, b = acc_coords(lane, nt, e)
+                            if b < B:
+                                sPart[b * R + mt * 16 + rl] = accs[e, nt, j]
+        else:
+            for mt in cutlass.range(warp, R // 16, NW, unroll=1):
+                acc = new_acc(cfg.n_tiles)
+                warp_gemv_tile(atom, mWg, mt * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll)
+                for nt in cutlass.range_constexpr(cfg.n_tiles):
+                    for e in cutlass.range_constexpr(4):
+                        rl, b = acc_coords(lane, nt, e)
+                        if b < B:
+                            sPart[b * R + mt * 16 + rl] = acc[e, nt]
         cute.arch.barrier()
         fq = self.red_qkv.make_fragment()
         pq = self.red_qkv.thread_offset(tidx)
