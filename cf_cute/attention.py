@@ -45,7 +45,7 @@ class AttentionTuning:
     unroll: int = 8              # MMA steps of weight loads in flight per warp
     attn_unroll: int = 4         # KV tokens per token group loaded together
     l2_prefetch: bool = True     # L2 prefetch of the first QKV tile and of the W_o rows
-    pipeline_tiles: bool = True  # one load pipeline across each warp's row tiles
+    pipeline_tiles: bool = False  # one load pipeline across each warp's row tiles (measured slower)
     early_wo_prefetch: bool = False  # W_o rows asked for before the attention loop instead of after
 
 

@@ -79,7 +79,7 @@ class AttentionBlockConfig(AttnShape):
     unroll: int = 8               # MMA steps of weight loads in flight per warp
     attn_unroll: int = 4          # tokens per token group loaded together
     l2_prefetch: bool = True      # first QKV tile before the norm, W_o rows before the grid barrier
-    pipeline_tiles: bool = True   # one load pipeline across a warp's row tiles (QKV and W_o)
+    pipeline_tiles: bool = False  # one load pipeline across a warp's row tiles (slower: docs/NOTES.md)
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
 
     @property

@@ -68,7 +68,7 @@ class QKVRopeConfig(AttnShape):
     unroll: int = 8
     smem_budget: int = SMEM_LIMIT_BYTES   # bytes this stage may use (less when fused into a larger kernel)
     l2_prefetch: bool = True      # each warp's first weight tile is requested before the norm
-    pipeline_tiles: bool = True   # one load pipeline across a warp's row tiles (no cold start per tile)
+    pipeline_tiles: bool = False  # one load pipeline across a warp's row tiles (slower: docs/NOTES.md)
 
     @property
     def n_tiles(self) -> int:
