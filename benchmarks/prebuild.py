@@ -49,8 +49,7 @@ def _configs(contexts, batches):
     out += _unfused(5, 32, 32, 128, 4096, 1024, True, False)             # test_unfused_matches_reference
     for b in batches:                       # benchmarks/bench_attention.py, Llama-2-7B shape
         for ctx in contexts:
-            for c, tune in ((4, {}), (4, dict(pipeline_tiles=True)), (4, dict(early_wo_prefetch=True)),
-                            (4, dict(attn_unroll=8))) if b == 1 else ():
+            for c, tune in ((4, {}), (4, dict(phase_timer=True))) if b == 1 else ():
                 out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
                                                 head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
                                                 cluster_size=c, **tune))

@@ -47,6 +47,7 @@ class AttentionTuning:
     l2_prefetch: bool = True     # L2 prefetch of the first QKV tile and of the W_o rows
     pipeline_tiles: bool = False  # one load pipeline across each warp's row tiles (measured slower)
     early_wo_prefetch: bool = False  # W_o rows asked for before the attention loop instead of after
+    phase_timer: bool = False    # diagnostics: per-CTA phase stamps in workspace.barrier[2:] (bench_phases.py)
 
 
 @dataclass
@@ -135,7 +136,12 @@ def arg_specs(cfg: AttentionBlockConfig) -> list:
             TensorSpec("float32", rope, align=4), TensorSpec("float32", rope, align=4),
             TensorSpec("int32", (B,), align=4), TensorSpec(dt, cfg.kv_shape), TensorSpec(dt, cfg.kv_shape),
             TensorSpec("int32", cfg.table_shape, align=4), TensorSpec(dt, (B, cfg.o_k)), TensorSpec(dt, (B, H)),
-            TensorSpec("int32", (2,), align=4), TensorSpec(dt, (B, H))]
+            TensorSpec("int32", (_barrier_words(cfg),), align=4), TensorSpec(dt, (B, H))]
+
+
+def _barrier_words(cfg: AttentionBlockConfig) -> int:
+    """Grid-barrier state (2 words), plus 8 stamp words per CTA with ``phase_timer``."""
+    return 2 + (8 * cfg.grid if cfg.phase_timer else 0)
 
 
 @dataclass
@@ -151,7 +157,7 @@ class AttentionWorkspace:
         dt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16
         return cls(attn=torch.empty(cfg.batch, cfg.o_k, dtype=dt, device=device),
                    h=torch.empty(cfg.batch, cfg.hidden, dtype=dt, device=device),
-                   barrier=torch.zeros(2, dtype=torch.int32, device=device))
+                   barrier=torch.zeros(_barrier_words(cfg), dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,6 +241,9 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
         workspace = _workspaces.get(key)
         if workspace is None:
             workspace = _workspaces.setdefault(key, AttentionWorkspace.new(cfg, hidden.device))
+    elif (workspace.barrier.shape != (_barrier_words(cfg),) or workspace.attn.shape != (B, cfg.o_k)
+          or workspace.h.shape != (B, H)):
+        raise ValueError("workspace does not match these shapes: build it with AttentionWorkspace.new(cfg, device)")
     if out is None:
         out = torch.empty_like(hidden)
     res = residual if residual is not None else hidden

@@ -81,6 +81,7 @@ class AttentionBlockConfig(AttnShape):
     l2_prefetch: bool = True      # first QKV tile before the norm, W_o rows before the grid barrier
     pipeline_tiles: bool = False  # one load pipeline across a warp's row tiles (slower: docs/NOTES.md)
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
+    phase_timer: bool = False     # diagnostics: %globaltimer_lo stamps into mBar[2 + 8 * cta + k]
 
     @property
     def grid(self) -> int:
@@ -205,6 +206,13 @@ class AttentionBlock:
             sPart[b * R + (G + 1) * hd + d] = Float32(self.dtype(sPart[b * R + (G + 1) * hd + d]))
 
     @cute.jit
+    def _stamp(self, mBar: cute.Tensor, bidx: Int32, k: cutlass.Constexpr[int]):
+        """Phase stamp k of this CTA (thread 0), when built with ``phase_timer``."""
+        if const_expr(self.cfg.phase_timer):
+            if cute.arch.thread_idx()[0] == 0:
+                mBar[2 + bidx * 8 + k] = cute.arch.globaltimer_lo()
+
+    @cute.jit
     def _prefetch_wo(self, mWo: cute.Tensor, bidx: Int32, warp: Int32, lane: Int32):
         """Ask L2 for this CTA's phase-B rows of W_o (warp i: tile i)."""
         cfg = self.cfg
@@ -258,7 +266,9 @@ class AttentionBlock:
         cute.arch.cluster_arrive_relaxed()
 
         # ================= phase A: one cluster per KV head
+        self._stamp(mBar, bidx, 0)
         self.front.project(qb, mHidden, mResidual, mNormW, mWqkv, mHOut, g)
+        self._stamp(mBar, bidx, 1)
         sPart = qb.sPart
         self._rope_in_place(sPart, mCos, mSin, mPos)
         cute.arch.barrier()
@@ -290,6 +300,7 @@ class AttentionBlock:
                 sML[(b * G + h) * 2] = sTile[G * hd + h]
                 sML[(b * G + h) * 2 + 1] = sTile[G * hd + G + h]
         cute.arch.barrier()
+        self._stamp(mBar, bidx, 2)
         if const_expr(cfg.l2_prefetch and not cfg.early_wo_prefetch):   # W_o rows, while the merge runs
             self._prefetch_wo(mWo, bidx, warp, lane)
 
@@ -322,9 +333,11 @@ class AttentionBlock:
                     mAttn[b, g * G * hd + p % (G * hd)] = self.dtype(res[v])
         self.gat_ml.release(bufs_ml, Int32(0))
         cluster_sync()             # retires every collective of phase A
+        self._stamp(mBar, bidx, 3)
 
         # ================= grid barrier: all of attn is written
         self.gbar.sync(mBar)
+        self._stamp(mBar, bidx, 4)
 
         # ================= phase B: output projection rows, full K, + h
         N = cfg.grid
@@ -362,3 +375,4 @@ class AttentionBlock:
                         hv = hv + Float32(mResidual[b, row])
                     mOut[b, row] = self.dtype(hv + tot)
                 cute.arch.barrier()
+        self._stamp(mBar, bidx, 5)

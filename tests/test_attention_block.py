@@ -1,6 +1,7 @@
 """The attention block from torch against the fp32 reference (GPU), and its
 input checks (CPU)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -64,6 +65,14 @@ def test_fused_compiles_with_dsmem_and_grid_barrier(case):
     assert "cp.async.bulk.prefetch.L2" in ptx
     assert "atom.global.acq_rel.add" in ptx                      # the grid barrier, integers only
     assert "atom.global.add.f" not in ptx and "red.global.add.f" not in ptx
+
+
+def test_phase_timer_compiles_to_globaltimer_stamps():
+    cfg = dataclasses.replace(fused_config(*FUSED_CASES[0]), phase_timer=True)
+    specs = arg_specs(cfg)
+    assert specs[13].shape == (2 + 8 * cfg.grid,)              # barrier state + 8 stamps per CTA
+    ptx = compile_for_inspection(AttentionBlock, cfg, specs).__ptx__
+    assert "%globaltimer_lo" in ptx
 
 
 def test_fused_config_errors():
