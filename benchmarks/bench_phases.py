@@ -37,10 +37,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="1")
     ap.add_argument("--sets", type=int, default=8)
     ap.add_argument("--launches", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=256, help="threads per CTA (AttentionTuning.num_threads)")
     a = ap.parse_args(argv)
     dev, dt, H, heads, hd = "cuda", torch.bfloat16, 4096, 32, 128
-    tuning = AttentionTuning(phase_timer=True)
+    tuning = AttentionTuning(phase_timer=True, num_threads=a.threads)
     rows = []
+    print(f"threads per CTA: {a.threads}", flush=True)
     for batch in (int(b) for b in a.batch.split(",")):
         for ctx in (int(c) for c in a.context.split(",")):
             L = ctx + 1
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
                 if ws is None:
                     attention_block(hidden, p, kc, vc, positions, cos, sin, tuning=tuning)   # builds the workspace
                     from cf_cute.attention import _workspaces
-                    ws = next(v for k, v in _workspaces.items() if k[0].phase_timer)
+                    ws = next(v for k, v in _workspaces.items()
+                              if k[0].phase_timer and k[0].num_threads == a.threads and k[0].max_len == L)
                 attention_block(hidden, p, kc, vc, positions, cos, sin, tuning=tuning, workspace=ws)
                 torch.cuda.synchronize()
                 if i < 3:

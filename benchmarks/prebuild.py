@@ -11,6 +11,7 @@ turns each compile (5-30 s of device time) into a load of a few ms.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,11 +46,14 @@ def _configs(contexts, batches):
     from test_attention_block import FUSED_CASES, fused_config
     from cf_cute.fused.attention_block import AttentionBlockConfig
     out = [fused_config(*c) for c in FUSED_CASES if c[5] is not None]
+    c1 = FUSED_CASES[1]
+    out.append(dataclasses.replace(fused_config(*c1[:5], 2, *c1[6:]), num_threads=512))
     out += _unfused(16, 32, 32, 128, 4096, 1024, False, True)            # the case that falls back
     out += _unfused(5, 32, 32, 128, 4096, 1024, True, False)             # test_unfused_matches_reference
     for b in batches:                       # benchmarks/bench_attention.py, Llama-2-7B shape
         for ctx in contexts:
-            for c, tune in ((4, {}), (4, dict(phase_timer=True))) if b == 1 else ():
+            for c, tune in ((4, {}), (4, dict(phase_timer=True)), (2, dict(num_threads=512)),
+                            (2, dict(num_threads=512, phase_timer=True))) if b == 1 else ():
                 out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
                                                 head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
                                                 cluster_size=c, **tune))

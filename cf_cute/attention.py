@@ -48,6 +48,7 @@ class AttentionTuning:
     pipeline_tiles: bool = False  # one load pipeline across each warp's row tiles (measured slower)
     early_wo_prefetch: bool = False  # W_o rows asked for before the attention loop instead of after
     phase_timer: bool = False    # diagnostics: per-CTA phase stamps in workspace.barrier[2:] (bench_phases.py)
+    num_threads: int = 256       # threads per CTA (512: one CTA per SM, more loads in flight)
 
 
 @dataclass

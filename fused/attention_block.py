@@ -157,7 +157,7 @@ class AttentionBlock:
         self.smem_bytes = self.front.smem_bytes + own + self.red_o.smem_bytes
         # two CTAs per SM when shared memory allows (registers are then capped at 128 a
         # thread): clusters of 4 fill only 120 of the H100's 132 SMs at one CTA per SM
-        self.ctas_per_sm = 2 if 2 * (self.smem_bytes + 1024) <= 228 * 1024 else 1
+        self.ctas_per_sm = 2 if 2 * (self.smem_bytes + 1024) <= 228 * 1024 and T <= 256 else 1
         check_smem(f"AttentionBlock(batch {B}, {G} query heads per KV head, cluster {C})", self.smem_bytes)
 
     @cute.jit

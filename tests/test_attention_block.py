@@ -86,7 +86,7 @@ def test_fused_config_errors():
         AttentionBlock(fused_config(32, 8, 128, 4096, 16, 1, False, False, "neox"))
 
 
-def _run_case(case, fn, L=1024, positions=None):
+def _run_case(case, fn, L=1024, positions=None, **extra):
     heads, kv_heads, hd, H, batch, cluster, paged, residual, rope = case
     dev, dt = "cuda", torch.bfloat16
     wts = _weights(H, heads, kv_heads, hd, dev, dt)
@@ -105,7 +105,7 @@ def _run_case(case, fn, L=1024, positions=None):
     ref = reference_block(hidden.cpu(), cpu_w, ref_cache, positions, cos, sin, num_heads=heads,
                           num_kv_heads=kv_heads, residual=None if res is None else res.cpu(), rope_style=rope)
     args = (hidden, packed, kc, vc, positions, cos.to(dev), sin.to(dev))
-    out = fn(*args, residual=res, page_table=table, cluster_size=cluster)
+    out = fn(*args, residual=res, page_table=table, cluster_size=cluster, **extra)
     return out, ref, kc, vc, ref_cache, args, dict(residual=res, page_table=table, cluster_size=cluster)
 
 
@@ -144,6 +144,15 @@ def test_fused_is_deterministic_graph_capturable_and_writes_every_output():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, out)
+
+
+@pytest.mark.gpu
+def test_fused_with_512_threads_matches_reference():
+    from cf_cute.attention import AttentionTuning
+    case = FUSED_CASES[1][:5] + (2,) + FUSED_CASES[1][6:]        # batch 5, paged, one CTA of 512 per SM
+    out, ref, kc, vc, ref_cache, _, _ = _run_case(case, attention_block, tuning=AttentionTuning(num_threads=512))
+    assert (out.float().cpu() - ref).norm() / ref.norm() < 1e-2
+    torch.testing.assert_close(kc.float().cpu(), ref_cache.k, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
