@@ -33,7 +33,7 @@ from cf_cute.gemv import splitk_gemv
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.qkv_rope import pack_qkv, qkv_rope
 from cf_cute.reference import AttentionWeights
-from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked
+from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
 __all__ = ["PackedAttention", "pack_attention", "attention_block", "attention_block_unfused",
            "attention_block_config", "default_cluster_size", "AttentionWorkspace", "AttentionTuning", "arg_specs"]
@@ -113,14 +113,7 @@ def attention_block_config(hidden, packed: PackedAttention, k_cache, cos, page_t
                   cluster_size=cluster_size, rope_style=packed.rope_style, eps=packed.eps,
                   has_residual=has_residual, dtype=dtype_name(hidden.dtype),
                   **dataclasses.asdict(tuning or AttentionTuning()))
-    if page_table is None:
-        if k_cache.shape[0] != B:
-            raise ValueError(f"contiguous k_cache must be [B={B}, max_len, kv_heads, hd], got {list(k_cache.shape)}")
-        cfg = AttentionBlockConfig(max_len=k_cache.shape[1], **common)
-    else:
-        check_tensor("page_table", page_table, dtype=torch.int32, shape=(B, None), cuda=False, align=4)
-        cfg = AttentionBlockConfig(max_len=page_table.shape[1] * k_cache.shape[1], paged=True,
-                                   page_size=k_cache.shape[1], num_pages=k_cache.shape[0], **common)
+    cfg = AttentionBlockConfig(**kv_cache_layout(k_cache, page_table, B), **common)
     cfg.validate()
     if packed.w_qkv.shape[1] != (G + 2) * hd:
         raise ValueError(f"w_qkv must be [kv_heads, (G+2)*head_dim, H] (see pack_qkv), got {list(packed.w_qkv.shape)}")

@@ -20,7 +20,7 @@ import torch
 
 from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfig
 from cf_cute.jit import TensorSpec, compile_kernel
-from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked
+from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
 __all__ = ["decode_attention", "decode_attention_config", "arg_specs"]
 
@@ -34,18 +34,9 @@ def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     check_tensor("k_cache", k_cache, dtype=q.dtype, shape=(None, None, None, hd), cuda=False)
     check_tensor("v_cache", v_cache, dtype=q.dtype, shape=tuple(k_cache.shape), cuda=False)
     kv_heads = k_cache.shape[2]
-    if page_table is None:
-        if k_cache.shape[0] != B:
-            raise ValueError(f"contiguous k_cache must be [B={B}, max_len, kv_heads, hd], got {list(k_cache.shape)}")
-        cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
-                                    max_len=k_cache.shape[1], cluster_size=cluster_size,
-                                    dtype=dtype_name(q.dtype))
-    else:
-        check_tensor("page_table", page_table, dtype=torch.int32, shape=(B, None), cuda=False, align=4)
-        cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
-                                    max_len=page_table.shape[1] * k_cache.shape[1], cluster_size=cluster_size,
-                                    paged=True, page_size=k_cache.shape[1], num_pages=k_cache.shape[0],
-                                    dtype=dtype_name(q.dtype))
+    cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
+                                cluster_size=cluster_size, dtype=dtype_name(q.dtype),
+                                **kv_cache_layout(k_cache, page_table, B))
     cfg.validate()
     return cfg
 

@@ -19,7 +19,7 @@ import torch
 
 from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
 from cf_cute.jit import TensorSpec, compile_kernel
-from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked
+from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
 __all__ = ["pack_qkv", "qkv_rope", "qkv_rope_config", "arg_specs"]
 
@@ -51,14 +51,7 @@ def qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: int, 
     common = dict(batch=B, hidden=H, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hd,
                   max_positions=cos.shape[0], cluster_size=cluster_size, rope_style=rope_style, eps=eps,
                   has_residual=has_residual, dtype=dtype_name(hidden.dtype))
-    if page_table is None:
-        if k_cache.shape[0] != B:
-            raise ValueError(f"contiguous k_cache must be [B={B}, max_len, kv_heads, hd], got {list(k_cache.shape)}")
-        cfg = QKVRopeConfig(max_len=k_cache.shape[1], **common)
-    else:
-        check_tensor("page_table", page_table, dtype=torch.int32, shape=(B, None), cuda=False, align=4)
-        cfg = QKVRopeConfig(max_len=page_table.shape[1] * k_cache.shape[1], paged=True,
-                            page_size=k_cache.shape[1], num_pages=k_cache.shape[0], **common)
+    cfg = QKVRopeConfig(**kv_cache_layout(k_cache, page_table, B), **common)
     cfg.validate()
     if w_qkv.shape[1] != cfg.rows:
         raise ValueError(f"w_qkv must be [kv_heads, (G+2)*head_dim, H] = [{num_kv_heads}, {cfg.rows}, {H}] "

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["check_tensor", "check_operands", "host_index_checked", "DTYPES", "dtype_name"]
+__all__ = ["check_tensor", "check_operands", "host_index_checked", "kv_cache_layout", "DTYPES", "dtype_name"]
 
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
           torch.int32: "int32", torch.int64: "int64"}
@@ -83,3 +83,18 @@ def host_index_checked(t: torch.Tensor, lo: int, hi: int, what: str, device, not
         raise ValueError(f"{what} must lie in [{lo}, {hi}]{note}, got values in "
                          f"[{int(t.min())}, {int(t.max())}]")
     return t.to(device, non_blocking=True)
+
+
+def kv_cache_layout(k_cache: torch.Tensor, page_table, batch: int) -> dict:
+    """The cache fields of an attention config (``max_len``, ``paged``,
+    ``page_size``, ``num_pages``) for a contiguous ``[B, max_len, kv_heads, hd]``
+    cache (``page_table is None``) or a paged ``[pages, page_size, kv_heads, hd]``
+    one with ``page_table [B, max_pages]`` (int32)."""
+    if page_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"contiguous k_cache must be [B={batch}, max_len, kv_heads, hd], "
+                             f"got {list(k_cache.shape)}")
+        return dict(max_len=k_cache.shape[1])
+    check_tensor("page_table", page_table, dtype=torch.int32, shape=(batch, None), cuda=False, align=4)
+    return dict(max_len=page_table.shape[1] * k_cache.shape[1], paged=True, page_size=k_cache.shape[1],
+                num_pages=k_cache.shape[0])
