@@ -16,13 +16,12 @@ Floor = (QKV + O weights + the KV cache read) / measured read bandwidth.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from cf_cute.attention import AttentionTuning, attention_block, attention_block_unfused, pack_attention
+from cf_cute.attention import AttentionTuning, attention_block, attention_block_unfused
 
 # tuning variants timed with --variants (name -> AttentionTuning), at the auto cluster size
 VARIANTS = {"unroll4": AttentionTuning(unroll=4), "no-prefetch": AttentionTuning(l2_prefetch=False),
@@ -31,7 +30,7 @@ VARIANTS = {"unroll4": AttentionTuning(unroll=4), "no-prefetch": AttentionTuning
 from cf_cute.reference import AttentionWeights, rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import markdown_table, stamp, time_ms  # noqa: E402
+from common import attention_sets, markdown_table, stamp, time_ms  # noqa: E402
 
 
 def read_bandwidth_gbs() -> float:
@@ -93,18 +92,7 @@ def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: 
     cos, sin = rope_tables(L, hd, 10000.0)
     cos, sin = cos.to(dev), sin.to(dev)
     positions = torch.full((batch,), ctx - 1, dtype=torch.int32, device=dev)
-    s = 1 / math.sqrt(H)
-    items = []
-    for _ in range(sets):
-        w = AttentionWeights(norm=torch.ones(H, device=dev, dtype=dt),
-                             wq=(torch.randn(heads * hd, H, device=dev) * s).to(dt),
-                             wk=(torch.randn(kv_heads * hd, H, device=dev) * s).to(dt),
-                             wv=(torch.randn(kv_heads * hd, H, device=dev) * s).to(dt),
-                             wo=(torch.randn(H, heads * hd, device=dev) * s).to(dt))
-        kc = torch.randn(batch, L, kv_heads, hd, device=dev, dtype=dt)
-        vc = torch.randn_like(kc)
-        hidden = torch.randn(batch, H, device=dev, dtype=dt)
-        items.append((w, pack_attention(w, num_heads=heads, num_kv_heads=kv_heads), kc, vc, hidden))
+    items = attention_sets(sets, batch, ctx, heads=heads, kv_heads=kv_heads, hidden=H, head_dim=hd)
     results = {}
     names = (["torch eager", "torch graph", "cf_cute auto"] + [f"fused C={c}" for c in clusters]
              + [f"auto {v}" for v in variants] + (["3 launches"] if unfused else []))

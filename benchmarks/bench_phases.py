@@ -16,17 +16,16 @@ record is bench_attention.py.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 
 import torch
 
-from cf_cute.attention import AttentionTuning, AttentionWorkspace, attention_block, pack_attention
-from cf_cute.reference import AttentionWeights, rope_tables
+from cf_cute.attention import AttentionTuning, attention_block
+from cf_cute.reference import rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import markdown_table, stamp  # noqa: E402
+from common import attention_sets, markdown_table, stamp  # noqa: E402
 
 PHASES = ("qkv", "attn", "merge", "wait", "o_proj")
 
@@ -48,17 +47,8 @@ def main(argv=None) -> int:
             L = ctx + 1
             cos, sin = (t.to(dev) for t in rope_tables(L, hd, 10000.0))
             positions = torch.full((batch,), ctx - 1, dtype=torch.int32, device=dev)
-            s = 1 / math.sqrt(H)
-            sets = []
-            for _ in range(a.sets):
-                w = AttentionWeights(norm=torch.ones(H, device=dev, dtype=dt),
-                                     wq=(torch.randn(heads * hd, H, device=dev) * s).to(dt),
-                                     wk=(torch.randn(heads * hd, H, device=dev) * s).to(dt),
-                                     wv=(torch.randn(heads * hd, H, device=dev) * s).to(dt),
-                                     wo=(torch.randn(H, heads * hd, device=dev) * s).to(dt))
-                kc = torch.randn(batch, L, heads, hd, device=dev, dtype=dt)
-                sets.append((pack_attention(w, num_heads=heads, num_kv_heads=heads), kc, torch.randn_like(kc),
-                             torch.randn(batch, H, device=dev, dtype=dt)))
+            sets = [it[1:] for it in attention_sets(a.sets, batch, ctx, heads=heads, kv_heads=heads, hidden=H,
+                                                    head_dim=hd)]
             ws = None
             per = {p: ([], []) for p in PHASES}
             spans = []

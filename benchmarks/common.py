@@ -53,3 +53,26 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def attention_sets(n: int, batch: int, ctx: int, *, heads: int = 32, kv_heads: int = 32, hidden: int = 4096,
+                   head_dim: int = 128, dtype=None):
+    """``n`` independent (weights, packed weights, k_cache, v_cache, hidden) sets for the
+    attention block at ``ctx`` cached tokens (cache length ctx + 1), random and on the GPU,
+    so that rotating them keeps L2 from holding the working set."""
+    import math
+    from cf_cute.attention import pack_attention
+    from cf_cute.reference import AttentionWeights
+    dev, dt, H, hd = "cuda", dtype or torch.bfloat16, hidden, head_dim
+    s = 1 / math.sqrt(H)
+    out = []
+    for _ in range(n):
+        w = AttentionWeights(norm=torch.ones(H, device=dev, dtype=dt),
+                             wq=(torch.randn(heads * hd, H, device=dev) * s).to(dt),
+                             wk=(torch.randn(kv_heads * hd, H, device=dev) * s).to(dt),
+                             wv=(torch.randn(kv_heads * hd, H, device=dev) * s).to(dt),
+                             wo=(torch.randn(H, heads * hd, device=dev) * s).to(dt))
+        kc = torch.randn(batch, ctx + 1, kv_heads, hd, device=dev, dtype=dt)
+        out.append((w, pack_attention(w, num_heads=heads, num_kv_heads=kv_heads), kc, torch.randn_like(kc),
+                    torch.randn(batch, H, device=dev, dtype=dt)))
+    return out
