@@ -35,6 +35,8 @@ __all__ = [
     "AttentionWeights",
     "decode_attention",
     "attention_block",
+    "MLPWeights",
+    "mlp_block",
 ]
 
 
@@ -178,3 +180,31 @@ def attention_block(hidden: torch.Tensor, weights: AttentionWeights, cache, posi
     if hidden.dtype != torch.float32:
         attn = attn.to(hidden.dtype).float()
     return h + attn @ weights.wo.float().T
+
+
+@dataclass
+class MLPWeights:
+    """Llama MLP weights in nn.Linear layout ([out, in])."""
+
+    norm: torch.Tensor       # [hidden] (post_attention_layernorm)
+    w_gate: torch.Tensor     # [intermediate, hidden]
+    w_up: torch.Tensor       # [intermediate, hidden]
+    w_down: torch.Tensor     # [hidden, intermediate]
+
+
+def mlp_block(hidden: torch.Tensor, weights: MLPWeights, *, eps: float = 1e-5,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of the fused MLP block: ``h + down(silu(gate(x)) * up(x))`` with
+    ``x = rmsnorm(h)``, ``h = hidden (+ residual)``; fp32 result ``[B, hidden]``.
+    Like the attention block, the kernels feed each GEMV with activations rounded
+    to the activation dtype (x, and the SiLU product)."""
+    h = hidden.float() + (residual.float() if residual is not None else 0.0)
+    x = rms_norm(h, weights.norm, eps)
+    if hidden.dtype != torch.float32:
+        x = x.to(hidden.dtype).float()
+    g = x @ weights.w_gate.float().T
+    u = x @ weights.w_up.float().T
+    a = torch.nn.functional.silu(g) * u
+    if hidden.dtype != torch.float32:
+        a = a.to(hidden.dtype).float()
+    return h + a @ weights.w_down.float().T

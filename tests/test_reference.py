@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from cf_cute.reference import (
-    AttentionWeights, ContiguousKV, PagedKV, apply_rope, attention_block, rms_norm, rope_tables,
+    AttentionWeights, ContiguousKV, MLPWeights, PagedKV, apply_rope, attention_block, mlp_block, rms_norm,
+    rope_tables,
 )
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig  # noqa: E402
 from transformers.models.llama.modeling_llama import (  # noqa: E402
-    LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb,
+    LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb,
 )
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -120,3 +121,26 @@ def test_rms_norm_matches_transformers():
         n.weight.copy_(torch.randn(96))
     x = torch.randn(5, 96)
     torch.testing.assert_close(rms_norm(x, n.weight, 1e-6), n(x).detach())
+
+
+@pytest.mark.parametrize("hidden,inter", [(256, 688), (192, 512)])
+def test_mlp_block_matches_llama_mlp(hidden, inter):
+    cfg = _config(hidden=hidden, heads=4, kv_heads=4, head_dim=hidden // 4)
+    cfg.intermediate_size = inter
+    mlp = LlamaMLP(cfg).eval()
+    norm = LlamaRMSNorm(hidden, eps=cfg.rms_norm_eps)
+    w = MLPWeights(norm=1 + 0.1 * torch.randn(hidden), w_gate=torch.randn(inter, hidden) / math.sqrt(hidden),
+                   w_up=torch.randn(inter, hidden) / math.sqrt(hidden),
+                   w_down=torch.randn(hidden, inter) / math.sqrt(inter))
+    with torch.no_grad():
+        norm.weight.copy_(w.norm)
+        mlp.gate_proj.weight.copy_(w.w_gate)
+        mlp.up_proj.weight.copy_(w.w_up)
+        mlp.down_proj.weight.copy_(w.w_down)
+        hidden_in, residual = torch.randn(3, hidden), torch.randn(3, hidden)
+        h = hidden_in + residual
+        expect = h + mlp(norm(h))
+    torch.testing.assert_close(mlp_block(hidden_in, w, residual=residual), expect, rtol=1e-5, atol=1e-5)
+    # bf16 activations: the reference rounds what the kernels round, and stays close to fp32
+    got = mlp_block(hidden_in.bfloat16(), w, residual=residual.bfloat16())
+    assert (got - expect).norm() / expect.norm() < 2e-2
