@@ -39,16 +39,20 @@ __all__ = ["PackedAttention", "pack_attention", "attention_block", "attention_bl
            "attention_block_config", "default_cluster_size", "AttentionWorkspace", "AttentionTuning", "arg_specs"]
 
 
+_BLOCK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AttentionBlockConfig)}
+
+
 @dataclass(frozen=True)
 class AttentionTuning:
-    """Knobs of the fused kernel that change speed, never results."""
-    unroll: int = 8              # MMA steps of weight loads in flight per warp
-    attn_unroll: int = 4         # KV tokens per token group loaded together
-    l2_prefetch: bool = True     # L2 prefetch of the first QKV tile and of the W_o rows
-    pipeline_tiles: bool = False  # one load pipeline across each warp's row tiles (measured slower)
-    early_wo_prefetch: bool = False  # W_o rows asked for before the attention loop instead of after
-    phase_timer: bool = False    # diagnostics: per-CTA phase stamps in workspace.barrier[2:] (bench_phases.py)
-    num_threads: int = 256       # threads per CTA (512: one CTA per SM, more loads in flight)
+    """Knobs of the fused kernel that change speed, never results. The defaults are
+    :class:`AttentionBlockConfig`'s (documented there), so the two cannot drift."""
+    unroll: int = _BLOCK_DEFAULTS["unroll"]
+    attn_unroll: int = _BLOCK_DEFAULTS["attn_unroll"]
+    l2_prefetch: bool = _BLOCK_DEFAULTS["l2_prefetch"]
+    pipeline_tiles: bool = _BLOCK_DEFAULTS["pipeline_tiles"]
+    early_wo_prefetch: bool = _BLOCK_DEFAULTS["early_wo_prefetch"]
+    phase_timer: bool = _BLOCK_DEFAULTS["phase_timer"]       # per-CTA stamps in workspace.barrier[2:]
+    num_threads: int = _BLOCK_DEFAULTS["num_threads"]
 
 
 @dataclass
@@ -88,13 +92,15 @@ def attention_block_unfused(hidden: torch.Tensor, packed: PackedAttention, k_cac
     return splitk_gemv(o.view(o.shape[0], -1), packed.wo, residual=h, cluster_size=cluster_size, out=out)
 
 
+def _cluster_sizes(num_kv_heads: int, hidden: int, sm_count: int = 132) -> list:
+    """Power-of-two cluster sizes from 16 down to 2, largest first, with one cluster
+    per KV head fitting in one wave of ``sm_count`` SMs and dividing the hidden size."""
+    return [c for c in (16, 8, 4, 2) if num_kv_heads * c <= sm_count and hidden % (32 * c) == 0]
+
+
 def default_cluster_size(num_kv_heads: int, hidden: int, sm_count: int = 132) -> int:
-    """The largest power-of-two cluster (<= 16) with one cluster per KV head
-    fitting in one wave of ``sm_count`` SMs and dividing the hidden size."""
-    c = 16
-    while c > 1 and (num_kv_heads * c > sm_count or hidden % (32 * c)):
-        c //= 2
-    return c
+    """The largest of :func:`_cluster_sizes` (1 when none fits)."""
+    return next(iter(_cluster_sizes(num_kv_heads, hidden, sm_count)), 1)
 
 
 def attention_block_config(hidden, packed: PackedAttention, k_cache, cos, page_table, *, cluster_size: int,
@@ -172,16 +178,15 @@ def _resident_ctas(cfg: AttentionBlockConfig, device_index: int) -> int:
 _workspaces: dict = {}
 
 
-def _auto_cluster(hidden, packed, k_cache, cos, page_table, has_residual: bool, dev: int,
-                  tuning: AttentionTuning | None) -> int | None:
-    for c in (16, 8, 4, 2):
-        if packed.num_kv_heads * c > 132 or hidden.shape[-1] % (32 * c):
-            continue
+def _auto_config(hidden, packed, k_cache, cos, page_table, has_residual: bool, dev: int,
+                 tuning: AttentionTuning | None) -> AttentionBlockConfig | None:
+    """The config at the largest cluster size whose grid is resident at once, or None."""
+    for c in _cluster_sizes(packed.num_kv_heads, hidden.shape[-1]):
         try:
             cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=c,
                                          has_residual=has_residual, tuning=tuning)
             if hidden.device.type != "cuda" or cfg.grid <= _resident_ctas(cfg, dev):
-                return c
+                return cfg
         except ValueError:               # invalid or over the shared-memory limit at this size
             continue
     return None
@@ -203,12 +208,14 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
     are clamped to the cache by the kernel (no host sync)."""
     dev = hidden.device.index if hidden.device.index is not None else 0
     if cluster_size is None:           # the largest cluster whose grid is resident at once
-        cluster_size = _auto_cluster(hidden, packed, k_cache, cos, page_table, residual is not None, dev, tuning)
-        if cluster_size is None:       # no single-launch grid fits this GPU: three launches
+        cfg = _auto_config(hidden, packed, k_cache, cos, page_table, residual is not None, dev, tuning)
+        if cfg is None:                # no single-launch grid fits this GPU: three launches
             return attention_block_unfused(hidden, packed, k_cache, v_cache, positions, cos, sin,
                                            residual=residual, page_table=page_table, out=out)
-    cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=cluster_size,
-                                 has_residual=residual is not None, tuning=tuning)
+        cluster_size = cfg.cluster_size
+    else:
+        cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=cluster_size,
+                                     has_residual=residual is not None, tuning=tuning)
     B, H = hidden.shape
     check_tensor("sin", sin, dtype=torch.float32, shape=tuple(cos.shape), cuda=False, align=4)
     check_tensor("v_cache", v_cache, dtype=hidden.dtype, shape=tuple(k_cache.shape), cuda=False)

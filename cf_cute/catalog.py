@@ -73,34 +73,33 @@ def _gemv(cfg: SplitKGemvConfig) -> Entry:
                  "st_async" if cfg.cluster_size > 1 else None)
 
 
+def _attn_entry(kind: str, kernel_cls: type, cfg, arg_specs, ptx_kind: str | None) -> Entry:
+    hidden = f" H={cfg.hidden}" if hasattr(cfg, "hidden") else ""
+    return Entry(f"{kind} b={cfg.batch} {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim}{hidden} "
+                 f"C={cfg.cluster_size}{' paged' if cfg.paged else ''}", kernel_cls, cfg, arg_specs(cfg), ptx_kind)
+
+
 def _attention(cfg: DecodeAttentionConfig) -> Entry:
     from cf_cute.decode_attention import arg_specs
-    return Entry(f"decode_attention b={cfg.batch} {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim} "
-                 f"C={cfg.cluster_size}{' paged' if cfg.paged else ''}", DecodeAttention, cfg, arg_specs(cfg), None)
+    return _attn_entry("decode_attention", DecodeAttention, cfg, arg_specs, None)
 
 
 def _qkv(cfg: QKVRopeConfig) -> Entry:
     from cf_cute.qkv_rope import arg_specs
-    return Entry(f"qkv_rope b={cfg.batch} {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim} H={cfg.hidden} "
-                 f"C={cfg.cluster_size}{' paged' if cfg.paged else ''}", QKVRope, cfg, arg_specs(cfg),
-                 "st_async" if cfg.cluster_size > 1 else None)
+    return _attn_entry("qkv_rope", QKVRope, cfg, arg_specs, "st_async" if cfg.cluster_size > 1 else None)
 
 
 def _block(cfg: AttentionBlockConfig) -> Entry:
     from cf_cute.attention import arg_specs
-    return Entry(f"attention_block b={cfg.batch} {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim} H={cfg.hidden} "
-                 f"C={cfg.cluster_size}{' paged' if cfg.paged else ''}", AttentionBlock, cfg, arg_specs(cfg),
-                 "st_async")
-
-
-# the fused attention block for the built-in Llama shapes (models.BUILTIN_CONFIGS), cache 4096
-_BLOCK_SHAPES = {"llama-2-7b": (32, 32, 128, 4096), "llama-3-8b": (32, 8, 128, 4096),
-                 "llama-3.2-1b": (32, 8, 64, 2048), "llama-3.2-3b": (24, 8, 128, 3072)}
+    return _attn_entry("attention_block", AttentionBlock, cfg, arg_specs, "st_async")
 
 
 def entries() -> Iterator[Entry]:
     from cf_cute.attention import default_cluster_size
-    for heads, kv_heads, hd, hidden in _BLOCK_SHAPES.values():
+    from cf_cute.models import BUILTIN_CONFIGS
+    # the fused attention block for each distinct attention shape of the built-in Llama configs, cache 4096
+    shapes = dict.fromkeys((m.num_heads, m.num_kv_heads, m.head_dim, m.hidden) for m in BUILTIN_CONFIGS.values())
+    for heads, kv_heads, hd, hidden in shapes:
         for batch in (1, 16):
             c = default_cluster_size(kv_heads, hidden)
             yield _block(AttentionBlockConfig(batch=batch, hidden=hidden, num_heads=heads, num_kv_heads=kv_heads,

@@ -38,7 +38,7 @@ two merge collectives and ``sRed [warps, 16, batch]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import cutlass
 import cutlass.cute as cute
@@ -47,10 +47,9 @@ from cutlass import Float32, Int32, const_expr
 from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
-from ._attn_shape import AttnShape
 from .decode_attention import DecodeAttention, DecodeAttentionConfig
-from .mma_gemv import acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile, warp_gemv_tiles
-from .qkv_rope import QKVRope, QKVRopeConfig
+from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles
+from .qkv_rope import QKVFields, QKVRope, QKVRopeConfig
 
 __all__ = ["AttentionBlockConfig", "AttentionBlock"]
 
@@ -58,38 +57,14 @@ _WARP = 32
 _STEP = 32
 
 
-@dataclass(frozen=True)
-class AttentionBlockConfig(AttnShape):
-    batch: int
-    hidden: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_len: int                  # contiguous: cache length; paged: max_pages * page_size
-    max_positions: int            # rows of the cos/sin tables
-    cluster_size: int = 4
-    paged: bool = False
-    page_size: int = 16
-    num_pages: int = 0
-    rope_style: str = "neox"
-    eps: float = 1e-5
-    has_residual: bool = False
-    dtype: str = "bfloat16"
-    num_threads: int = 256
-    unroll: int = 8               # MMA steps of weight loads in flight per warp
+@dataclasses.dataclass(frozen=True)
+class AttentionBlockConfig(QKVFields):
+    """The QKV stage's fields (:class:`~.qkv_rope.QKVFields`; ``l2_prefetch`` also asks
+    L2 for the W_o rows before the grid barrier, ``pipeline_tiles`` also covers W_o),
+    plus the attention's and the block's own."""
     attn_unroll: int = 4          # tokens per token group loaded together
-    l2_prefetch: bool = True      # first QKV tile before the norm, W_o rows before the grid barrier
-    pipeline_tiles: bool = False  # one load pipeline across a warp's row tiles (slower: docs/NOTES.md)
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
     phase_timer: bool = False     # diagnostics: %globaltimer_lo stamps into mBar[2 + 8 * cta + k]
-
-    @property
-    def grid(self) -> int:
-        return self.num_kv_heads * self.cluster_size
-
-    @property
-    def n_tiles(self) -> int:
-        return (self.batch + 7) // 8
 
     @property
     def o_k(self) -> int:
@@ -97,14 +72,8 @@ class AttentionBlockConfig(AttnShape):
         return self.num_heads * self.head_dim
 
     def qkv_config(self, smem_budget: int = SMEM_LIMIT_BYTES) -> QKVRopeConfig:
-        return QKVRopeConfig(batch=self.batch, hidden=self.hidden, num_heads=self.num_heads,
-                             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, max_len=self.max_len,
-                             max_positions=self.max_positions, cluster_size=self.cluster_size,
-                             paged=self.paged, page_size=self.page_size, num_pages=self.num_pages,
-                             rope_style=self.rope_style, eps=self.eps, has_residual=self.has_residual,
-                             dtype=self.dtype, num_threads=self.num_threads, unroll=self.unroll,
-                             smem_budget=smem_budget, l2_prefetch=self.l2_prefetch,
-                             pipeline_tiles=self.pipeline_tiles)
+        return QKVRopeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QKVFields)},
+                             smem_budget=smem_budget)
 
     def attention_config(self) -> DecodeAttentionConfig:
         return DecodeAttentionConfig(batch=self.batch, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -181,19 +150,10 @@ class AttentionBlock:
             b = it // ((G + 1) * half)
             hs = (it // half) % (G + 1)
             i = it % half
-            if const_expr(cfg.rope_style == "neox"):
-                d1 = i
-                d2 = i + half
-            else:
-                d1 = 2 * i
-                d2 = 2 * i + 1
+            d1, d2 = self.front.rope_dims(i)
             prow = cutlass.min(cutlass.max(mPos[b], Int32(0)), Int32(min(cfg.max_len, cfg.max_positions) - 1))
-            c = mCos[prow, i]
-            s = mSin[prow, i]
-            x1 = sPart[b * R + hs * hd + d1]
-            x2 = sPart[b * R + hs * hd + d2]
-            r1 = x1 * c - x2 * s
-            r2 = x2 * c + x1 * s
+            r1, r2 = self.front.rope_rotate(sPart[b * R + hs * hd + d1], sPart[b * R + hs * hd + d2],
+                                            mCos, mSin, prow, i)
             if hs < G:
                 sPart[b * R + hs * hd + d1] = r1 * Float32(self.attn.scale)
                 sPart[b * R + hs * hd + d2] = r2 * Float32(self.attn.scale)
@@ -357,11 +317,9 @@ class AttentionBlock:
                     acc = new_acc(cfg.n_tiles)
                     warp_gemv_tile(atom, mWo, mt * 16, warp * kw, mAttn, acc, lane, kw // _STEP, cfg.n_tiles,
                                    cfg.unroll, B)
-                for nt in cutlass.range_constexpr(cfg.n_tiles):
-                    for e in cutlass.range_constexpr(4):
-                        rl, b = acc_coords(lane, nt, e)
-                        if b < B:
-                            sRed[warp, rl, b] = acc[e, nt]
+                # this warp's slice of sRed as [b, row]
+                sRedW = cute.make_tensor(sRed.iterator + warp, cute.make_layout((B, 16), stride=(16 * NW, NW)))
+                store_acc(acc, sRedW, Int32(0), lane, cfg.n_tiles, B)
                 cute.arch.barrier()
                 for e in cutlass.range(tidx, 16 * B, T, unroll=1):
                     rl = e % 16

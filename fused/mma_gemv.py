@@ -36,7 +36,7 @@ from cutlass import Float32, Int32, const_expr
 from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
 __all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles", "acc_coords",
-           "prefetch_rows_l2"]
+           "store_acc", "prefetch_rows_l2"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
 # read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,
@@ -66,6 +66,18 @@ def new_acc(n_tiles: cutlass.Constexpr[int]) -> cute.Tensor:
 def acc_coords(lane: Int32, nt: cutlass.Constexpr[int], i: cutlass.Constexpr[int]):
     """(row within the 16-row tile, request) of accumulator value ``i`` of n-tile ``nt``."""
     return lane // 4 + 8 * (i // 2), nt * 8 + 2 * (lane % 4) + i % 2
+
+
+@cute.jit
+def store_acc(acc: cute.Tensor, dst: cute.Tensor, row0: Int32, lane: Int32, n_tiles: cutlass.Constexpr[int],
+              batch: cutlass.Constexpr[int]):
+    """Write this lane's accumulator values of one 16-row tile to ``dst[b, row0 + row]``
+    (requests ``b >= batch``, the zero rows of the last n-tile, are skipped)."""
+    for nt in cutlass.range_constexpr(n_tiles):
+        for i in cutlass.range_constexpr(4):
+            rl, b = acc_coords(lane, nt, i)
+            if b < batch:
+                dst[b, row0 + rl] = acc[i, nt]
 
 
 @cute.jit
@@ -127,22 +139,7 @@ def warp_gemv_tile(atom, mW: cute.Tensor, row0: Int32, k0: Int32, sX: cute.Tenso
     column 0 is ``k0``. ``x_rows = B > 0``: ``sX`` is the global ``[B, K]``
     activation itself, read alongside W.
     """
-    dt = mW.element_type
-    kv0 = k0 // 8
-    n_blocks = (k_steps + unroll - 1) // unroll
-    # two register buffers of `unroll` steps: block i+1 is loaded before block i is used
-    wbuf = cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt)
-    xbuf = cute.make_rmem_tensor(cute.make_layout((8, n_tiles if x_rows > 0 else 1, 2 * unroll)), dt)
-    for u in cutlass.range_constexpr(min(unroll, k_steps)):
-        _load_w(mW, row0, kv0, lane, u, wbuf, u, sX, xbuf, x_rows, n_tiles)
-    for blk in cutlass.range_constexpr(n_blocks):
-        cur = (blk % 2) * unroll
-        nxt = ((blk + 1) % 2) * unroll
-        if const_expr(blk + 1 < n_blocks):
-            for u in cutlass.range_constexpr(min(unroll, k_steps - (blk + 1) * unroll)):
-                _load_w(mW, row0, kv0, lane, (blk + 1) * unroll + u, wbuf, nxt + u, sX, xbuf, x_rows, n_tiles)
-        for u in cutlass.range_constexpr(min(unroll, k_steps - blk * unroll)):
-            _mma_step(atom, acc, wbuf, cur + u, sX, lane, blk * unroll + u, n_tiles, xbuf, x_rows)
+    _stream(atom, mW, [row0], [acc], k0 // 8, sX, lane, k_steps, n_tiles, unroll, x_rows)
 
 
 @cute.jit
@@ -166,26 +163,33 @@ def warp_gemv_tiles(atom, mW: cute.Tensor, first_tile: Int32, tile_stride: cutla
     j's last block is multiplied, so the warp never waits for a cold start between
     tiles. Tiles past ``total_tiles`` repeat the last tile (the caller ignores
     them). Returns the accumulators ``acc[4, n_tiles, count]`` (fp32)."""
-    dt = mW.element_type
-    kv0 = k0 // 8
-    n_blocks = (k_steps + unroll - 1) // unroll
     acc = cute.make_rmem_tensor(cute.make_layout((4, n_tiles, count)), Float32)
     acc.fill(0.0)
     rows = [cutlass.min(first_tile + j * tile_stride, Int32(total_tiles - 1)) * 16 for j in range(count)]
-    seq = [(j, blk) for j in range(count) for blk in range(n_blocks)]
+    _stream(atom, mW, rows, [acc[None, None, j] for j in range(count)], k0 // 8, sX, lane, k_steps, n_tiles,
+            unroll, x_rows)
+    return acc
+
+
+def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.Tensor, lane: Int32,
+            k_steps: int, n_tiles: int, unroll: int, x_rows: int):
+    """The load pipeline behind both entry points (traced inline, all of it static):
+    the tiles ``rows[j]`` one after the other, in blocks of ``unroll`` MMA steps
+    over two register buffers, block i+1 loaded before block i is multiplied into
+    ``accs[j]``."""
+    dt = mW.element_type
+    n_blocks = (k_steps + unroll - 1) // unroll
+    seq = [(j, blk) for j in range(len(rows)) for blk in range(n_blocks)]
     wbuf = cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt)
     xbuf = cute.make_rmem_tensor(cute.make_layout((8, n_tiles if x_rows > 0 else 1, 2 * unroll)), dt)
-    for u in cutlass.range_constexpr(min(unroll, k_steps)):
+    for u in range(min(unroll, k_steps)):
         _load_w(mW, rows[0], kv0, lane, u, wbuf, u, sX, xbuf, x_rows, n_tiles)
-    for i in cutlass.range_constexpr(len(seq)):
-        j, blk = seq[i]
+    for i, (j, blk) in enumerate(seq):
         cur = (i % 2) * unroll
-        if const_expr(i + 1 < len(seq)):
+        if i + 1 < len(seq):
             j2, blk2 = seq[i + 1]
             nxt = ((i + 1) % 2) * unroll
-            for u in cutlass.range_constexpr(min(unroll, k_steps - blk2 * unroll)):
+            for u in range(min(unroll, k_steps - blk2 * unroll)):
                 _load_w(mW, rows[j2], kv0, lane, blk2 * unroll + u, wbuf, nxt + u, sX, xbuf, x_rows, n_tiles)
-        acc_j = acc[None, None, j]
-        for u in cutlass.range_constexpr(min(unroll, k_steps - blk * unroll)):
-            _mma_step(atom, acc_j, wbuf, cur + u, sX, lane, blk * unroll + u, n_tiles, xbuf, x_rows)
-    return acc
+        for u in range(min(unroll, k_steps - blk * unroll)):
+            _mma_step(atom, accs[j], wbuf, cur + u, sX, lane, blk * unroll + u, n_tiles, xbuf, x_rows)

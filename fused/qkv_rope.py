@@ -37,10 +37,10 @@ from cf_cute.primitives import ClusterReduce, cluster_sync
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from ._attn_shape import AttnShape
-from .mma_gemv import (acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile, warp_gemv_tiles,
+from .mma_gemv import (mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles,
                        x_smem_layout)
 
-__all__ = ["QKVRopeConfig", "QKVRope", "QKVBuffers"]
+__all__ = ["QKVFields", "QKVRopeConfig", "QKVRope", "QKVBuffers"]
 
 _VEC = 8
 _WARP = 32
@@ -48,7 +48,9 @@ _STEP = 32
 
 
 @dataclass(frozen=True)
-class QKVRopeConfig(AttnShape):
+class QKVFields(AttnShape):
+    """The static fields of the QKV + RoPE stage, shared by every kernel built on it
+    (:class:`QKVRopeConfig`, ``attention_block.AttentionBlockConfig``)."""
     batch: int
     hidden: int
     num_heads: int
@@ -65,8 +67,7 @@ class QKVRopeConfig(AttnShape):
     has_residual: bool = False
     dtype: str = "bfloat16"
     num_threads: int = 256
-    unroll: int = 8
-    smem_budget: int = SMEM_LIMIT_BYTES   # bytes this stage may use (less when fused into a larger kernel)
+    unroll: int = 8               # MMA steps of weight loads in flight per warp
     l2_prefetch: bool = True      # each warp's first weight tile is requested before the norm
     pipeline_tiles: bool = False  # one load pipeline across a warp's row tiles (slower: docs/NOTES.md)
 
@@ -85,6 +86,11 @@ class QKVRopeConfig(AttnShape):
     @property
     def grid(self) -> int:
         return self.num_kv_heads * self.cluster_size
+
+
+@dataclass(frozen=True)
+class QKVRopeConfig(QKVFields):
+    smem_budget: int = SMEM_LIMIT_BYTES   # bytes this stage may use (less when fused into a larger kernel)
 
     def validate(self) -> None:
         self.validate_shape()
@@ -151,6 +157,21 @@ class QKVRope:
             mX[page, pos % P, g, d] = self.dtype(val)
         else:
             mX[b, pos, g, d] = self.dtype(val)
+
+    @cute.jit
+    def rope_dims(self, i: Int32):
+        """The two dims rotated by frequency i: halves (neox) or neighbours (gptj)."""
+        if const_expr(self.cfg.rope_style == "neox"):
+            return i, i + self.cfg.head_dim // 2
+        else:
+            return 2 * i, 2 * i + 1
+
+    @cute.jit
+    def rope_rotate(self, x1: Float32, x2: Float32, mCos: cute.Tensor, mSin: cute.Tensor, prow: Int32, i: Int32):
+        """(x1, x2) rotated by the angle of frequency i at table row prow."""
+        c = mCos[prow, i]
+        s = mSin[prow, i]
+        return x1 * c - x2 * s, x2 * c + x1 * s
 
     @cute.jit
     def allocate(self, smem) -> QKVBuffers:
@@ -244,6 +265,7 @@ class QKVRope:
         # ---- split-K GEMV over this CTA's slice on tensor cores: part[b, row]
         atom = mma_atom(mW.element_type)
         mWg = mW[g, None, None]
+        sPartBR = cute.make_tensor(sPart.iterator, cute.make_layout((B, R), stride=(R, 1)))   # [b, row] view
         if const_expr(cfg.pipeline_tiles):
             count = (R // 16 + NW - 1) // NW
             accs = warp_gemv_tiles(atom, mWg, warp, NW, R // 16, count, k0, sX, lane, Hc // _STEP, cfg.n_tiles,
@@ -251,20 +273,12 @@ class QKVRope:
             for j in cutlass.range_constexpr(count):
                 mt = warp + j * NW
                 if mt < R // 16:
-                    for nt in cutlass.range_constexpr(cfg.n_tiles):
-                        for e in cutlass.range_constexpr(4):
-                            rl, b = acc_coords(lane, nt, e)
-                            if b < B:
-                                sPart[b * R + mt * 16 + rl] = accs[e, nt, j]
+                    store_acc(accs[None, None, j], sPartBR, mt * 16, lane, cfg.n_tiles, B)
         else:
             for mt in cutlass.range(warp, R // 16, NW, unroll=1):
                 acc = new_acc(cfg.n_tiles)
                 warp_gemv_tile(atom, mWg, mt * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll)
-                for nt in cutlass.range_constexpr(cfg.n_tiles):
-                    for e in cutlass.range_constexpr(4):
-                        rl, b = acc_coords(lane, nt, e)
-                        if b < B:
-                            sPart[b * R + mt * 16 + rl] = acc[e, nt]
+                store_acc(acc, sPartBR, mt * 16, lane, cfg.n_tiles, B)
         cute.arch.barrier()
         fq = self.red_qkv.make_fragment()
         pq = self.red_qkv.thread_offset(tidx)
@@ -306,20 +320,12 @@ class QKVRope:
             hs = (it // half) % (G + 2)
             i = it % half
             pos = cutlass.min(cutlass.max(mPos[b], Int32(0)), Int32(cfg.max_len - 1))
-            if const_expr(cfg.rope_style == "neox"):
-                d1 = i
-                d2 = i + half
-            else:
-                d1 = 2 * i
-                d2 = 2 * i + 1
+            d1, d2 = self.rope_dims(i)
             x1 = sPart[b * R + hs * hd + d1]
             x2 = sPart[b * R + hs * hd + d2]
             if hs <= G:
                 prow = cutlass.min(pos, Int32(cfg.max_positions - 1))
-                c = mCos[prow, i]
-                s = mSin[prow, i]
-                r1 = x1 * c - x2 * s
-                r2 = x2 * c + x1 * s
+                r1, r2 = self.rope_rotate(x1, x2, mCos, mSin, prow, i)
                 if hs < G:
                     mQ[b, g * G + hs, d1] = self.dtype(r1)
                     mQ[b, g * G + hs, d2] = self.dtype(r2)
