@@ -1,5 +1,5 @@
 """Compile, on a machine without a GPU, the kernels that the GPU tests and the
-attention benchmark will ask for, into the disk cache (``$CF_CUTE_CACHE_DIR``).
+attention and layer benchmarks will ask for, into the disk cache (``$CF_CUTE_CACHE_DIR``).
 
 The cache key (arch, DSL version, package source fingerprint, config, argument
 specs) is the same on the GPU machine, so shipping the cache folder there
@@ -41,11 +41,55 @@ def _unfused(batch, heads, kv_heads, hd, H, L, paged, residual, cluster=4):
     return out
 
 
+def _mlp_configs(batches):
+    """MLP blocks of tests/test_mlp_block.py and benchmarks/bench_layer.py, planned as
+    cf_cute.mlp plans them without a GPU (132 // C clusters of C resident); a GPU whose
+    residency differs compiles the difference there."""
+    import torch
+    from cf_cute import mlp
+    from cf_cute.fused.attention_block import AttentionBlockConfig
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_mlp_block import SHAPES
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_layer import MLP_VARIANTS
+
+    def plan(B, H, I, dt=torch.bfloat16, residual=False, tuning=None):
+        packed = mlp.PackedMLP(norm=torch.empty(H, dtype=dt, device="meta"),
+                               w_gate_up=torch.empty(2 * I, H, dtype=dt, device="meta"),
+                               w_down=torch.empty(H, I, dtype=dt, device="meta"))
+        try:
+            return [mlp._plan(torch.empty(B, H, dtype=dt, device="meta"), packed, residual, tuning, 0)]
+        except ValueError:              # a forced grid that does not fit: the caller skips it too
+            return []
+
+    out = [c for H, I in SHAPES for b in (1, 3, 16) for c in plan(b, H, I, residual=b != 3)]
+    for t in (mlp.MLPTuning(cluster_size=1), mlp.MLPTuning(cluster_size=4, k_parts=2),
+              mlp.MLPTuning(k_parts=1, l2_prefetch=False), mlp.MLPTuning(cluster_size=2, num_clusters=40)):
+        out += plan(5, 2048, 8192, torch.float16, tuning=t)
+    out += plan(4, 2048, 8192)
+    for b in batches:
+        out += plan(b, 4096, 11008)
+        for t in MLP_VARIANTS.values():
+            out += plan(b, 4096, 11008, tuning=t)
+    for b, paged in ((1, False), (4, True)):       # test_decoder_layer_matches_transformers
+        out.append(AttentionBlockConfig(batch=b, hidden=2048, num_heads=32, num_kv_heads=8, head_dim=64,
+                                        max_len=256, max_positions=256, cluster_size=16, paged=paged,
+                                        num_pages=b * 256 // 16 + 5 if paged else 0))
+    # tests/test_runner.py's small Llama (hidden 512, 8/2 heads of 64, intermediate 1024, cache 256)
+    for b in (1, 3):
+        out += plan(b, 512, 1024)
+        out.append(AttentionBlockConfig(batch=b, hidden=512, num_heads=8, num_kv_heads=2, head_dim=64,
+                                        max_len=256, max_positions=256, cluster_size=16))
+    return list(dict.fromkeys(out))
+
+
 def _configs(contexts, batches):
     sys.path.insert(0, str(ROOT / "tests"))
     from test_attention_block import FUSED_CASES, fused_config
     from cf_cute.fused.attention_block import AttentionBlockConfig
     out = [fused_config(*c) for c in FUSED_CASES if c[5] is not None]
+    # cluster None: the automatic choice, clusters of 2 on a 132-SM Hopper where clusters of 4 do not fit
+    out += [fused_config(*c[:5], 2, *c[6:]) for c in FUSED_CASES if c[5] is None]
     c1 = FUSED_CASES[1]
     out.append(dataclasses.replace(fused_config(*c1[:5], 2, *c1[6:]), num_threads=512))
     out += _unfused(16, 32, 32, 128, 4096, 1024, False, True)            # the case that falls back
@@ -58,16 +102,30 @@ def _configs(contexts, batches):
                                                 head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
                                                 cluster_size=c, **tune))
             if b == 16:
-                out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False)
-    return out
+                out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
+                                                head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
+                                                cluster_size=2))
+                try:
+                    out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False)
+                except ValueError:          # over the 32-bit index limit: the benchmark skips it too
+                    pass
+    return out + _mlp_configs(batches)
 
 
 def _build(cfg):
     from cf_cute import decode_attention, gemv, qkv_rope
     from cf_cute.attention import _fused_kernel
     from cf_cute.fused.attention_block import AttentionBlockConfig, AttentionBlock
+    from cf_cute.fused.mlp_block import MLPBlockConfig
     t = time.time()
-    if isinstance(cfg, AttentionBlockConfig):
+    try:
+        cfg.validate()
+    except ValueError:                      # e.g. a cache past the 32-bit index limit
+        return -1.0
+    if isinstance(cfg, MLPBlockConfig):
+        from cf_cute.mlp import _kernel
+        _kernel(cfg)
+    elif isinstance(cfg, AttentionBlockConfig):
         try:
             AttentionBlock(cfg)
         except ValueError:                  # does not fit: nothing to build

@@ -10,10 +10,13 @@ export CF_CUTE_CACHE_DIR=${CF_CUTE_CACHE_DIR:-$PWD/.device/cfcache}
 export CF_CUTE_COMMIT=${CF_CUTE_COMMIT:-unknown}
 python -m pip install -q --no-deps --no-build-isolation -e . > "$LOG/pip.log" 2>&1 || { tail "$LOG/pip.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$LOG/gpu.txt"
+python -c "from cf_cute.primitives import max_resident_clusters as m; print('resident clusters at 1 CTA/SM:', {c: m(c) for c in (1, 2, 4, 8, 16)})" | tee -a "$LOG/gpu.txt"
 targets=("$@"); [ ${#targets[@]} -eq 0 ] && targets=(tests)
 timeout "${TEST_TIMEOUT:-300}" python -m pytest -q --maxfail=8 -m gpu "${targets[@]}" 2>&1 | tee "$LOG/pytest.log" | tail -5
 if [ -z "${SKIP_BENCH:-}" ]; then
   timeout 60 python benchmarks/bench_host_overhead.py > "$LOG/host.md" 2>&1; tail -8 "$LOG/host.md"
+  timeout "${BENCH_TIMEOUT:-240}" python benchmarks/bench_layer.py ${LAYER_ARGS:-} > "$LOG/layer.md" 2>&1
+  tail -20 "$LOG/layer.md"
   timeout "${BENCH_TIMEOUT:-240}" python benchmarks/bench_attention.py ${ATTN_ARGS:---context 1024,4096 --batch 1,16} \
     > "$LOG/attention.md" 2>&1; tail -12 "$LOG/attention.md"
 fi

@@ -17,6 +17,8 @@ on first use) and a small workspace per (shape, device): the attention output
 ``[B, heads*hd]``, the residual stream and the grid barrier's counter. Calls
 that share a workspace must not run concurrently on different streams; pass
 ``workspace=AttentionWorkspace(...)`` of your own for that.
+``torch.ops.cf_cute.attention_block`` is the fused call as a custom op (it
+mutates the caches; fake implementation included) for torch.compile.
 """
 
 from __future__ import annotations
@@ -256,3 +258,19 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
     _fused_kernel(cfg)(hidden, res, packed.norm, packed.w_qkv, packed.wo, cos, sin, positions, k_cache, v_cache,
                        page_table, workspace.attn, workspace.h, workspace.barrier, out)
     return out
+
+
+@torch.library.custom_op("cf_cute::attention_block", mutates_args=("k_cache", "v_cache"))
+def _attention_block_op(hidden: torch.Tensor, norm: torch.Tensor, w_qkv: torch.Tensor, wo: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, residual: torch.Tensor | None, page_table: torch.Tensor | None,
+                        num_heads: int, num_kv_heads: int, eps: float, rope_style: str) -> torch.Tensor:
+    packed = PackedAttention(norm, w_qkv, wo, num_heads, num_kv_heads, eps, rope_style)
+    return attention_block(hidden, packed, k_cache, v_cache, positions, cos, sin, residual=residual,
+                           page_table=page_table)
+
+
+@_attention_block_op.register_fake
+def _(hidden, norm, w_qkv, wo, k_cache, v_cache, positions, cos, sin, residual, page_table, num_heads,
+      num_kv_heads, eps, rope_style):
+    return torch.empty_like(hidden)

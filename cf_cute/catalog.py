@@ -22,6 +22,7 @@ from cf_cute.collective_kernels import (
 )
 from cf_cute.fused.attention_block import AttentionBlock, AttentionBlockConfig
 from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfig
+from cf_cute.fused.mlp_block import MLPBlock, MLPBlockConfig
 from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
 from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
 from cf_cute.jit import ScalarSpec, TensorSpec
@@ -94,6 +95,12 @@ def _block(cfg: AttentionBlockConfig) -> Entry:
     return _attn_entry("attention_block", AttentionBlock, cfg, arg_specs, "st_async")
 
 
+def _mlp(cfg: MLPBlockConfig) -> Entry:
+    from cf_cute.mlp import arg_specs
+    return Entry(f"mlp_block b={cfg.batch} H={cfg.hidden} I={cfg.intermediate} {cfg.num_clusters}xC={cfg.cluster_size}",
+                 MLPBlock, cfg, arg_specs(cfg), "st_async" if cfg.cluster_size > 1 else "grid")
+
+
 def entries() -> Iterator[Entry]:
     from cf_cute.attention import default_cluster_size
     from cf_cute.models import BUILTIN_CONFIGS
@@ -105,6 +112,12 @@ def entries() -> Iterator[Entry]:
             yield _block(AttentionBlockConfig(batch=batch, hidden=hidden, num_heads=heads, num_kv_heads=kv_heads,
                                               head_dim=hd, max_len=4096, max_positions=4096, cluster_size=c,
                                               has_residual=True))
+    # the fused MLP block for each distinct MLP shape, on the grid a 132-SM Hopper gets
+    # (66 clusters of 2: cf_cute.mlp.grid_plan with the measured residency)
+    for hidden, inter in dict.fromkeys((m.hidden, m.intermediate) for m in BUILTIN_CONFIGS.values()):
+        for batch in (1, 16):
+            yield _mlp(MLPBlockConfig(batch=batch, hidden=hidden, intermediate=inter, num_clusters=66,
+                                      cluster_size=2, has_residual=batch == 1))
     for c in range(1, 17):
         yield _reduce(ReduceHarnessConfig(num_elems=256, cluster_size=c))
     for c in (2, 4, 8, 16):

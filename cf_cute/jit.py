@@ -107,18 +107,26 @@ def dsl_version() -> str:
         return getattr(cutlass, "__version__", "unknown")
 
 
+# the sources that shape device code: the kernels and primitives, the harness kernels, and this
+# compile path; host-side modules (validation, torch wrappers, the runner) do not enter the key,
+# so editing them keeps the disk cache valid
+_DEVICE_SOURCES = ("jit.py", "collective_kernels.py")
+
+
 @functools.lru_cache(maxsize=1)
 def source_fingerprint() -> str:
-    """Hash of every .py file of the package (cf_cute, primitives, fused)."""
+    """Hash of every .py file of ``cf_cute.primitives`` and ``cf_cute.fused`` plus
+    the device-code modules of ``cf_cute`` (``_DEVICE_SOURCES``)."""
     import cf_cute
     import cf_cute.fused
     import cf_cute.primitives
     h = hashlib.sha256()
-    for pkg in (cf_cute, cf_cute.primitives, cf_cute.fused):
-        root = Path(pkg.__file__).parent
-        for p in sorted(root.glob("*.py")):
-            h.update(p.name.encode())
-            h.update(p.read_bytes())
+    files = [Path(cf_cute.__file__).parent / n for n in _DEVICE_SOURCES]
+    for pkg in (cf_cute.primitives, cf_cute.fused):
+        files += sorted(Path(pkg.__file__).parent.glob("*.py"))
+    for p in files:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -53,6 +53,9 @@ class ModelConfig:
             raise ValueError(f"head_dim {self.head_dim} is not supported (64 or 128)")
         if self.hidden % 256:
             raise ValueError(f"hidden_size {self.hidden} must be a multiple of 256")
+        if self.intermediate % 256:
+            raise ValueError(f"intermediate_size {self.intermediate} must be a multiple of 256 (the fused MLP "
+                             f"splits the down projection's K over 8 warps of 32 columns)")
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":

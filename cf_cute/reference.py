@@ -37,6 +37,7 @@ __all__ = [
     "attention_block",
     "MLPWeights",
     "mlp_block",
+    "decoder_layer",
 ]
 
 
@@ -208,3 +209,15 @@ def mlp_block(hidden: torch.Tensor, weights: MLPWeights, *, eps: float = 1e-5,
     if hidden.dtype != torch.float32:
         a = a.to(hidden.dtype).float()
     return h + a @ weights.w_down.float().T
+
+
+def decoder_layer(hidden: torch.Tensor, attn_weights: AttentionWeights, mlp_weights: MLPWeights, cache,
+                  positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_heads: int,
+                  num_kv_heads: int, eps: float = 1e-5, rope_style: str = "neox",
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of one decoder layer: the attention block, then the MLP block on
+    its output rounded to the activation dtype (the residual stream between the
+    two launches). Returns the new residual stream, fp32 ``[B, hidden]``."""
+    h1 = attention_block(hidden, attn_weights, cache, positions, cos, sin, num_heads=num_heads,
+                         num_kv_heads=num_kv_heads, eps=eps, rope_style=rope_style, residual=residual)
+    return mlp_block(h1.to(hidden.dtype), mlp_weights, eps=eps)

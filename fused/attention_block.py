@@ -25,9 +25,9 @@ resident at once: the host checks it, the grid barrier needs it)::
                          o [B*G*hd] -> the owner CTA writes attn[b, head, :] (global
                          scratch, L2-resident)
   GridBarrier            every CTA's attn slice is written and visible
-  phase B, CTA c:        16-row tiles c, c + N, ... of W_o [H, heads*hd]; the warps split
-                         K, tensor cores with x = attn read from L2, partials summed
-                         in warp order through shared memory, + h -> out
+  phase B, CTA c:        residual_gemv_tiles: 16-row tiles c, c + N, ... of W_o [H, heads*hd];
+                         the warps split K, tensor cores with x = attn read from L2,
+                         partials summed in warp order through shared memory, + h -> out
 
 Deterministic: every sum has a fixed order (warp order, rank order in the
 collectives), no float atomics; the grid barrier uses integer atomics only.
@@ -48,7 +48,7 @@ from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluste
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from .decode_attention import DecodeAttention, DecodeAttentionConfig
-from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles
+from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .qkv_rope import QKVFields, QKVRope, QKVRopeConfig
 
 __all__ = ["AttentionBlockConfig", "AttentionBlock"]
@@ -60,7 +60,7 @@ _STEP = 32
 @dataclasses.dataclass(frozen=True)
 class AttentionBlockConfig(QKVFields):
     """The QKV stage's fields (:class:`~.qkv_rope.QKVFields`; ``l2_prefetch`` also asks
-    L2 for the W_o rows before the grid barrier, ``pipeline_tiles`` also covers W_o),
+    L2 for the W_o rows before the grid barrier; ``pipeline_tiles`` covers the QKV stage only),
     plus the attention's and the block's own."""
     attn_unroll: int = 4          # tokens per token group loaded together
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
@@ -173,15 +173,6 @@ class AttentionBlock:
                 mBar[2 + bidx * 8 + k] = cute.arch.globaltimer_lo()
 
     @cute.jit
-    def _prefetch_wo(self, mWo: cute.Tensor, bidx: Int32, warp: Int32, lane: Int32):
-        """Ask L2 for this CTA's phase-B rows of W_o (warp i: tile i)."""
-        cfg = self.cfg
-        MT = cfg.hidden // 16
-        for i in cutlass.range_constexpr((MT + cfg.grid - 1) // cfg.grid):
-            if warp == i and bidx + i * cfg.grid < MT:
-                prefetch_rows_l2(mWo, (bidx + i * cfg.grid) * 16, 16, Int32(0), cfg.o_k, lane)
-
-    @cute.jit
     def _token_range(self, mPos: cute.Tensor, b: Int32, rank: Int32):
         """(pos, start, end, chunk): request b's new token is cached token pos;
         this CTA attends to tokens [start, end) of [0, pos]."""
@@ -219,7 +210,7 @@ class AttentionBlock:
         sTile = smem.allocate_tensor(Float32, cute.make_layout(self.attn.tile_elems), byte_alignment=16)
         sO = smem.allocate_tensor(Float32, cute.make_layout(B * G * hd), byte_alignment=16)
         sML = smem.allocate_tensor(Float32, cute.make_layout(self.ml_elems), byte_alignment=16)
-        sRed = smem.allocate_tensor(Float32, cute.make_layout((NW, 16, B)), byte_alignment=16)
+        sRed = smem.allocate_tensor(Float32, cute.make_layout((NW, RED_WORDS_PER_ROW, B)), byte_alignment=16)
         self.front.init(qb)
         self.gat_ml.init(bufs_ml)
         self.red_o.init(bufs_o)
@@ -243,7 +234,8 @@ class AttentionBlock:
         cute.arch.barrier()
 
         if const_expr(cfg.l2_prefetch and cfg.early_wo_prefetch):       # W_o rows, while attention runs
-            self._prefetch_wo(mWo, bidx, warp, lane)
+            prefetch_tiles_l2(mWo, bidx, cfg.grid, (cfg.hidden // 16 + cfg.grid - 1) // cfg.grid, warp,
+                              lane)
         d8 = tidx % TPT
         for b in cutlass.range(B, unroll=1):
             pos, start, end, chunk = self._token_range(mPos, b, rank)
@@ -262,7 +254,8 @@ class AttentionBlock:
         cute.arch.barrier()
         self._stamp(mBar, bidx, 2)
         if const_expr(cfg.l2_prefetch and not cfg.early_wo_prefetch):   # W_o rows, while the merge runs
-            self._prefetch_wo(mWo, bidx, warp, lane)
+            prefetch_tiles_l2(mWo, bidx, cfg.grid, (cfg.hidden // 16 + cfg.grid - 1) // cfg.grid, warp,
+                              lane)
 
         # ---- merge over the cluster: (m, l) of every CTA, then o scaled and reduce-scattered
         sAll = self.gat_ml.gather(bufs_ml, sML, Int32(0))
@@ -300,37 +293,7 @@ class AttentionBlock:
         self._stamp(mBar, bidx, 4)
 
         # ================= phase B: output projection rows, full K, + h
-        N = cfg.grid
         MT = cfg.hidden // 16
-        kw = cfg.o_k // NW
-        atom = mma_atom(mWo.element_type)
-        count = (MT + N - 1) // N
-        if const_expr(cfg.pipeline_tiles):
-            accs = warp_gemv_tiles(atom, mWo, bidx, N, MT, count, warp * kw, mAttn, lane, kw // _STEP,
-                                   cfg.n_tiles, cfg.unroll, B)
-        for i in cutlass.range_constexpr(count):
-            mt = bidx + i * N
-            if mt < MT:
-                if const_expr(cfg.pipeline_tiles):
-                    acc = accs[None, None, i]
-                else:
-                    acc = new_acc(cfg.n_tiles)
-                    warp_gemv_tile(atom, mWo, mt * 16, warp * kw, mAttn, acc, lane, kw // _STEP, cfg.n_tiles,
-                                   cfg.unroll, B)
-                # this warp's slice of sRed as [b, row]
-                sRedW = cute.make_tensor(sRed.iterator + warp, cute.make_layout((B, 16), stride=(16 * NW, NW)))
-                store_acc(acc, sRedW, Int32(0), lane, cfg.n_tiles, B)
-                cute.arch.barrier()
-                for e in cutlass.range(tidx, 16 * B, T, unroll=1):
-                    rl = e % 16
-                    b = e // 16
-                    tot = Float32(0.0)
-                    for wi in cutlass.range_constexpr(NW):
-                        tot = tot + sRed[wi, rl, b]
-                    row = mt * 16 + rl
-                    hv = Float32(mHidden[b, row])
-                    if const_expr(cfg.has_residual):
-                        hv = hv + Float32(mResidual[b, row])
-                    mOut[b, row] = self.dtype(hv + tot)
-                cute.arch.barrier()
+        residual_gemv_tiles(mWo, mAttn, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
+                            (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual)
         self._stamp(mBar, bidx, 5)

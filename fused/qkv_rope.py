@@ -7,9 +7,8 @@ The first half of the attention block (issue 3), built from ClusterReduce.
 One cluster of C CTAs per KV head g (its G = heads / kv_heads query heads with
 it); CTA r owns the hidden slice ``[r*H/C, (r+1)*H/C)`` (split-K)::
 
-    h    = hidden (+ residual)                  fp32, this CTA's slice, shared memory
-    ss_b = sum(h_b^2) over the slice  --ClusterReduce.all_reduce (B values)-->  full sum
-    x    = round_to_dtype(h * rsqrt(ss / H + eps) * norm_w)      -> sX (mma_gemv layout)
+    x    = rmsnorm(hidden (+ residual)), this CTA's slice -> sX   (rmsnorm_slice.NormSlice:
+           sums of squares all-reduced over the cluster, x rounded to the dtype)
     part[b, row] = x_b . W_g[row, slice]      rows = [q heads of g | k_g | v_g] ((G+2)*hd),
                                               16-row tiles over the warps, tensor cores
     qkv  = ClusterReduce.all_reduce(part)     every CTA holds q, k, v of its group (B*(G+2)*hd)
@@ -37,12 +36,11 @@ from cf_cute.primitives import ClusterReduce, cluster_sync
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from ._attn_shape import AttnShape
-from .mma_gemv import (mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles,
-                       x_smem_layout)
+from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles
+from .rmsnorm_slice import NormSlice, NormSliceConfig
 
 __all__ = ["QKVFields", "QKVRopeConfig", "QKVRope", "QKVBuffers"]
 
-_VEC = 8
 _WARP = 32
 _STEP = 32
 
@@ -102,17 +100,13 @@ class QKVRopeConfig(QKVFields):
                              f"use a smaller cluster")
         if self.head_dim % 16:
             raise ValueError(f"head_dim = {self.head_dim} must be a multiple of 16")
-        if self.batch * self.slice * 4 > 128 * 1024:
-            raise ValueError(f"batch {self.batch} x hidden slice {self.slice} does not fit in shared memory: "
-                             f"use a larger cluster")
 
 
 class QKVBuffers:
     """Shared-memory buffers of :class:`QKVRope` (see ``allocate``)."""
 
-    def __init__(self, red_norm, red_qkv, sH, sPart, sSS, sX):
-        self.red_norm, self.red_qkv = red_norm, red_qkv
-        self.sH, self.sPart, self.sSS, self.sX = sH, sPart, sSS, sX
+    def __init__(self, norm, red_qkv, sPart):
+        self.norm, self.red_qkv, self.sPart = norm, red_qkv, sPart
 
 
 class QKVRope:
@@ -121,12 +115,12 @@ class QKVRope:
         self.cfg = cfg
         self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
         T, C = cfg.num_threads, cfg.cluster_size
-        self.red_norm = ClusterReduce(cfg.batch, C, T, op="sum", stages=1, barrier_id=1)
+        self.norm = NormSlice(NormSliceConfig(batch=cfg.batch, hidden=cfg.hidden, cluster_size=C, num_threads=T,
+                                              eps=cfg.eps, has_residual=cfg.has_residual, dtype=cfg.dtype))
         # the B*(G+2)*hd partial sums go through the cluster in `qkv_rounds` rounds of
         # at most 32 values per thread (register budget): the fewest rounds that fit
         total = cfg.batch * cfg.rows
-        fixed = (self.red_norm.smem_bytes + 4 * (cfg.batch * cfg.slice + total + (T // _WARP) * cfg.batch)
-                 + 2 * cfg.n_tiles * 8 * (cfg.slice + 32) + 4 * 16)
+        fixed = self.norm.smem_bytes + 4 * total + 4 * 16
         for k in range(1, 65):
             if total % k or total // k > 32 * T or (total // k) % 4:
                 continue
@@ -177,21 +171,15 @@ class QKVRope:
     def allocate(self, smem) -> QKVBuffers:
         """Carve this stage's shared memory out of ``smem`` (a SmemAllocator)."""
         cfg = self.cfg
-        B, Hc = cfg.batch, cfg.slice
-        return QKVBuffers(
-            red_norm=self.red_norm.allocate(smem),
-            red_qkv=self.red_qkv.allocate(smem),
-            sH=smem.allocate_tensor(Float32, cute.make_layout((B, Hc), stride=(Hc, 1)), byte_alignment=16),
-            sPart=smem.allocate_tensor(Float32, cute.make_layout(B * cfg.rows), byte_alignment=16),
-            sSS=smem.allocate_tensor(Float32, cute.make_layout((cfg.num_threads // _WARP, B), stride=(B, 1)),
-                                     byte_alignment=16),
-            sX=smem.allocate_tensor(self.dtype, x_smem_layout(cfg.n_tiles, Hc), byte_alignment=16))
+        return QKVBuffers(norm=self.norm.allocate(smem), red_qkv=self.red_qkv.allocate(smem),
+                          sPart=smem.allocate_tensor(Float32, cute.make_layout(cfg.batch * cfg.rows),
+                                                     byte_alignment=16))
 
     @cute.jit
     def init(self, bufs: QKVBuffers):
         """Barrier init (thread 0); the caller then arrives on the cluster barrier
         (``cluster_arrive_relaxed``); :meth:`project` waits on it."""
-        self.red_norm.init(bufs.red_norm)
+        self.norm.init(bufs.norm)
         self.red_qkv.init(bufs.red_qkv)
 
     @cute.jit
@@ -209,58 +197,12 @@ class QKVRope:
         warp = cute.arch.warp_idx()
         rank = Int32(cute.arch.block_idx_in_cluster())
         k0 = rank * Hc
-        bufs_n, bufs_q = bufs.red_norm, bufs.red_qkv
-        sH, sPart, sSS, sX = bufs.sH, bufs.sPart, bufs.sSS, bufs.sX
+        bufs_q, sPart, sX = bufs.red_qkv, bufs.sPart, bufs.norm.sX
         if const_expr(cfg.l2_prefetch):
             if warp < R // 16:
                 prefetch_rows_l2(mW[g, None, None], warp * 16, 16, k0, Hc, lane)
 
-        # ---- h = hidden (+ residual) for this slice; partial sums of squares
-        for b in cutlass.range_constexpr(B):
-            ss = Float32(0.0)
-            for j in cutlass.range(tidx, Hc // _VEC, T, unroll=1):
-                hv = cute.local_tile(mHidden, (1, _VEC), (b, k0 // _VEC + j)).load().to(Float32)
-                hr = cute.make_rmem_tensor(_VEC, Float32)
-                hr.store(hv)
-                if const_expr(cfg.has_residual):
-                    rv = cute.local_tile(mResidual, (1, _VEC), (b, k0 // _VEC + j)).load().to(Float32)
-                    for e in cutlass.range_constexpr(_VEC):
-                        hr[e] = hr[e] + rv[e]
-                    if g == 0:
-                        for e in cutlass.range_constexpr(_VEC):
-                            mHOut[b, k0 + j * _VEC + e] = self.dtype(hr[e])
-                for e in cutlass.range_constexpr(_VEC):
-                    sH[b, j * _VEC + e] = hr[e]
-                    ss = ss + hr[e] * hr[e]
-            ss = cute.arch.warp_reduction_sum(ss)
-            if lane == 0:
-                sSS[warp, b] = ss
-        cute.arch.barrier()
-        fn = self.red_norm.make_fragment()
-        pn = self.red_norm.thread_offset(tidx)
-        for v in cutlass.range_constexpr(self.red_norm.per_thread):
-            tot = Float32(0.0)
-            for w in cutlass.range_constexpr(NW):
-                tot = tot + sSS[w, pn + v]
-            fn[v] = tot
-        cute.arch.cluster_wait()
-        total = self.red_norm.all_reduce(bufs_n, fn, Int32(0))
-        # every thread needs rstd of every request: put them in smem (row 0 of sSS)
-        cute.arch.barrier()
-        if tidx < self.red_norm.active:
-            for v in cutlass.range_constexpr(self.red_norm.per_thread):
-                sSS[0, pn + v] = cute.math.rsqrt(total[v] / Float32(cfg.hidden) + Float32(cfg.eps))
-        cute.arch.barrier()
-
-        # ---- x = round(h * rstd * w) -> sX (rows past the batch zero)
-        for i in cutlass.range(tidx, cfg.n_tiles * 8 * Hc, T, unroll=1):
-            b = i // Hc
-            j = i % Hc
-            if b < B:
-                sX[b, j] = self.dtype(sH[b, j] * sSS[0, b] * Float32(mNormW[k0 + j]))
-            else:
-                sX[b, j] = self.dtype(0.0)
-        cute.arch.barrier()
+        self.norm(bufs.norm, mHidden, mResidual, mNormW, mHOut, g == 0)
 
         # ---- split-K GEMV over this CTA's slice on tensor cores: part[b, row]
         atom = mma_atom(mW.element_type)

@@ -1,0 +1,140 @@
+"""``python -m cf_cute bench``: time per output token of a whole model's decode
+step, cf_cute (fused decoder layers, one CUDA graph) against the torch CUDA-graph
+decode step on the same weights and caches, in the same run.
+
+Caches are filled with random keys/values up to the context length (prefill is
+not what is measured); every request sits at that context. Each step is timed
+as a median of CUDA-event timed graph replays after warm-up; the weights of a
+7B model (13 GB) are far larger than L2, so every step streams them from HBM.
+Floor = (all layer weights + final norm + LM head + the KV cache read) / the read
+bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+
+__all__ = ["run_bench", "read_bandwidth_gbs"]
+
+
+def _median_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def read_bandwidth_gbs() -> float:
+    """Read-only stream (sum of a 2 GiB bf16 tensor), GB/s."""
+    x = torch.randn(2**30, device="cuda", dtype=torch.bfloat16)
+    ms = _median_ms(lambda: x.sum(dtype=torch.float32), reps=20)
+    del x
+    return 2**31 / ms / 1e6
+
+
+def _progress(i: int, n: int, what: str) -> None:
+    w = 30
+    done = w * i // n
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (w - done)}] {i}/{n} {what:40s}")
+    sys.stderr.flush()
+    if i == n:
+        sys.stderr.write("\n")
+
+
+def run_bench(model_name: str, contexts: list[int], batches: list[int], *, plot: str | None = "cf_cute_bench.png",
+              dtype=torch.bfloat16) -> list[dict]:
+    from cf_cute.runner import LlamaModel
+    bw = read_bandwidth_gbs()
+    rows = []
+    n = len(contexts) * len(batches)
+    i = 0
+    from cf_cute.models import model_config
+    mc = model_config(model_name)
+    free = torch.cuda.mem_get_info()[0]
+    for B in batches:
+        per_tok = 2 * mc.num_layers * B * mc.num_kv_heads * mc.head_dim * 2      # KV bytes per cached token
+        w_est = 2 * (mc.num_layers * (mc.hidden * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+                                      + mc.hidden * mc.num_heads * mc.head_dim + 3 * mc.hidden * mc.intermediate)
+                     + 2 * mc.vocab * mc.hidden)
+        fits = [c for c in contexts if w_est + per_tok * (c + 1) < 0.8 * free]
+        for c in contexts:
+            if c not in fits:
+                print(f"\nskipped batch {B}, context {c}: caches and weights exceed this GPU's free memory",
+                      file=sys.stderr)
+                n -= 1
+        if not fits:
+            continue
+        model = LlamaModel.from_pretrained(model_name, dtype=dtype, max_batch=B, max_len=max(fits) + 1)
+        cfg = model.cfg
+        w_bytes = sum(t.numel() * t.element_size() for l in model.layers
+                      for t in (l.attn.norm, l.attn.w_qkv, l.attn.wo, l.mlp.norm, l.mlp.w_gate_up, l.mlp.w_down))
+        w_bytes += model.lm_head.numel() * 2 + model.norm.numel() * 2
+        for ctx in fits:
+            _progress(i, n, f"batch {B}, context {ctx}")
+            for kc, vc in zip(model.k_cache, model.v_cache):
+                kc[:, :ctx].normal_()
+                vc[:, :ctx].normal_()
+            tok = torch.randint(0, cfg.vocab, (B,), device="cuda")
+            pos = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+            res = {}
+            for step in ("torch", "fused"):
+                model.decode_step(tok, pos, step=step)          # capture (and compile) once
+                res[step] = _median_ms(lambda s=step: model.decode_step(tok, pos, step=s))
+            kv = 2 * cfg.num_layers * B * (ctx + 1) * cfg.num_kv_heads * cfg.head_dim * 2
+            floor_ms = (w_bytes + kv) / (bw * 1e6)
+            rows.append(dict(model=model_name, batch=B, context=ctx, floor_ms=floor_ms, torch_ms=res["torch"],
+                             cf_cute_ms=res["fused"], bytes=w_bytes + kv, bw=bw))
+            i += 1
+        del model
+        torch.cuda.empty_cache()
+    _progress(n, n, "done")
+    if plot:
+        _plot(rows, plot)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ["model", "batch", "context", "floor ms", "torch graph ms/token", "cf_cute ms/token", "cf_cute GB/s",
+            "% of floor", "vs torch graph"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in (
+            r["model"], r["batch"], r["context"], f"{r['floor_ms']:.2f}", f"{r['torch_ms']:.2f}",
+            f"{r['cf_cute_ms']:.2f}", f"{r['bytes'] / r['cf_cute_ms'] / 1e6:.0f}",
+            f"{100 * r['floor_ms'] / r['cf_cute_ms']:.0f}%", f"{r['torch_ms'] / r['cf_cute_ms']:.2f}x")) + " |")
+    return "\n".join(out)
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for B in sorted({r["batch"] for r in rows}):
+        rs = [r for r in rows if r["batch"] == B]
+        x = [r["context"] for r in rs]
+        ax.plot(x, [r["cf_cute_ms"] for r in rs], "o-", label=f"cf_cute, batch {B}")
+        ax.plot(x, [r["torch_ms"] for r in rs], "s--", label=f"torch CUDA graph, batch {B}")
+        ax.plot(x, [r["floor_ms"] for r in rs], ":", color="gray", label=f"floor, batch {B}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("ms per output token")
+    ax.set_title(f"{rows[0]['model']} decode, {torch.cuda.get_device_name()}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}", file=sys.stderr)

@@ -1,0 +1,246 @@
+"""The MLP half of a Llama decoder layer at decode time, from torch.
+
+    packed = pack_mlp(MLPWeights(norm, w_gate, w_up, w_down))       # once
+    out = mlp_block(hidden, packed, residual=None)
+
+``out = h + down(silu(gate(x)) * up(x))``, ``x = rmsnorm(h)``, ``h = hidden (+
+residual)``: one launch of ``cf_cute.fused.mlp_block`` (phase A: norm and the
+gate/up projections split over clusters, a DSMEM reduce-scatter and SiLU into an
+L2 scratch; a grid barrier; phase B: the down projection plus h).
+
+``pack_mlp`` concatenates gate and up into one ``[2I, H]`` weight (vLLM's
+merged layout; pass ``w_gate_up`` directly if you have it). The launch needs its
+grid resident at once (sized from the GPU on first use) and a small workspace
+per (shape, device): the activation ``[B, I]`` and the grid barrier's state.
+Calls sharing a workspace must not run concurrently on different streams.
+``torch.ops.cf_cute.mlp_block(hidden, norm, w_gate_up, w_down, residual, eps)``
+is the same call as a custom op (fake implementation included) for torch.compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from cf_cute.fused.mlp_block import MLPBlock, MLPBlockConfig
+from cf_cute.jit import TensorSpec, compile_kernel
+from cf_cute.reference import MLPWeights
+from cf_cute.validate import check_operands, check_tensor, dtype_name
+
+__all__ = ["PackedMLP", "pack_mlp", "mlp_block", "mlp_block_config", "MLPWorkspace", "MLPTuning", "arg_specs",
+           "grid_plan", "planned_config"]
+
+# clusters of C resident at once at one CTA per SM on the H100 SXM (132 SMs) measured here
+# (cuOccupancyMaxActiveClusters; a cluster lives in one GPC of 14-18 SMs): the plan
+# without a GPU. With a GPU the plan asks the driver.
+HOPPER_RESIDENT_CLUSTERS = {1: 132, 2: 66, 4: 30}
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MLPBlockConfig)}
+
+
+@dataclass(frozen=True)
+class MLPTuning:
+    """Knobs that change speed, never results (defaults: :class:`MLPBlockConfig`'s).
+    ``cluster_size`` / ``num_clusters`` None: chosen by :func:`grid_plan`."""
+    cluster_size: int | None = None
+    num_clusters: int | None = None
+    unroll: int = _DEFAULTS["unroll"]
+    k_parts: int = _DEFAULTS["k_parts"]
+    l2_prefetch: bool = _DEFAULTS["l2_prefetch"]
+    num_threads: int = _DEFAULTS["num_threads"]
+
+
+@dataclass
+class PackedMLP:
+    norm: torch.Tensor        # [H] (post_attention_layernorm)
+    w_gate_up: torch.Tensor   # [2I, H]: gate rows then up rows
+    w_down: torch.Tensor      # [H, I]
+    eps: float = 1e-5
+
+    @property
+    def intermediate(self) -> int:
+        return self.w_down.shape[1]
+
+
+def pack_mlp(weights: MLPWeights, *, eps: float = 1e-5) -> PackedMLP:
+    """One-time packing of nn.Linear-layout weights (same dtype and device)."""
+    return PackedMLP(norm=weights.norm.contiguous(), w_gate_up=torch.cat([weights.w_gate, weights.w_up]),
+                     w_down=weights.w_down.contiguous(), eps=eps)
+
+
+def grid_plan(units: int, resident: dict) -> tuple[int, int]:
+    """(cluster_size, num_clusters) that minimises the busiest CTA's phase-A bytes,
+    ``ceil(units / clusters) / C``, given ``resident[C]`` = clusters of C resident at
+    once; ties go to the smaller cluster (fewer DSMEM transfers)."""
+    best = None
+    for c in sorted(resident):
+        n = min(resident[c], units)
+        if n < 1:
+            continue
+        load = -(-units // n) / c
+        if best is None or load < best[0] - 1e-9:
+            best = (load, c, n)
+    if best is None:
+        raise ValueError("no cluster size has a resident grid on this GPU")
+    return best[1], best[2]
+
+
+def mlp_block_config(hidden: torch.Tensor, packed: PackedMLP, *, cluster_size: int, num_clusters: int,
+                     has_residual: bool, tuning: MLPTuning | None = None) -> MLPBlockConfig:
+    check_tensor("hidden", hidden, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
+    B, H = hidden.shape
+    check_tensor("w_down", packed.w_down, dtype=hidden.dtype, shape=(H, None), cuda=False)
+    I = packed.w_down.shape[1]
+    check_tensor("w_gate_up", packed.w_gate_up, dtype=hidden.dtype, shape=(2 * I, H), cuda=False)
+    check_tensor("norm", packed.norm, dtype=hidden.dtype, shape=(H,), cuda=False)
+    knobs = dataclasses.asdict(tuning or MLPTuning())
+    knobs.pop("cluster_size"), knobs.pop("num_clusters")
+    cfg = MLPBlockConfig(batch=B, hidden=H, intermediate=I, num_clusters=num_clusters, cluster_size=cluster_size,
+                         eps=packed.eps, has_residual=has_residual, dtype=dtype_name(hidden.dtype), **knobs)
+    cfg.validate()
+    return cfg
+
+
+def arg_specs(cfg: MLPBlockConfig) -> list:
+    """Fake-tensor specs of (hidden, residual, norm, w_gate_up, w_down, act, barrier, out)."""
+    dt, B, H, I = cfg.dtype, cfg.batch, cfg.hidden, cfg.intermediate
+    return [TensorSpec(dt, (B, H)), TensorSpec(dt, (B, H)), TensorSpec(dt, (H,)), TensorSpec(dt, (2 * I, H)),
+            TensorSpec(dt, (H, I)), TensorSpec(dt, (B, I)), TensorSpec("int32", (2,), align=4),
+            TensorSpec(dt, (B, H))]
+
+
+@dataclass
+class MLPWorkspace:
+    """Scratch of one fused MLP launch: the SiLU product and the grid barrier
+    (zeroed once; it resets itself)."""
+    act: torch.Tensor
+    barrier: torch.Tensor
+
+    @classmethod
+    def new(cls, cfg: MLPBlockConfig, device) -> "MLPWorkspace":
+        dt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16
+        return cls(act=torch.empty(cfg.batch, cfg.intermediate, dtype=dt, device=device),
+                   barrier=torch.zeros(2, dtype=torch.int32, device=device))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(cfg: MLPBlockConfig):
+    return compile_kernel(MLPBlock, cfg, arg_specs(cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _resident(cluster_size: int, smem_bytes: int, num_threads: int, device_index: int) -> int:
+    from cf_cute.primitives import max_resident_clusters
+    with torch.cuda.device(device_index):
+        return max_resident_clusters(cluster_size, smem_bytes, num_threads)
+
+
+def _probe_config(hidden, packed, c: int, has_residual: bool, tuning) -> MLPBlockConfig | None:
+    """A config at cluster size c with as many clusters as could ever be useful
+    (for its shared-memory size), or None when c does not apply."""
+    try:
+        units = packed.intermediate // 16
+        cfg = mlp_block_config(hidden, packed, cluster_size=c, num_clusters=max(1, min(units, 132 // c)),
+                               has_residual=has_residual, tuning=tuning)
+        MLPBlock(cfg)
+        return cfg
+    except ValueError:
+        return None
+
+
+_launch: dict = {}
+
+
+def _plan(hidden, packed: PackedMLP, has_residual: bool, tuning: MLPTuning | None, dev: int) -> MLPBlockConfig:
+    tuning = tuning or MLPTuning()
+    sizes = [tuning.cluster_size] if tuning.cluster_size else [1, 2, 4]
+    resident = {}
+    for c in sizes:
+        cfg = _probe_config(hidden, packed, c, has_residual, tuning)
+        if cfg is None:
+            continue
+        if tuning.num_clusters:
+            resident[c] = tuning.num_clusters
+        elif hidden.device.type == "cuda":
+            resident[c] = _resident(c, MLPBlock(cfg).smem_bytes, cfg.num_threads, dev)
+        else:                           # planning without a GPU: the 132-SM Hopper measured here
+            resident[c] = HOPPER_RESIDENT_CLUSTERS[c]
+    if not resident:
+        # surface the real reason with the smallest cluster
+        mlp_block_config(hidden, packed, cluster_size=sizes[0], num_clusters=1, has_residual=has_residual,
+                         tuning=tuning)
+        raise ValueError("no cluster size gives a valid MLP block for these shapes")
+    c, n = grid_plan(packed.intermediate // 16, resident)
+    cfg = mlp_block_config(hidden, packed, cluster_size=c, num_clusters=n, has_residual=has_residual,
+                           tuning=tuning)
+    MLPBlock(cfg)                      # shared-memory check at the final grid
+    if hidden.device.type == "cuda" and not tuning.num_clusters:
+        got = _resident(c, MLPBlock(cfg).smem_bytes, cfg.num_threads, dev)
+        if got < n:
+            raise ValueError(f"the fused MLP block needs {n} clusters of {c} resident at once; this GPU holds "
+                             f"{got}")
+    return cfg
+
+
+def planned_config(hidden: torch.Tensor, packed: PackedMLP, *, has_residual: bool = False,
+                   tuning: MLPTuning | None = None) -> MLPBlockConfig:
+    """The launch configuration :func:`mlp_block` uses for these operands (planned
+    and checked on the first call for their shapes, then cached)."""
+    dev = hidden.device.index if hidden.device.index is not None else 0
+    key = (hidden.shape, hidden.dtype, hidden.device, packed.w_gate_up.shape, packed.w_down.shape,
+           packed.w_gate_up.dtype, packed.w_down.dtype, packed.eps, has_residual, tuning)
+    cfg = _launch.get(key)
+    if cfg is None:                     # first call for these shapes: plan and full checks
+        cfg = _launch.setdefault(key, _plan(hidden, packed, has_residual, tuning, dev))
+    else:                               # cached plan: the weights may still be other tensors
+        check_tensor("norm", packed.norm, dtype=hidden.dtype, shape=(cfg.hidden,), cuda=False)
+    return cfg
+
+
+_workspaces: dict = {}
+
+
+def mlp_block(hidden: torch.Tensor, packed: PackedMLP, *, residual: torch.Tensor | None = None,
+              out: torch.Tensor | None = None, workspace: MLPWorkspace | None = None,
+              tuning: MLPTuning | None = None) -> torch.Tensor:
+    """One launch: (residual add) + RMSNorm + gate/up + SiLU * up + down + residual.
+    Returns ``out [B, hidden]`` (the residual stream for the next block). Runs on
+    the current stream, no host synchronisation."""
+    dev = hidden.device.index if hidden.device.index is not None else 0
+    cfg = planned_config(hidden, packed, has_residual=residual is not None, tuning=tuning)
+    if hidden.device.type != "cuda":
+        raise ValueError(f"operands must be on a CUDA device, got {hidden.device}")
+    B, H = hidden.shape
+    if residual is not None:
+        check_tensor("residual", residual, dtype=hidden.dtype, shape=(B, H), cuda=False)
+    if out is not None:
+        check_tensor("out", out, dtype=hidden.dtype, shape=(B, H), cuda=False)
+    if workspace is None:
+        wkey = (cfg, dev)
+        workspace = _workspaces.get(wkey)
+        if workspace is None:
+            workspace = _workspaces.setdefault(wkey, MLPWorkspace.new(cfg, hidden.device))
+    elif workspace.act.shape != (B, cfg.intermediate) or workspace.barrier.shape != (2,):
+        raise ValueError("workspace does not match these shapes: build it with MLPWorkspace.new(cfg, device)")
+    if out is None:
+        out = torch.empty_like(hidden)
+    res = residual if residual is not None else hidden
+    check_operands(("hidden", "residual", "norm", "w_gate_up", "w_down", "act", "out", "barrier"),
+                   hidden, res, packed.norm, packed.w_gate_up, packed.w_down, workspace.act, out,
+                   workspace.barrier, align=(16,) * 7 + (4,))
+    _kernel(cfg)(hidden, res, packed.norm, packed.w_gate_up, packed.w_down, workspace.act, workspace.barrier, out)
+    return out
+
+
+@torch.library.custom_op("cf_cute::mlp_block", mutates_args=())
+def _mlp_block_op(hidden: torch.Tensor, norm: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                  residual: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return mlp_block(hidden, PackedMLP(norm, w_gate_up, w_down, eps), residual=residual)
+
+
+@_mlp_block_op.register_fake
+def _(hidden, norm, w_gate_up, w_down, residual, eps):
+    return torch.empty_like(hidden)

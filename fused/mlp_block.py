@@ -1,0 +1,258 @@
+"""The MLP half of a Llama decoder layer at decode time in one launch.
+
+    out = h + W_down (silu(W_gate x) * (W_up x)),   x = rmsnorm(h),  h = hidden (+ residual)
+
+Weights: ``w_gate_up [2I, H]`` is ``torch.cat([w_gate, w_up])`` (vLLM's merged
+layout, nn.Linear rows) and ``w_down [H, I]`` as given. Grid: ``num_clusters``
+clusters of C CTAs, all resident at once (the host checks; the grid barrier
+needs it). The intermediate rows come in *units* of 16 (unit u: gate rows
+16u.. and up rows I + 16u..); cluster c owns units c, c + NC, c + 2 NC, ...::
+
+  phase A, cluster c, CTA rank r (hidden slice k0 = r*H/C, H/C wide):
+    NormSlice            x slice = rmsnorm(h) -> sX (sums of squares all-reduced)
+    passes               warp w = (tile slot t, K part kp): w = t * KP + kp; a pass
+                         covers NW / (2 KP) units, slot t -> unit t // 2, gate/up t % 2;
+                         the warp multiplies its 16 rows x (H/C)/KP columns of the
+                         unit's tile (tensor cores) -> sAcc[kp, j, b, row, gate|up]
+    sum over kp          (fixed order) -> the fragment of ClusterReduce.reduce_scatter
+                         over the cluster (split K: every CTA holds a partial of every
+                         unit); rounds of Jr units when the whole does not fit
+    SiLU                 the owner of each (gate, up) pair (adjacent in the fragment)
+                         writes act[b, 16u + row] = round(silu(g) * up)   (global, L2)
+  GridBarrier            all of act is written and visible (W_down's first tiles were
+                         asked of L2 just before)
+  phase B                residual_gemv_tiles: 16-row tiles of W_down over the CTAs, K = I
+                         split over the warps, x = act from L2, + h -> out
+
+Shared memory: NormSlice (``sX``, 2 B x ceil(B/8)*8 x (H/C + 32)), ``sAcc``
+(``4 * KP * J * B * 32``, J = units per cluster), the reduce-scatter buffers,
+``sRed [NW, 16, B]``. Deterministic: fixed-order sums (K parts, rank order in the
+collective, warp order in phase B), integer atomics only in the grid barrier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from cf_cute.primitives import ClusterReduce, GridBarrier, cluster_sync
+from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
+
+from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile
+from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
+from .rmsnorm_slice import NormSlice, NormSliceConfig
+
+__all__ = ["MLPBlockConfig", "MLPBlock"]
+
+_WARP = 32
+_STEP = 32
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class MLPBlockConfig:
+    batch: int
+    hidden: int
+    intermediate: int
+    num_clusters: int             # clusters in the grid; all must be resident at once
+    cluster_size: int = 2
+    eps: float = 1e-5
+    has_residual: bool = False
+    dtype: str = "bfloat16"
+    num_threads: int = 256
+    unroll: int = 8               # MMA steps of weight loads in flight per warp
+    k_parts: int = 4              # warps sharing one tile's K slice in phase A
+    l2_prefetch: bool = True      # ask L2 for the first gate/up tile and W_down's first tile early
+
+    @property
+    def grid(self) -> int:
+        return self.num_clusters * self.cluster_size
+
+    @property
+    def units(self) -> int:
+        return self.intermediate // 16
+
+    @property
+    def slice(self) -> int:
+        return self.hidden // self.cluster_size
+
+    @property
+    def num_warps(self) -> int:
+        return self.num_threads // _WARP
+
+    @property
+    def units_per_pass(self) -> int:
+        return self.num_warps // (2 * self.k_parts)
+
+    @property
+    def units_per_cluster(self) -> int:
+        """J: units of the busiest cluster, rounded up to whole passes."""
+        j = -(-self.units // self.num_clusters)
+        return -(-j // self.units_per_pass) * self.units_per_pass
+
+    @property
+    def n_tiles(self) -> int:
+        return (self.batch + 7) // 8
+
+    def validate(self) -> None:
+        if self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'bfloat16' or 'float16', got {self.dtype!r}")
+        if not 1 <= self.batch <= 16:
+            raise ValueError(f"batch must be 1..16, got {self.batch}")
+        if self.cluster_size not in (1, 2, 4, 8, 16):
+            raise ValueError(f"cluster_size must be 1, 2, 4, 8 or 16, got {self.cluster_size}")
+        if self.num_threads % _WARP or not 64 <= self.num_threads <= 1024:
+            raise ValueError(f"num_threads must be a multiple of 32 in 64..1024, got {self.num_threads}")
+        if self.k_parts < 1 or self.num_warps % (2 * self.k_parts):
+            raise ValueError(f"k_parts = {self.k_parts}: the {self.num_warps} warps must split into gate/up "
+                             f"pairs of k_parts warps each")
+        if self.intermediate % 16 or self.intermediate <= 0:
+            raise ValueError(f"intermediate_size = {self.intermediate} must be a positive multiple of 16")
+        step = self.cluster_size * self.k_parts * _STEP
+        if self.hidden % step:
+            raise ValueError(f"hidden = {self.hidden} must be a multiple of cluster_size * k_parts * {_STEP} = "
+                             f"{step}: use a smaller cluster or fewer k_parts")
+        if self.hidden % 16:
+            raise ValueError(f"hidden = {self.hidden} must be a multiple of 16")
+        if self.intermediate % (self.num_warps * _STEP):
+            raise ValueError(f"intermediate_size = {self.intermediate} must be a multiple of "
+                             f"{self.num_warps * _STEP} (the down projection's K is split over "
+                             f"{self.num_warps} warps)")
+        if self.num_clusters < 1:
+            raise ValueError(f"num_clusters must be positive, got {self.num_clusters}")
+
+
+class MLPBlock:
+    def __init__(self, cfg: MLPBlockConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
+        B, C, T, NW = cfg.batch, cfg.cluster_size, cfg.num_threads, cfg.num_warps
+        J = cfg.units_per_cluster
+        self.norm = NormSlice(NormSliceConfig(batch=B, hidden=cfg.hidden, cluster_size=C, num_threads=T,
+                                              eps=cfg.eps, has_residual=cfg.has_residual, dtype=cfg.dtype))
+        self.gbar = GridBarrier(cfg.grid)
+        per_unit = B * 32
+        fixed = (self.norm.smem_bytes + 4 * cfg.k_parts * J * per_unit + 4 * NW * RED_WORDS_PER_ROW * B
+                 + 3 * 16)
+        # reduce-scatter in `rounds` rounds of Jr units (the last may run past J: those units
+        # are beyond every cluster's range and skipped); each owner must hold whole (gate, up) pairs
+        self.red = None
+        for rounds in range(1, J + 1):
+            jr = -(-J // rounds)
+            try:
+                red = ClusterReduce(jr * per_unit, C, T, op="sum", scatter=True, stages=2 if rounds > 1 else 1,
+                                    barrier_id=2)
+            except ValueError:
+                continue
+            if red.per_thread % 2 or red.per_thread > 32:
+                continue
+            if fixed + red.smem_bytes <= SMEM_LIMIT_BYTES:
+                self.red, self.rounds, self.units_per_round = red, rounds, jr
+                break
+        if self.red is None:
+            raise ValueError(f"MLPBlock(batch {B}, hidden {cfg.hidden}, intermediate {cfg.intermediate}, "
+                             f"{cfg.num_clusters} clusters of {C}) does not fit in shared memory: "
+                             f"use more clusters or fewer k_parts")
+        self.smem_bytes = fixed + self.red.smem_bytes
+        check_smem(f"MLPBlock(batch {B}, {cfg.num_clusters} clusters of {C})", self.smem_bytes)
+
+    @cute.jit
+    def __call__(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mWgu: cute.Tensor,
+                 mWd: cute.Tensor, mAct: cute.Tensor, mBar: cute.Tensor, mOut: cute.Tensor, stream):
+        self.kernel(mHidden, mResidual, mNormW, mWgu, mWd, mAct, mBar, mOut).launch(
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream, preferred_smem_carveout=100)
+
+    @cute.jit
+    def _tile_row(self, c: Int32, j, t):
+        """First W_gate_up row of unit slot j, tile t (0 gate, 1 up) of cluster c;
+        units past the end map to the last unit (computed, then skipped)."""
+        cfg = self.cfg
+        uc = cutlass.min(c + j * cfg.num_clusters, Int32(cfg.units - 1))
+        return uc * 16 + (t % 2) * cfg.intermediate
+
+    @cute.kernel
+    def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mWgu: cute.Tensor,
+               mWd: cute.Tensor, mAct: cute.Tensor, mBar: cute.Tensor, mOut: cute.Tensor):
+        cfg = self.cfg
+        B, C, T, NW, KP = cfg.batch, cfg.cluster_size, cfg.num_threads, cfg.num_warps, cfg.k_parts
+        J, UP, Hc = cfg.units_per_cluster, cfg.units_per_pass, cfg.slice
+        per_unit = B * 32
+        tidx = cute.arch.thread_idx()[0]
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        c = bidx // C
+
+        smem = cutlass.memory.SmemAllocator()
+        nb = self.norm.allocate(smem)
+        rb = self.red.allocate(smem)
+        sAcc = smem.allocate_tensor(Float32, cute.make_layout((KP, J * per_unit), stride=(J * per_unit, 1)),
+                                    byte_alignment=16)
+        sRed = smem.allocate_tensor(Float32, cute.make_layout((NW, RED_WORDS_PER_ROW, B)), byte_alignment=16)
+        self.norm.init(nb)
+        self.red.init(rb)
+        cute.arch.cluster_arrive_relaxed()
+
+        # ================= phase A
+        kp = warp % KP
+        t = warp // KP                       # tile slot of this warp in a pass
+        kw = Hc // KP
+        k0 = rank * Hc + kp * kw
+        if const_expr(cfg.l2_prefetch):
+            prefetch_rows_l2(mWgu, self._tile_row(c, t // 2, t), 16, k0, kw, lane)
+        self.norm(nb, mHidden, mResidual, mNormW, mOut, Int32(0) != Int32(0))
+        sX = nb.sX
+        sXk = cute.make_tensor(sX.iterator + kp * kw, sX.layout)       # column 0 = this warp's k0
+        atom = mma_atom(mWgu.element_type)
+        for p in cutlass.range(J // UP, unroll=1):
+            j = p * UP + t // 2
+            row0 = self._tile_row(c, j, t)
+            acc = new_acc(cfg.n_tiles)
+            warp_gemv_tile(atom, mWgu, row0, k0, sXk, acc, lane, kw // _STEP, cfg.n_tiles, cfg.unroll)
+            # sAcc[kp, j, b, row, t % 2]
+            dst = cute.make_tensor(sAcc.iterator + kp * (J * per_unit) + j * per_unit + t % 2,
+                                   cute.make_layout((B, 16), stride=(32, 2)))
+            store_acc(acc, dst, Int32(0), lane, cfg.n_tiles, B)
+        if const_expr(cfg.l2_prefetch):      # W_down's first tile of this CTA, while the reduce runs
+            prefetch_tiles_l2(mWd, bidx, cfg.grid, 1, warp, lane)
+        cute.arch.barrier()
+
+        # ---- sum the K parts, reduce-scatter over the cluster, SiLU(gate) * up -> act
+        V = self.red.per_thread
+        n_r = self.red.num_elems
+        p0 = self.red.thread_offset(tidx)
+        for k in cutlass.range_constexpr(self.rounds):
+            frag = self.red.make_fragment()
+            for v in cutlass.range_constexpr(V):
+                pos = cutlass.min(k * n_r + p0 + v, Int32(J * per_unit - 1))
+                tot = Float32(0.0)
+                for q in cutlass.range_constexpr(KP):
+                    tot = tot + sAcc[q, pos]
+                frag[v] = tot
+            res = self.red.reduce_scatter(rb, frag, Int32(k))
+            if self.red.owns(tidx):
+                for v in cutlass.range_constexpr(0, V, 2):
+                    pos = k * n_r + tidx * V + v
+                    j = pos // per_unit
+                    b = (pos % per_unit) // 32
+                    row = (pos % 32) // 2
+                    u = c + j * cfg.num_clusters
+                    if u < cfg.units and j < J:
+                        g = res[v]
+                        silu = g / (Float32(1.0) + cute.math.exp2(-g * Float32(_LOG2E), fastmath=True))
+                        mAct[b, u * 16 + row] = self.dtype(silu * res[v + 1])
+        cluster_sync()                       # retires both collectives
+
+        # ================= grid barrier: all of act is written
+        self.gbar.sync(mBar)
+
+        # ================= phase B: down projection rows, full K, + h
+        MT = cfg.hidden // 16
+        residual_gemv_tiles(mWd, mAct, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
+                            (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual)

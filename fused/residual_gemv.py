@@ -1,0 +1,80 @@
+"""``out[b, rows] = h[b, rows] + x[b, :] . W[rows, :]`` for a CTA's 16-row tiles of
+``W``, the full K of each tile split over the CTA's warps: the back half of the
+fused blocks (the attention block's W_o, the MLP block's W_down), run after a
+grid barrier with x (``[B, K]``, just written by the grid) read from L2.
+
+    tile i of this CTA = rows 16 * (first + i * stride) .. +16      (i < count)
+    warp w:  acc_w = W[tile, w*K/NW : (w+1)*K/NW] x x[:, same]^T     (mma_gemv, x from global)
+    sRed [NW, 16, B] fp32 <- acc_w;  CTA barrier
+    out[b, row] = round(h[b, row] + sum_w sRed[w, row, b])        (warp order: deterministic)
+    h = hidden (+ residual), fp32
+
+Shared memory: ``sRed`` (``4 * NW * 16 * B`` bytes), allocated by the caller.
+Two CTA barriers per tile (sRed is reused).
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile
+
+__all__ = ["residual_gemv_tiles", "prefetch_tiles_l2", "RED_WORDS_PER_ROW"]
+
+_WARP = 32
+_STEP = 32
+RED_WORDS_PER_ROW = 16          # sRed is [warps, 16, batch]
+
+
+@cute.jit
+def prefetch_tiles_l2(mW: cute.Tensor, first: Int32, stride: cutlass.Constexpr[int], count: cutlass.Constexpr[int],
+                      warp: Int32, lane: Int32):
+    """Ask L2 for this CTA's tiles of ``W`` (warp i: tile i, whole rows; warps past
+    ``count`` do nothing)."""
+    MT = cute.size(mW, mode=[0]) // 16
+    for i in cutlass.range_constexpr(count):
+        if warp == i and first + i * stride < MT:
+            prefetch_rows_l2(mW, (first + i * stride) * 16, 16, Int32(0), cute.size(mW, mode=[1]), lane)
+
+
+@cute.jit
+def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, mResidual: cute.Tensor,
+                        mOut: cute.Tensor, sRed: cute.Tensor, first: Int32, stride: cutlass.Constexpr[int],
+                        count: cutlass.Constexpr[int], batch: cutlass.Constexpr[int],
+                        num_warps: cutlass.Constexpr[int], unroll: cutlass.Constexpr[int],
+                        has_residual: cutlass.Constexpr[bool]):
+    """See the module docstring. ``mW [M, K]``, ``mX [B, K]``, ``mHidden``/``mResidual``/
+    ``mOut [B, M]``; ``count = ceil(M/16 / stride)``, tiles past M/16 skipped."""
+    B, NW = batch, num_warps
+    tidx = cute.arch.thread_idx()[0]
+    lane = cute.arch.lane_idx()
+    warp = cute.arch.warp_idx()
+    T = NW * _WARP
+    MT = cute.size(mW, mode=[0]) // 16
+    kw = cute.size(mW, mode=[1]) // NW
+    n_tiles = (B + 7) // 8
+    atom = mma_atom(mW.element_type)
+    dt = mOut.element_type
+    for i in cutlass.range_constexpr(count):
+        mt = first + i * stride
+        if mt < MT:
+            acc = new_acc(n_tiles)
+            warp_gemv_tile(atom, mW, mt * 16, warp * kw, mX, acc, lane, kw // _STEP, n_tiles, unroll, B)
+            # this warp's slice of sRed as [b, row]
+            sRedW = cute.make_tensor(sRed.iterator + warp, cute.make_layout((B, 16), stride=(16 * NW, NW)))
+            store_acc(acc, sRedW, Int32(0), lane, n_tiles, B)
+            cute.arch.barrier()
+            for e in cutlass.range(tidx, 16 * B, T, unroll=1):
+                rl = e % 16
+                b = e // 16
+                tot = Float32(0.0)
+                for wi in cutlass.range_constexpr(NW):
+                    tot = tot + sRed[wi, rl, b]
+                row = mt * 16 + rl
+                hv = Float32(mHidden[b, row])
+                if const_expr(has_residual):
+                    hv = hv + Float32(mResidual[b, row])
+                mOut[b, row] = dt(hv + tot)
+            cute.arch.barrier()

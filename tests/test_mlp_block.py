@@ -1,0 +1,250 @@
+"""The fused MLP block and the decoder layer from torch: against the fp32
+reference and transformers' LlamaMLP / LlamaDecoderLayer (GPU); compile, PTX,
+planning and input checks (CPU)."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from conftest import make_kv_cache
+
+from cf_cute.fused.mlp_block import MLPBlock, MLPBlockConfig
+from cf_cute.jit import compile_for_inspection
+from cf_cute.mlp import MLPTuning, arg_specs, grid_plan, mlp_block, pack_mlp
+from cf_cute.reference import MLPWeights
+from cf_cute.reference import mlp_block as reference_mlp
+
+# (hidden, intermediate): Llama-2-7B, Llama-3-8B, Llama-3.2-1B, Llama-3.2-3B
+SHAPES = [(4096, 11008), (4096, 14336), (2048, 8192), (3072, 8192)]
+
+
+def _weights(H, I, device, dtype):
+    return MLPWeights(norm=(1 + 0.1 * torch.randn(H, device=device)).to(dtype),
+                      w_gate=(torch.randn(I, H, device=device) / math.sqrt(H)).to(dtype),
+                      w_up=(torch.randn(I, H, device=device) / math.sqrt(H)).to(dtype),
+                      w_down=(torch.randn(H, I, device=device) / math.sqrt(I)).to(dtype))
+
+
+@pytest.mark.parametrize("cluster,clusters,batch", [(1, 132, 1), (2, 66, 16), (4, 30, 3), (8, 16, 1)])
+def test_compiles_with_dsmem_and_grid_barrier(cluster, clusters, batch):
+    cfg = MLPBlockConfig(batch=batch, hidden=4096, intermediate=11008, num_clusters=clusters,
+                         cluster_size=cluster, has_residual=True)
+    ptx = compile_for_inspection(MLPBlock, cfg, arg_specs(cfg)).__ptx__
+    assert "mma.sync.aligned.m16n8k16" in ptx and "atom.global.acq_rel.add" in ptx
+    assert "cp.async.bulk.prefetch.L2" in ptx
+    if cluster > 1:
+        assert "st.async.shared::cluster.mbarrier::complete_tx::bytes" in ptx and "mapa.shared::cluster" in ptx
+
+
+def test_fp16_and_small_shape_compile():
+    cfg = MLPBlockConfig(batch=5, hidden=2048, intermediate=8192, num_clusters=33, cluster_size=2,
+                         dtype="float16", k_parts=2)
+    compile_for_inspection(MLPBlock, cfg, arg_specs(cfg))
+
+
+def test_grid_plan_balances_units_per_cta():
+    # 688 units (Llama-2-7B): 66 clusters of 2 give 11 units per cluster, 5.5 per CTA's bytes
+    assert grid_plan(688, {1: 132, 2: 66, 4: 30}) == (2, 66)
+    assert grid_plan(10, {1: 132, 2: 66}) == (2, 10)          # few units: split K to use more SMs
+    assert grid_plan(688, {1: 132}) == (1, 132)
+    with pytest.raises(ValueError, match="resident"):
+        grid_plan(688, {})
+
+
+def test_config_errors():
+    ok = dict(batch=1, hidden=4096, intermediate=11008, num_clusters=66, cluster_size=2)
+    MLPBlockConfig(**ok).validate()
+    for bad, msg in ((dict(intermediate=11000), "multiple of 16"), (dict(intermediate=11024), "down projection"),
+                     (dict(batch=17), "batch"), (dict(hidden=4000), "hidden"), (dict(k_parts=3), "k_parts"),
+                     (dict(dtype="float32"), "dtype"), (dict(cluster_size=3), "cluster_size")):
+        with pytest.raises(ValueError, match=msg):
+            MLPBlockConfig(**{**ok, **bad}).validate()
+
+
+def test_bad_inputs_are_rejected_before_launch():
+    H, I = 256, 512
+    p = pack_mlp(_weights(H, I, "cpu", torch.bfloat16))
+    x = torch.randn(2, H, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        mlp_block(x, p)
+    with pytest.raises(TypeError, match="float16"):
+        mlp_block(x.half(), p)
+    with pytest.raises(ValueError, match="shape"):
+        mlp_block(torch.randn(2, H + 32, dtype=torch.bfloat16), p)
+    bad = dataclasses.replace(p, w_down=p.w_down[:, :-16].contiguous())
+    with pytest.raises(ValueError, match="w_gate_up"):
+        mlp_block(x, bad)
+
+
+def _check(out, ref):
+    assert torch.isfinite(out).all()
+    assert (out.float().cpu() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,I", SHAPES)
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_matches_reference(H, I, batch):
+    dt = torch.bfloat16
+    w = _weights(H, I, "cuda", dt)
+    hidden = torch.randn(batch, H, device="cuda", dtype=dt)
+    residual = torch.randn(batch, H, device="cuda", dtype=dt) if batch != 3 else None
+    out = torch.full_like(hidden, float("nan"))
+    mlp_block(hidden, pack_mlp(w), residual=residual, out=out)
+    cpu = MLPWeights(*(t.float().cpu() for t in (w.norm, w.w_gate, w.w_up, w.w_down)))
+    ref = reference_mlp(hidden.cpu(), cpu, residual=None if residual is None else residual.cpu())
+    _check(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tuning", [MLPTuning(cluster_size=1), MLPTuning(cluster_size=4, k_parts=2),
+                                    MLPTuning(k_parts=1, l2_prefetch=False), MLPTuning(cluster_size=2, num_clusters=40)])
+def test_every_grid_and_knob_matches_reference(tuning):
+    H, I, batch, dt = 2048, 8192, 5, torch.float16
+    w = _weights(H, I, "cuda", dt)
+    hidden = torch.randn(batch, H, device="cuda", dtype=dt)
+    out = mlp_block(hidden, pack_mlp(w), tuning=tuning)
+    cpu = MLPWeights(*(t.float().cpu() for t in (w.norm, w.w_gate, w.w_up, w.w_down)))
+    _check(out, reference_mlp(hidden.cpu(), cpu))
+
+
+@pytest.mark.gpu
+def test_matches_transformers_llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+    H, I, B = 2048, 8192, 4
+    cfg = LlamaConfig(hidden_size=H, intermediate_size=I, num_attention_heads=16, num_key_value_heads=4)
+    mlp = LlamaMLP(cfg).cuda().to(torch.bfloat16).eval()
+    norm = LlamaRMSNorm(H, eps=cfg.rms_norm_eps).cuda().to(torch.bfloat16)
+    w = _weights(H, I, "cuda", torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(w.norm)
+        mlp.gate_proj.weight.copy_(w.w_gate)
+        mlp.up_proj.weight.copy_(w.w_up)
+        mlp.down_proj.weight.copy_(w.w_down)
+        hidden = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
+        expect = (hidden.float() + mlp(norm(hidden)).float())
+    out = mlp_block(hidden, pack_mlp(w, eps=cfg.rms_norm_eps))
+    assert (out.float() - expect).norm() / expect.norm() < 1e-2
+
+
+@pytest.mark.gpu
+def test_deterministic_graph_capturable_and_writes_every_output():
+    H, I, batch = 4096, 11008, 16
+    w = pack_mlp(_weights(H, I, "cuda", torch.bfloat16))
+    hidden = torch.randn(batch, H, device="cuda", dtype=torch.bfloat16)
+    first = mlp_block(hidden, w).clone()
+    static = torch.full_like(first, float("nan"))
+    mlp_block(hidden, w, out=static)
+    assert torch.equal(static, first)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mlp_block(hidden, w, out=static)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        mlp_block(hidden, w, out=static)
+    for _ in range(3):
+        static.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged,batch", [(False, 1), (True, 4)])
+def test_decoder_layer_matches_transformers(paged, batch):
+    """cf_cute.decoder_layer against transformers' LlamaDecoderLayer with the same
+    weights and cache contents (Llama-3.2-1B-like shape, GQA), request by request."""
+    from transformers import DynamicCache, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from cf_cute.attention import pack_attention
+    from cf_cute.decoder import DecoderLayerWeights, decoder_layer
+    from cf_cute.reference import AttentionWeights, rope_tables
+    H, I, heads, kv, hd, L = 2048, 8192, 32, 8, 64, 256
+    cfg = LlamaConfig(hidden_size=H, intermediate_size=I, num_attention_heads=heads, num_key_value_heads=kv,
+                      head_dim=hd, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=L)
+    layer = LlamaDecoderLayer(cfg, layer_idx=0).eval()
+    dt = torch.bfloat16
+    s = 1 / math.sqrt(H)
+    aw = AttentionWeights(norm=1 + 0.1 * torch.randn(H), wq=torch.randn(heads * hd, H) * s,
+                          wk=torch.randn(kv * hd, H) * s, wv=torch.randn(kv * hd, H) * s,
+                          wo=torch.randn(H, heads * hd) / math.sqrt(heads * hd))
+    mw = _weights(H, I, "cpu", torch.float32)
+    aw = AttentionWeights(*(t.to(dt).float() for t in dataclasses.astuple(aw)))
+    mw = MLPWeights(*(t.to(dt).float() for t in dataclasses.astuple(mw)))
+    with torch.no_grad():
+        layer.input_layernorm.weight.copy_(aw.norm)
+        layer.post_attention_layernorm.weight.copy_(mw.norm)
+        for n in ("q", "k", "v", "o"):
+            getattr(layer.self_attn, f"{n}_proj").weight.copy_(getattr(aw, f"w{n}"))
+        layer.mlp.gate_proj.weight.copy_(mw.w_gate)
+        layer.mlp.up_proj.weight.copy_(mw.w_up)
+        layer.mlp.down_proj.weight.copy_(mw.w_down)
+    kc, vc, table = make_kv_cache(batch, L, kv, hd, paged, "cuda", dt)
+    positions = torch.randint(1, L, (batch,), dtype=torch.int32)
+    positions[-1] = L - 1
+    hidden = torch.randn(batch, H, device="cuda", dtype=dt)
+    cos, sin = rope_tables(L, hd, 500000.0)
+    weights = DecoderLayerWeights(
+        attn=pack_attention(AttentionWeights(*(t.to(dt).cuda() for t in dataclasses.astuple(aw))),
+                            num_heads=heads, num_kv_heads=kv),
+        mlp=pack_mlp(MLPWeights(*(t.to(dt).cuda() for t in dataclasses.astuple(mw)))))
+    ctx_k = [_read(kc, table, b, int(positions[b])) for b in range(batch)]   # before the append
+    ctx_v = [_read(vc, table, b, int(positions[b])) for b in range(batch)]
+    out = decoder_layer(hidden, weights, kc, vc, positions, cos.cuda(), sin.cuda(), page_table=table)
+    rot = LlamaRotaryEmbedding(cfg)
+    import inspect                     # the cache keyword was renamed between transformers 5.17 and 5.24
+    cache_kw = "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+    for b in range(batch):
+        p = int(positions[b])
+        cache = DynamicCache()
+        cache.update(ctx_k[b].transpose(0, 1)[None], ctx_v[b].transpose(0, 1)[None], 0)
+        x = hidden[b].float().cpu()[None, None]
+        with torch.no_grad():
+            pe = rot(x, torch.tensor([[p]]))
+            expect = layer(x, position_embeddings=pe, attention_mask=None, **{cache_kw: cache})
+            expect = expect[0] if isinstance(expect, tuple) else expect
+        expect = expect[0, 0]
+        assert (out[b].float().cpu() - expect).norm() / expect.norm() < 2e-2
+
+
+def _read(cache, table, b, n):
+    """The first n cached tokens of request b, fp32 on the CPU ([n, kv, hd])."""
+    if table is None:
+        return cache[b, :n].float().cpu()
+    P = cache.shape[1]
+    pages = table[b, : -(-n // P)].long()
+    return cache[pages.to(cache.device)].reshape(-1, *cache.shape[2:])[:n].float().cpu()
+
+
+def test_custom_ops_trace_with_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import cf_cute.attention  # noqa: F401  (registers cf_cute::attention_block)
+    with FakeTensorMode():
+        h = torch.empty(2, 256, dtype=torch.bfloat16, device="cuda")
+        out = torch.ops.cf_cute.mlp_block(h, torch.empty(256, dtype=torch.bfloat16),
+                                          torch.empty(1024, 256, dtype=torch.bfloat16),
+                                          torch.empty(256, 512, dtype=torch.bfloat16), None, 1e-5)
+        assert out.shape == h.shape and out.dtype == h.dtype
+        kc = torch.empty(2, 64, 2, 64, dtype=torch.bfloat16, device="cuda")
+        out = torch.ops.cf_cute.attention_block(
+            h, torch.empty(256, dtype=torch.bfloat16), torch.empty(2, 4 * 64, 256, dtype=torch.bfloat16),
+            torch.empty(256, 256, dtype=torch.bfloat16), kc, torch.empty_like(kc),
+            torch.empty(2, dtype=torch.int32), torch.empty(64, 32), torch.empty(64, 32), None, None, 4, 2, 1e-5,
+            "neox")
+        assert out.shape == h.shape
+
+
+@pytest.mark.gpu
+def test_mlp_block_under_torch_compile():
+    H, I = 2048, 8192
+    w = pack_mlp(_weights(H, I, "cuda", torch.bfloat16))
+    x = torch.randn(3, H, device="cuda", dtype=torch.bfloat16)
+    f = torch.compile(lambda a: torch.ops.cf_cute.mlp_block(a, w.norm, w.w_gate_up, w.w_down, None, w.eps) * 2,
+                      fullgraph=True)
+    torch.testing.assert_close(f(x), mlp_block(x, w) * 2, rtol=0, atol=0)

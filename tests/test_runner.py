@@ -1,0 +1,99 @@
+"""The model runner: sampling, loading, prefill and the torch decode step against
+transformers' LlamaForCausalLM (CPU); the fused decode against it (GPU)."""
+
+import pytest
+import torch
+
+from cf_cute.runner import LlamaModel, SamplingParams, sample
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_hf(tmp_path, *, tie=False, scaling=True, dtype=torch.bfloat16):
+    """A small random Llama (GQA, llama3 RoPE scaling) saved as a user would."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    kw = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+              num_key_value_heads=2, head_dim=64, vocab_size=384, max_position_embeddings=512,
+              rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    if scaling:
+        kw["rope_scaling"] = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=128, rope_theta=500000.0)
+        kw["rope_theta"] = 500000.0
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    with torch.no_grad():                  # sharper logits: greedy choices far from ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    model.to(dtype).save_pretrained(tmp_path)
+    return model
+
+
+def test_sampling():
+    logits = torch.randn(4, 100)
+    assert torch.equal(sample(logits, SamplingParams(), None), logits.argmax(-1))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample(logits, SamplingParams(temperature=1.0, top_k=1), g), logits.argmax(-1))
+    assert torch.equal(sample(logits, SamplingParams(temperature=0.7, top_p=1e-6), g), logits.argmax(-1))
+    a = sample(logits, SamplingParams(temperature=1.0, top_k=20), torch.Generator().manual_seed(5))
+    b = sample(logits, SamplingParams(temperature=1.0, top_k=20), torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    top20 = torch.topk(logits, 20, dim=-1).indices
+    assert all(int(a[i]) in top20[i].tolist() for i in range(4))
+
+
+def test_prefill_and_torch_step_match_transformers(tmp_path):
+    hf = _tiny_hf(tmp_path)
+    model = LlamaModel.from_pretrained(tmp_path, max_batch=2, max_len=128, device="cpu")
+    ids = [int(t) for t in torch.randint(0, 384, (40,))]
+    with torch.no_grad():
+        expect = hf.float()(torch.tensor([ids])).logits[0]
+    got = model.prefill(0, ids[:30])
+    assert (got - expect[29]).norm() / expect[29].norm() < 3e-2
+    model.prefill(1, ids[:25])
+    # one torch decode step for both requests at their own positions
+    logits = model.torch_step(torch.tensor([ids[30], ids[25]]), torch.tensor([30, 25], dtype=torch.int32))
+    ref = torch.stack([hf.float()(torch.tensor([ids[:31]])).logits[0, 30],
+                       hf.float()(torch.tensor([ids[:26]])).logits[0, 25]]).detach()
+    assert ((logits - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 3e-2
+
+
+def test_bad_requests_are_clear_errors(tmp_path):
+    _tiny_hf(tmp_path, tie=True, scaling=False)
+    model = LlamaModel.from_pretrained(tmp_path, max_batch=1, max_len=64, device="cpu")
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        model.generate([[1] * 60], max_new_tokens=8)
+    with pytest.raises(ValueError, match="batch of 2"):
+        model.generate([[1], [2]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="built-in config"):
+        LlamaModel.from_pretrained(tmp_path / "nowhere", device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_decode_matches_transformers(tmp_path, batch):
+    """Greedy generation on the fused kernels agrees with transformers' for 32
+    steps, and every step's logits match its forward pass on the same tokens."""
+    hf = _tiny_hf(tmp_path).cuda()
+    model = LlamaModel.from_pretrained(tmp_path, max_batch=batch, max_len=256)
+    prompts = [[int(t) for t in torch.randint(0, 384, (n,))] for n in (17, 5, 33)[:batch]]
+    steps = []
+    out = model.generate(prompts, max_new_tokens=33, on_token=lambda i, t: None)
+    for b, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=33, do_sample=False,
+                              attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"))[0, len(p):]
+        assert out[b] == ref.tolist(), f"request {b}: greedy tokens diverge"
+    # logits of each decode step against transformers' forward over the same sequence
+    seq = prompts[0] + out[0]
+    model2 = LlamaModel.from_pretrained(tmp_path, max_batch=1, max_len=256)
+    model2.prefill(0, prompts[0])
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([seq], device="cuda")).logits[0].float()
+    pos = torch.tensor([len(prompts[0])], dtype=torch.int32, device="cuda")
+    for i in range(32):
+        logits = model2.decode_step(torch.tensor([out[0][i]], device="cuda"), pos)[0]
+        r = ref_logits[len(prompts[0]) + i]
+        steps.append(float((logits - r).norm() / r.norm()))
+        pos += 1
+    assert max(steps) < 3e-2, steps
