@@ -63,9 +63,9 @@ def test_bad_checkpoints_are_named(tmp_path):
 def test_wrong_shapes_and_architectures(tmp_path):
     _tiny_hf(tmp_path, shard="50MB")
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["intermediate_size"] = 640
+    cfg["intermediate_size"] = 768
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"has shape \[512, 256\], expected \[640, 256\]"):
+    with pytest.raises(ValueError, match=r"has shape \[512, 256\], expected \[768, 256\]"):
         load_checkpoint(tmp_path)
     for change, msg in [({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "unsupported architecture"),
                         ({"hidden_act": "gelu"}, "hidden_act"),
