@@ -133,9 +133,12 @@ def _kernel(cfg: MLPBlockConfig):
 
 @functools.lru_cache(maxsize=None)
 def _resident(cluster_size: int, smem_bytes: int, num_threads: int, device_index: int) -> int:
+    """Clusters resident at once at one CTA per SM (the kernel's registers allow no
+    more: up to 255 a thread; the driver's probe kernel would allow several)."""
     from cf_cute.primitives import max_resident_clusters
     with torch.cuda.device(device_index):
-        return max_resident_clusters(cluster_size, smem_bytes, num_threads)
+        return min(max_resident_clusters(cluster_size, smem_bytes, num_threads),
+                   max_resident_clusters(cluster_size))
 
 
 def _probe_config(hidden, packed, c: int, has_residual: bool, tuning) -> MLPBlockConfig | None:
