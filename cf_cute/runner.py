@@ -178,7 +178,9 @@ class LlamaModel:
         key = (B, step)
         if key not in self._graphs:
             tok = torch.zeros(B, dtype=torch.long, device=self.device)
-            pos = torch.zeros(B, dtype=torch.int32, device=self.device)
+            # the warm-up step below really runs and appends k, v: at the last cache slot,
+            # which generate never uses (prompt + new tokens <= max_len leaves it free)
+            pos = torch.full((B,), self.max_len - 1, dtype=torch.int32, device=self.device)
             fn = self.decode_step_eager if step == "fused" else self.torch_step
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
