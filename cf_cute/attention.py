@@ -38,8 +38,14 @@ from cf_cute.reference import AttentionWeights
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
 __all__ = ["PackedAttention", "pack_attention", "attention_block", "attention_block_unfused",
-           "attention_block_config", "default_cluster_size", "AttentionWorkspace", "AttentionTuning", "arg_specs"]
+           "attention_block_config", "default_cluster_size", "FUSED_MAX_BATCH", "AttentionWorkspace", "AttentionTuning", "arg_specs"]
 
+
+# Above this batch the automatic choice is the three-launch path: the single launch attends to
+# its requests one after another inside each CTA, and at batch 16 (clusters of 2, one per KV
+# head) ran at 0.58-0.85x the torch CUDA-graph block on an H200 where three launches keep up
+# with torch (benchmarks/RESULTS.md). An explicit cluster_size still forces the single launch.
+FUSED_MAX_BATCH = 8
 
 _BLOCK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AttentionBlockConfig)}
 
@@ -209,6 +215,9 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
     Positions on the CPU are range-checked before the launch; on the GPU they
     are clamped to the cache by the kernel (no host sync)."""
     dev = hidden.device.index if hidden.device.index is not None else 0
+    if cluster_size is None and hidden.shape[0] > FUSED_MAX_BATCH:
+        return attention_block_unfused(hidden, packed, k_cache, v_cache, positions, cos, sin,
+                                       residual=residual, page_table=page_table, out=out)
     if cluster_size is None:           # the largest cluster whose grid is resident at once
         cfg = _auto_config(hidden, packed, k_cache, cos, page_table, residual is not None, dev, tuning)
         if cfg is None:                # no single-launch grid fits this GPU: three launches

@@ -8,7 +8,8 @@ Every kernel of the package goes through :func:`compile_kernel`:
   current stream), for ``sm_90a`` -- so compiling needs no GPU;
 * the result is keyed by :class:`CacheKey` -- kernel class, GPU arch, the
   config dataclass, the argument specs (dtype, static shape, alignment), the
-  DSL version and a fingerprint of this package's source -- and kept in a
+  DSL version and a fingerprint of the kernel module's source and of the package
+  modules it imports (``source_fingerprint``) -- and kept in a
   process-wide dict;
 * it is also exported as an object file (``export_to_c``) under
   ``$CF_CUTE_CACHE_DIR`` (default ``~/.cache/cf_cute``); a later process
@@ -107,24 +108,42 @@ def dsl_version() -> str:
         return getattr(cutlass, "__version__", "unknown")
 
 
-# the sources that shape device code: the kernels and primitives, the harness kernels, and this
-# compile path; host-side modules (validation, torch wrappers, the runner) do not enter the key,
-# so editing them keeps the disk cache valid
-_DEVICE_SOURCES = ("jit.py", "collective_kernels.py")
+_PACKAGES = ("cf_cute.", "cf_cute")
 
 
-@functools.lru_cache(maxsize=1)
-def source_fingerprint() -> str:
-    """Hash of every .py file of ``cf_cute.primitives`` and ``cf_cute.fused`` plus
-    the device-code modules of ``cf_cute`` (``_DEVICE_SOURCES``)."""
-    import cf_cute
-    import cf_cute.fused
-    import cf_cute.primitives
+def _package_modules(root: str) -> list:
+    """``root`` and every package module it reaches through its globals (modules,
+    and functions or classes defined in package modules), transitively."""
+    import sys
+    import types
+    seen, todo = {}, [root]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in sys.modules:
+            continue
+        mod = sys.modules[name]
+        seen[name] = mod
+        for v in vars(mod).values():
+            dep = v.__name__ if isinstance(v, types.ModuleType) else getattr(v, "__module__", None)
+            if isinstance(dep, str) and dep.startswith("cf_cute.") and dep not in seen:
+                todo.append(dep)
+    return [seen[n] for n in sorted(seen)]
+
+
+@functools.lru_cache(maxsize=None)
+def source_fingerprint(module: str = "cf_cute.fused") -> str:
+    """Hash of the source of ``module`` and of every package module it depends on
+    (its imports, transitively), plus this file: the code that shapes a kernel's
+    device code. Editing a host-side wrapper, or another kernel, keeps the disk
+    cache of this one valid."""
+    from pathlib import Path as _P
     h = hashlib.sha256()
-    files = [Path(cf_cute.__file__).parent / n for n in _DEVICE_SOURCES]
-    for pkg in (cf_cute.primitives, cf_cute.fused):
-        files += sorted(Path(pkg.__file__).parent.glob("*.py"))
-    for p in files:
+    files = {_P(__file__)}
+    for mod in _package_modules(module):
+        f = getattr(mod, "__file__", None)
+        if f:
+            files.add(_P(f))
+    for p in sorted(files):
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -176,7 +195,7 @@ def make_key(kernel_cls: type, cfg, args: Sequence) -> CacheKey:
         config=_config_items(cfg),
         args=tuple(args),
         dsl=dsl_version(),
-        source=source_fingerprint(),
+        source=source_fingerprint(kernel_cls.__module__),
     )
 
 

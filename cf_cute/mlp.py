@@ -50,6 +50,7 @@ class MLPTuning:
     unroll: int = _DEFAULTS["unroll"]
     k_parts: int = _DEFAULTS["k_parts"]
     l2_prefetch: bool = _DEFAULTS["l2_prefetch"]
+    pipeline: bool = _DEFAULTS["pipeline"]
     num_threads: int = _DEFAULTS["num_threads"]
 
 

@@ -41,7 +41,7 @@ from cutlass import Float32, Int32, const_expr
 from cf_cute.primitives import ClusterReduce, GridBarrier, cluster_sync
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
-from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile
+from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
@@ -66,6 +66,7 @@ class MLPBlockConfig:
     unroll: int = 8               # MMA steps of weight loads in flight per warp
     k_parts: int = 4              # warps sharing one tile's K slice in phase A
     l2_prefetch: bool = True      # ask L2 for the first gate/up tile and W_down's first tile early
+    pipeline: bool = True         # a warp's phase-A tiles as one load pipeline (no cold start per tile)
 
     @property
     def grid(self) -> int:
@@ -175,6 +176,15 @@ class MLPBlock:
         uc = cutlass.min(c + j * cfg.num_clusters, Int32(cfg.units - 1))
         return uc * 16 + (t % 2) * cfg.intermediate
 
+    @cute.jit
+    def _store_part(self, sAcc: cute.Tensor, acc: cute.Tensor, kp: Int32, j, t: Int32, lane: Int32):
+        """This warp's partial of unit slot j, tile t -> sAcc[kp, j, b, row, t % 2]."""
+        cfg = self.cfg
+        per_unit = cfg.batch * 32
+        dst = cute.make_tensor(sAcc.iterator + kp * (cfg.units_per_cluster * per_unit) + j * per_unit + t % 2,
+                               cute.make_layout((cfg.batch, 16), stride=(32, 2)))
+        store_acc(acc, dst, Int32(0), lane, cfg.n_tiles, cfg.batch)
+
     @cute.kernel
     def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mWgu: cute.Tensor,
                mWd: cute.Tensor, mAct: cute.Tensor, mBar: cute.Tensor, mOut: cute.Tensor):
@@ -210,15 +220,20 @@ class MLPBlock:
         sX = nb.sX
         sXk = cute.make_tensor(sX.iterator + kp * kw, sX.layout)       # column 0 = this warp's k0
         atom = mma_atom(mWgu.element_type)
-        for p in cutlass.range(J // UP, unroll=1):
-            j = p * UP + t // 2
-            row0 = self._tile_row(c, j, t)
-            acc = new_acc(cfg.n_tiles)
-            warp_gemv_tile(atom, mWgu, row0, k0, sXk, acc, lane, kw // _STEP, cfg.n_tiles, cfg.unroll)
-            # sAcc[kp, j, b, row, t % 2]
-            dst = cute.make_tensor(sAcc.iterator + kp * (J * per_unit) + j * per_unit + t % 2,
-                                   cute.make_layout((B, 16), stride=(32, 2)))
-            store_acc(acc, dst, Int32(0), lane, cfg.n_tiles, B)
+        if const_expr(cfg.pipeline):
+            # this warp's tiles: unit j = p * UP + t // 2 (p < J / UP), gate or up by t % 2
+            accs = warp_gemv_tiles(atom, mWgu, c + (t // 2) * cfg.num_clusters + (t % 2) * cfg.units,
+                                   UP * cfg.num_clusters, 2 * cfg.units, J // UP, k0, sXk, lane, kw // _STEP,
+                                   cfg.n_tiles, cfg.unroll)
+            for p in cutlass.range_constexpr(J // UP):
+                self._store_part(sAcc, accs[None, None, p], kp, p * UP + t // 2, t, lane)
+        else:
+            for p in cutlass.range(J // UP, unroll=1):
+                j = p * UP + t // 2
+                acc = new_acc(cfg.n_tiles)
+                warp_gemv_tile(atom, mWgu, self._tile_row(c, j, t), k0, sXk, acc, lane, kw // _STEP, cfg.n_tiles,
+                               cfg.unroll)
+                self._store_part(sAcc, acc, kp, j, t, lane)
         if const_expr(cfg.l2_prefetch):      # W_down's first tile of this CTA, while the reduce runs
             prefetch_tiles_l2(mWd, bidx, cfg.grid, 1, warp, lane)
         cute.arch.barrier()

@@ -53,3 +53,16 @@ def test_corrupt_disk_entry_is_rebuilt(tmp_path, monkeypatch):
 def test_config_must_be_a_dataclass():
     with pytest.raises(TypeError, match="frozen dataclass"):
         jit.make_key(SplitKGemv, {"m": 1}, ARGS)
+
+
+def test_fingerprint_follows_the_kernels_imports_only():
+    import cf_cute.fused.attention_block  # noqa: F401
+    import cf_cute.fused.splitk_gemv  # noqa: F401
+    from cf_cute.jit import _package_modules, source_fingerprint
+    gemv = {m.__name__ for m in _package_modules("cf_cute.fused.splitk_gemv")}
+    block = {m.__name__ for m in _package_modules("cf_cute.fused.attention_block")}
+    assert "cf_cute.primitives.cluster_reduce" in gemv and "cf_cute.fused.attention_block" not in gemv
+    assert {"cf_cute.fused.qkv_rope", "cf_cute.fused.decode_attention", "cf_cute.fused.rmsnorm_slice",
+            "cf_cute.primitives.grid_barrier"} <= block
+    assert not any(n in gemv | block for n in ("cf_cute.attention", "cf_cute.mlp", "cf_cute.runner"))
+    assert source_fingerprint("cf_cute.fused.splitk_gemv") != source_fingerprint("cf_cute.fused.attention_block")

@@ -100,7 +100,8 @@ def test_matches_reference(H, I, batch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tuning", [MLPTuning(cluster_size=1), MLPTuning(cluster_size=4, k_parts=2),
-                                    MLPTuning(k_parts=1, l2_prefetch=False), MLPTuning(cluster_size=2, num_clusters=40)])
+                                    MLPTuning(k_parts=1, l2_prefetch=False), MLPTuning(cluster_size=2, num_clusters=40),
+                                    MLPTuning(pipeline=False)])
 def test_every_grid_and_knob_matches_reference(tuning):
     H, I, batch, dt = 2048, 8192, 5, torch.float16
     w = _weights(H, I, "cuda", dt)
