@@ -32,10 +32,10 @@ from cf_cute.decoder import DecoderLayerWeights, decoder_layer  # noqa: E402
 from cf_cute.mlp import MLPTuning, mlp_block, pack_mlp, planned_config  # noqa: E402
 from cf_cute.reference import MLPWeights, rope_tables  # noqa: E402
 
-MLP_VARIANTS = {"k2": MLPTuning(k_parts=2), "k1": MLPTuning(k_parts=1), "c1": MLPTuning(cluster_size=1),
+MLP_VARIANTS = {"k4": MLPTuning(k_parts=4), "k1": MLPTuning(k_parts=1), "pipeline": MLPTuning(pipeline=True), "c1": MLPTuning(cluster_size=1),
                 "c4": MLPTuning(cluster_size=4), "no-prefetch": MLPTuning(l2_prefetch=False),
                 "unroll4": MLPTuning(unroll=4), "no-pipeline": MLPTuning(pipeline=False),
-                "k2-unroll4": MLPTuning(k_parts=2, unroll=4)}
+                "k4-no-pipeline": MLPTuning(k_parts=4, pipeline=False)}
 
 
 def mlp_sets(n: int, batch: int, H: int, I: int):

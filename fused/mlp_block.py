@@ -64,7 +64,7 @@ class MLPBlockConfig:
     dtype: str = "bfloat16"
     num_threads: int = 256
     unroll: int = 8               # MMA steps of weight loads in flight per warp
-    k_parts: int = 4              # warps sharing one tile's K slice in phase A
+    k_parts: int = 2              # warps sharing one tile's K slice in phase A
     l2_prefetch: bool = True      # ask L2 for the first gate/up tile and W_down's first tile early
     pipeline: bool = True         # a warp's phase-A tiles as one load pipeline (no cold start per tile)
 
