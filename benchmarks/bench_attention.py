@@ -30,14 +30,8 @@ VARIANTS = {"unroll4": AttentionTuning(unroll=4), "no-prefetch": AttentionTuning
 from cf_cute.reference import AttentionWeights, rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import attention_sets, markdown_table, stamp, time_ms  # noqa: E402
-
-
-def read_bandwidth_gbs() -> float:
-    """Read-only stream (sum of a 2 GiB bf16 tensor), GB/s."""
-    x = torch.randn(2**30, device="cuda", dtype=torch.bfloat16)
-    ms = time_ms(lambda: x.sum(dtype=torch.float32), reps=20)
-    return x.numel() * 2 / ms / 1e6
+from common import (RESULT_COLUMNS, attention_sets, capture_graph, markdown_table,  # noqa: E402
+                    read_bandwidth_gbs, result_row, stamp, time_ms)
 
 
 class TorchBlock:
@@ -73,15 +67,7 @@ class TorchBlock:
 
 
 def graphed(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()                                  # warm-up (compiles cf_cute kernels) outside capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
+    return capture_graph(fn)[0]
 
 
 def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: float, clusters, unfused: bool,
@@ -153,15 +139,10 @@ def main(argv=None) -> int:
             for name in res:
                 if name.startswith("torch"):
                     continue
-                t = res[name]
-                rows.append([batch, ctx, sets, name, f"{floor_us:.1f}", f"{res['torch eager']:.1f}",
-                             f"{res['torch graph']:.1f}", f"{t:.1f}", f"{nbytes / t / 1e3:.0f}",
-                             f"{100 * floor_us / t:.0f}%", f"{res['torch graph'] / t:.2f}x"])
-                print(" | ".join(map(str, rows[-1])), flush=True)
+                rows.append(result_row([batch, ctx, sets], res, name, nbytes, bw))
     print(f"\nAttention block, H={a.hidden}, {a.heads}/{a.kv_heads} heads x 128, bf16, read bandwidth "
           f"{bw:.0f} GB/s ({stamp()}):\n")
-    print(markdown_table(["batch", "context", "sets", "cf_cute", "floor µs", "torch eager µs", "torch graph µs",
-                          "cf_cute µs", "cf_cute GB/s", "% of floor", "vs torch graph"], rows))
+    print(markdown_table(["batch", "context", "sets", "cf_cute"] + RESULT_COLUMNS, rows))
     return 0
 
 

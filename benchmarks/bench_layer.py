@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_attention import TorchBlock, graphed, read_bandwidth_gbs  # noqa: E402
-from common import attention_sets, markdown_table, stamp, time_ms  # noqa: E402
+from bench_attention import TorchBlock, graphed  # noqa: E402
+from common import RESULT_COLUMNS, attention_sets, markdown_table, read_bandwidth_gbs, result_row, stamp, time_ms  # noqa: E402
 
 from cf_cute.attention import attention_block  # noqa: E402
 from cf_cute.decoder import DecoderLayerWeights, decoder_layer  # noqa: E402
@@ -126,32 +126,21 @@ def main(argv=None) -> int:
     rows = []
     for batch in (int(b) for b in a.batch.split(",")):
         res = bench_mlp(batch, H, I, a.sets, [v for v in a.mlp_variants.split(",") if v])
-        floor = mlp_bytes / (bw * 1e3)
         for name, t in res.items():
-            if t is None or name.startswith("torch"):
-                continue
-            rows.append(["MLP", batch, "-", name, f"{floor:.1f}", f"{res['torch eager']:.1f}",
-                         f"{res['torch graph']:.1f}", f"{t:.1f}", f"{mlp_bytes / t / 1e3:.0f}",
-                         f"{100 * floor / t:.0f}%", f"{res['torch graph'] / t:.2f}x"])
-            print(" | ".join(map(str, rows[-1])), flush=True)
+            if t is not None and not name.startswith("torch"):
+                rows.append(result_row(["MLP", batch, "-"], res, name, mlp_bytes, bw))
         if a.no_layer:
             continue
         for ctx in (int(c) for c in a.context.split(",")):
             nbytes = mlp_bytes + attn_w + 2 * batch * ctx * a.kv_heads * hd * 2
             res = bench_layer(batch, ctx, H, I, a.heads, a.kv_heads, max(2, min(a.sets, int(30e9 // nbytes))))
             for name, t in res.items():
-                if t is None or name.startswith("torch"):
-                    continue
-                nb = nbytes - (mlp_bytes if "attention" in name else 0)
-                floor = nb / (bw * 1e3)
-                rows.append(["layer", batch, ctx, name, f"{floor:.1f}", f"{res['torch eager']:.1f}",
-                             f"{res['torch graph']:.1f}", f"{t:.1f}", f"{nb / t / 1e3:.0f}",
-                             f"{100 * floor / t:.0f}%", f"{res['torch graph'] / t:.2f}x"])
-                print(" | ".join(map(str, rows[-1])), flush=True)
+                if t is not None and not name.startswith("torch"):
+                    nb = nbytes - (mlp_bytes if "attention" in name else 0)
+                    rows.append(result_row(["layer", batch, ctx], res, name, nb, bw))
     print(f"\nMLP block and decoder layer, H={H}, I={I}, {a.heads}/{a.kv_heads} heads x 128, bf16, read "
           f"bandwidth {bw:.0f} GB/s ({stamp()}):\n")
-    print(markdown_table(["block", "batch", "context", "cf_cute", "floor µs", "torch eager µs", "torch graph µs",
-                          "cf_cute µs", "cf_cute GB/s", "% of floor", "vs torch graph"], rows))
+    print(markdown_table(["block", "batch", "context", "cf_cute"] + RESULT_COLUMNS, rows))
     return 0
 
 

@@ -4,25 +4,11 @@ environment stamp (date, card, commit) for benchmarks/RESULTS.md."""
 from __future__ import annotations
 
 import datetime
-import statistics
 import subprocess
 
 import torch
 
-
-def time_ms(fn, *, warmup: int = 3, reps: int = 15) -> float:
-    """Median wall time of ``fn()`` on the current stream, in ms (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from cf_cute.timing import capture_graph, read_bandwidth_gbs, time_ms  # noqa: F401  (re-exported)
 
 
 def stamp() -> str:
@@ -47,6 +33,21 @@ def _git_commit() -> str:
     except OSError:
         commit = "unknown"
     return commit
+
+
+RESULT_COLUMNS = ["floor µs", "torch eager µs", "torch graph µs", "cf_cute µs", "cf_cute GB/s", "% of floor",
+                  "vs torch graph"]
+
+
+def result_row(key: list, res: dict, name: str, nbytes: float, bw_gbs: float) -> list:
+    """``key`` + the RESULT_COLUMNS of variant ``name`` of ``res`` (µs per call, with the
+    'torch eager' and 'torch graph' baselines), for ``nbytes`` read at ``bw_gbs``;
+    printed as it is made."""
+    t, floor = res[name], nbytes / (bw_gbs * 1e3)
+    row = key + [name, f"{floor:.1f}", f"{res['torch eager']:.1f}", f"{res['torch graph']:.1f}", f"{t:.1f}",
+                 f"{nbytes / t / 1e3:.0f}", f"{100 * floor / t:.0f}%", f"{res['torch graph'] / t:.2f}x"]
+    print(" | ".join(map(str, row)), flush=True)
+    return row
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -200,6 +200,36 @@ def _auto_config(hidden, packed, k_cache, cos, page_table, has_residual: bool, d
     return None
 
 
+_plans: dict = {}
+
+
+def _planned(hidden, packed: PackedAttention, k_cache, cos, page_table, has_residual: bool,
+             cluster_size: int | None, tuning: AttentionTuning | None, dev: int) -> AttentionBlockConfig | None:
+    """The single-launch config for these operands, or None for the three-launch path:
+    planned and checked on the first call for their shapes, dtypes and options, then
+    looked up (eager callers skip rebuilding and validating the config)."""
+    key = (hidden.shape, hidden.dtype, hidden.device, packed.w_qkv.shape, packed.w_qkv.dtype, packed.wo.shape,
+           packed.wo.dtype, packed.norm.shape, packed.norm.dtype, packed.num_heads, packed.num_kv_heads,
+           packed.eps, packed.rope_style, k_cache.shape, k_cache.dtype, cos.shape, cos.dtype,
+           None if page_table is None else page_table.shape, has_residual, cluster_size, tuning)
+    if key in _plans:
+        return _plans[key]
+    if cluster_size is None and hidden.shape[0] > FUSED_MAX_BATCH:
+        cfg = None
+    elif cluster_size is None:         # the largest cluster whose grid is resident at once
+        cfg = _auto_config(hidden, packed, k_cache, cos, page_table, has_residual, dev, tuning)
+    else:
+        cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=cluster_size,
+                                     has_residual=has_residual, tuning=tuning)
+    return _plans.setdefault(key, cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_table(device) -> torch.Tensor:
+    """The page-table operand of a contiguous cache (never read)."""
+    return torch.zeros(1, 1, dtype=torch.int32, device=device)
+
+
 def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                     residual: torch.Tensor | None = None, page_table: torch.Tensor | None = None,
@@ -215,18 +245,11 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
     Positions on the CPU are range-checked before the launch; on the GPU they
     are clamped to the cache by the kernel (no host sync)."""
     dev = hidden.device.index if hidden.device.index is not None else 0
-    if cluster_size is None and hidden.shape[0] > FUSED_MAX_BATCH:
+    cfg = _planned(hidden, packed, k_cache, cos, page_table, residual is not None, cluster_size, tuning, dev)
+    if cfg is None:                    # three launches (batch above FUSED_MAX_BATCH, or no resident grid)
         return attention_block_unfused(hidden, packed, k_cache, v_cache, positions, cos, sin,
                                        residual=residual, page_table=page_table, out=out)
-    if cluster_size is None:           # the largest cluster whose grid is resident at once
-        cfg = _auto_config(hidden, packed, k_cache, cos, page_table, residual is not None, dev, tuning)
-        if cfg is None:                # no single-launch grid fits this GPU: three launches
-            return attention_block_unfused(hidden, packed, k_cache, v_cache, positions, cos, sin,
-                                           residual=residual, page_table=page_table, out=out)
-        cluster_size = cfg.cluster_size
-    else:
-        cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=cluster_size,
-                                     has_residual=residual is not None, tuning=tuning)
+    cluster_size = cfg.cluster_size
     B, H = hidden.shape
     check_tensor("sin", sin, dtype=torch.float32, shape=tuple(cos.shape), cuda=False, align=4)
     check_tensor("v_cache", v_cache, dtype=hidden.dtype, shape=tuple(k_cache.shape), cuda=False)
@@ -239,7 +262,7 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
     positions = host_index_checked(positions, 0, cap - 1, "positions", hidden.device,
                                    f" (cache capacity {cfg.max_len}, RoPE table {cfg.max_positions})")
     if page_table is None:
-        page_table = torch.zeros(1, 1, dtype=torch.int32, device=hidden.device)
+        page_table = _no_table(hidden.device)
     else:
         page_table = host_index_checked(page_table, 0, cfg.num_pages - 1, "page_table entries", hidden.device)
     if hidden.device.type != "cuda":

@@ -12,34 +12,13 @@ bandwidth measured in the same run.
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
 
-__all__ = ["run_bench", "read_bandwidth_gbs"]
+from cf_cute.timing import read_bandwidth_gbs, time_ms
 
-
-def _median_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def read_bandwidth_gbs() -> float:
-    """Read-only stream (sum of a 2 GiB bf16 tensor), GB/s."""
-    x = torch.randn(2**30, device="cuda", dtype=torch.bfloat16)
-    ms = _median_ms(lambda: x.sum(dtype=torch.float32), reps=20)
-    del x
-    return 2**31 / ms / 1e6
+__all__ = ["run_bench", "table"]
 
 
 def _progress(i: int, n: int, what: str) -> None:
@@ -89,7 +68,7 @@ def run_bench(model_name: str, contexts: list[int], batches: list[int], *, plot:
             res = {}
             for step in ("torch", "fused"):
                 model.decode_step(tok, pos, step=step)          # capture (and compile) once
-                res[step] = _median_ms(lambda s=step: model.decode_step(tok, pos, step=s))
+                res[step] = time_ms(lambda s=step: model.decode_step(tok, pos, step=s), reps=10)
             kv = 2 * cfg.num_layers * B * (ctx + 1) * cfg.num_kv_heads * cfg.head_dim * 2
             floor_ms = (w_bytes + kv) / (bw * 1e6)
             rows.append(dict(model=model_name, batch=B, context=ctx, floor_ms=floor_ms, torch_ms=res["torch"],

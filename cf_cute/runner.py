@@ -28,6 +28,7 @@ from cf_cute.decoder import DecoderLayerWeights, decoder_layer
 from cf_cute.mlp import pack_mlp
 from cf_cute.models import BUILTIN_CONFIGS, ModelConfig, load_checkpoint, model_config, random_weights
 from cf_cute.reference import AttentionWeights, MLPWeights, rope_tables
+from cf_cute.timing import capture_graph
 
 __all__ = ["LlamaModel", "TorchDecoder", "SamplingParams", "sample"]
 
@@ -182,14 +183,7 @@ class LlamaModel:
             # which generate never uses (prompt + new tokens <= max_len leaves it free)
             pos = torch.full((B,), self.max_len - 1, dtype=torch.int32, device=self.device)
             fn = self.decode_step_eager if step == "fused" else self.torch_step
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn(tok, pos)                          # compiles and plans outside the capture
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = fn(tok, pos)
+            g, out = capture_graph(lambda: fn(tok, pos))
             self._graphs[key] = (g, tok, pos, out)
         return self._graphs[key]
 

@@ -51,3 +51,14 @@ def make_kv_cache(batch: int, max_len: int, kv_heads: int, head_dim: int, paged:
         k = torch.randn(batch, max_len, kv_heads, head_dim, device=device, dtype=dtype)
         table = None
     return k, torch.randn_like(k), table
+
+
+def assert_replays_equal(graph, out, expect, times: int = 3):
+    """Replay a captured CUDA graph ``times`` times with ``out`` poisoned (NaN)
+    before each replay; every replay must rewrite ``out`` to exactly ``expect``."""
+    import torch
+    for _ in range(times):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expect)

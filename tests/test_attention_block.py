@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
-from conftest import make_kv_cache
+from conftest import assert_replays_equal, make_kv_cache
 
 from cf_cute.attention import arg_specs, attention_block, attention_block_unfused, pack_attention
 from cf_cute.fused.attention_block import AttentionBlock, AttentionBlockConfig
 from cf_cute.jit import compile_for_inspection
 from cf_cute.reference import AttentionWeights, ContiguousKV, PagedKV, rope_tables
 from cf_cute.reference import attention_block as reference_block
+from cf_cute.timing import capture_graph
 
 
 def _weights(H, heads, kv_heads, hd, device, dtype):
@@ -131,19 +132,8 @@ def test_fused_is_deterministic_graph_capturable_and_writes_every_output():
     again = attention_block(hidden, packed, k2, v2, positions, cos, sin, out=poisoned, **kw)
     assert torch.equal(again, out) and torch.equal(k2, kc) and torch.equal(v2, vc)
     static_out = torch.full_like(out, float("nan"))
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        attention_block(hidden, packed, k2, v2, positions, cos, sin, out=static_out, **kw)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        attention_block(hidden, packed, k2, v2, positions, cos, sin, out=static_out, **kw)
-    for _ in range(3):
-        static_out.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, out)
+    g, _ = capture_graph(lambda: attention_block(hidden, packed, k2, v2, positions, cos, sin, out=static_out, **kw))
+    assert_replays_equal(g, static_out, out)
 
 
 @pytest.mark.gpu

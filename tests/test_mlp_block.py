@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
-from conftest import make_kv_cache
+from conftest import assert_replays_equal, make_kv_cache
 
 from cf_cute.fused.mlp_block import MLPBlock, MLPBlockConfig
 from cf_cute.jit import compile_for_inspection
 from cf_cute.mlp import MLPTuning, arg_specs, grid_plan, mlp_block, pack_mlp
 from cf_cute.reference import MLPWeights
 from cf_cute.reference import mlp_block as reference_mlp
+from cf_cute.timing import capture_graph
 
 # (hidden, intermediate): Llama-2-7B, Llama-3-8B, Llama-3.2-1B, Llama-3.2-3B
 SHAPES = [(4096, 11008), (4096, 14336), (2048, 8192), (3072, 8192)]
@@ -140,19 +141,8 @@ def test_deterministic_graph_capturable_and_writes_every_output():
     static = torch.full_like(first, float("nan"))
     mlp_block(hidden, w, out=static)
     assert torch.equal(static, first)
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        mlp_block(hidden, w, out=static)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        mlp_block(hidden, w, out=static)
-    for _ in range(3):
-        static.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static, first)
+    g, _ = capture_graph(lambda: mlp_block(hidden, w, out=static))
+    assert_replays_equal(g, static, first)
 
 
 @pytest.mark.gpu
