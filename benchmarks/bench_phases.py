@@ -1,8 +1,13 @@
-"""Where the time of the fused attention block goes: per-phase durations from
-``%globaltimer`` stamps that the kernel writes when built with
-``AttentionTuning(phase_timer=True)`` (thread 0 of every CTA, six points).
+"""Where the time of the fused attention and MLP blocks goes: per-phase durations
+from ``%globaltimer`` stamps that the kernels write when built with
+``AttentionTuning(phase_timer=True)`` / ``MLPTuning(phase_timer=True)`` (thread 0
+of every CTA, six points).
 
     python benchmarks/bench_phases.py [--context 1024,16384] [--batch 1]
+    python benchmarks/bench_phases.py --block mlp [--batch 1,16]
+
+MLP phases: norm; gate_up = the split-K GEMV of phase A; reduce = the cluster
+reduce-scatter and SiLU; wait = the grid barrier; down = phase B.
 
 Phases (per CTA, ns; "median" and "max" over the CTAs, then the median over
 launches of rotating weight/KV sets): qkv = norm + QKV GEMV + its cluster
@@ -22,12 +27,57 @@ import sys
 import torch
 
 from cf_cute.attention import AttentionTuning, attention_block
+from cf_cute.mlp import MLPTuning
 from cf_cute.reference import rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import attention_sets, markdown_table, stamp  # noqa: E402
 
 PHASES = ("qkv", "attn", "merge", "wait", "o_proj")
+MLP_PHASES = ("norm", "gate_up", "reduce", "wait", "down")
+
+
+def record(barrier: torch.Tensor, per: dict, spans: list, names) -> None:
+    """Add one launch's stamps (``barrier[2:]`` as [CTA, 8]) to ``per[name] = (medians,
+    maxima)`` over the CTAs and its span to ``spans``."""
+    t = barrier[2:].view(-1, 8)[:, :6].to(torch.int64).cpu()
+    t = (t - t[:, :1].min()) % 2**32                 # globaltimer_lo wraps: differences only
+    d = t[:, 1:6] - t[:, 0:5]
+    for k, name in enumerate(names):
+        per[name][0].append(float(d[:, k].float().median()))
+        per[name][1].append(float(d[:, k].max()))
+    spans.append(float(t[:, 5].max() - t[:, 0].min()))
+
+
+def summary(key: list, per: dict, spans: list, names) -> list:
+    row = key + [f"{statistics.median(per[n][0]) / 1e3:.1f} / {statistics.median(per[n][1]) / 1e3:.1f}"
+                 for n in names] + [f"{statistics.median(spans) / 1e3:.1f}"]
+    print(" | ".join(map(str, row)), flush=True)
+    return row
+
+
+def mlp_main(a) -> int:
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from bench_layer import mlp_sets
+    from cf_cute.mlp import MLPWorkspace, mlp_block, planned_config
+    rows = []
+    for batch in (int(b) for b in a.batch.split(",")):
+        sets = mlp_sets(a.sets, batch, 4096, 11008)
+        tuning = MLPTuning(phase_timer=True)
+        cfg = planned_config(sets[0][1], sets[0][0], tuning=tuning)
+        ws = MLPWorkspace.new(cfg, "cuda")
+        per = {p: ([], []) for p in MLP_PHASES}
+        spans = []
+        for i in range(a.launches + 3):
+            p, hidden = sets[i % len(sets)]
+            mlp_block(hidden, p, tuning=tuning, workspace=ws)
+            torch.cuda.synchronize()
+            if i >= 3:
+                record(ws.barrier, per, spans, MLP_PHASES)
+        rows.append(summary([batch, f"{cfg.num_clusters}x{cfg.cluster_size}"], per, spans, MLP_PHASES))
+    print(f"\nFused MLP block phases, µs (median / max over CTAs), Llama-2-7B shape, bf16 ({stamp()}):\n")
+    print(markdown_table(["batch", "grid"] + list(MLP_PHASES) + ["span"], rows))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -37,7 +87,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", type=int, default=8)
     ap.add_argument("--launches", type=int, default=40)
     ap.add_argument("--threads", type=int, default=256, help="threads per CTA (AttentionTuning.num_threads)")
+    ap.add_argument("--block", choices=["attention", "mlp"], default="attention")
     a = ap.parse_args(argv)
+    if a.block == "mlp":
+        return mlp_main(a)
     dev, dt, H, heads, hd = "cuda", torch.bfloat16, 4096, 32, 128
     tuning = AttentionTuning(phase_timer=True, num_threads=a.threads)
     rows = []
@@ -63,17 +116,8 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 if i < 3:
                     continue
-                t = ws.barrier[2:].view(-1, 8)[:, :6].to(torch.int64).cpu()
-                t = (t - t[:, :1].min()) % 2**32                 # globaltimer_lo wraps: differences only
-                d = t[:, 1:6] - t[:, 0:5]
-                for k, name in enumerate(PHASES):
-                    per[name][0].append(float(d[:, k].float().median()))
-                    per[name][1].append(float(d[:, k].max()))
-                spans.append(float(t[:, 5].max() - t[:, 0].min()))
-            row = [batch, ctx] + [f"{statistics.median(per[n][0]) / 1e3:.1f} / {statistics.median(per[n][1]) / 1e3:.1f}"
-                                  for n in PHASES] + [f"{statistics.median(spans) / 1e3:.1f}"]
-            rows.append(row)
-            print(" | ".join(map(str, row)), flush=True)
+                record(ws.barrier, per, spans, PHASES)
+            rows.append(summary([batch, ctx], per, spans, PHASES))
     print(f"\nFused attention block phases, µs (median / max over CTAs), Llama-2-7B shape, bf16 ({stamp()}):\n")
     print(markdown_table(["batch", "context"] + list(PHASES) + ["span"], rows))
     return 0

@@ -31,7 +31,7 @@ from cf_cute.reference import MLPWeights
 from cf_cute.validate import check_operands, check_tensor, dtype_name
 
 __all__ = ["PackedMLP", "pack_mlp", "mlp_block", "mlp_block_config", "MLPWorkspace", "MLPTuning", "arg_specs",
-           "grid_plan", "planned_config"]
+           "grid_plan", "planned_config", "barrier_words"]
 
 # clusters of C resident at once at one CTA per SM on the H100 SXM (132 SMs) measured here
 # (cuOccupancyMaxActiveClusters; a cluster lives in one GPC of 14-18 SMs): the plan
@@ -51,6 +51,7 @@ class MLPTuning:
     k_parts: int = _DEFAULTS["k_parts"]
     l2_prefetch: bool = _DEFAULTS["l2_prefetch"]
     pipeline: bool | None = None          # None: one load pipeline per warp up to batch 8 (measured)
+    phase_timer: bool = False             # per-CTA phase stamps in workspace.barrier[2:] (bench_phases.py)
     num_threads: int = _DEFAULTS["num_threads"]
 
 
@@ -111,8 +112,13 @@ def arg_specs(cfg: MLPBlockConfig) -> list:
     """Fake-tensor specs of (hidden, residual, norm, w_gate_up, w_down, act, barrier, out)."""
     dt, B, H, I = cfg.dtype, cfg.batch, cfg.hidden, cfg.intermediate
     return [TensorSpec(dt, (B, H)), TensorSpec(dt, (B, H)), TensorSpec(dt, (H,)), TensorSpec(dt, (2 * I, H)),
-            TensorSpec(dt, (H, I)), TensorSpec(dt, (B, I)), TensorSpec("int32", (2,), align=4),
+            TensorSpec(dt, (H, I)), TensorSpec(dt, (B, I)), TensorSpec("int32", (barrier_words(cfg),), align=4),
             TensorSpec(dt, (B, H))]
+
+
+def barrier_words(cfg: MLPBlockConfig) -> int:
+    """Grid-barrier state (2 words), plus 8 stamp words per CTA with ``phase_timer``."""
+    return 2 + (8 * cfg.grid if cfg.phase_timer else 0)
 
 
 @dataclass
@@ -126,7 +132,7 @@ class MLPWorkspace:
     def new(cls, cfg: MLPBlockConfig, device) -> "MLPWorkspace":
         dt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16
         return cls(act=torch.empty(cfg.batch, cfg.intermediate, dtype=dt, device=device),
-                   barrier=torch.zeros(2, dtype=torch.int32, device=device))
+                   barrier=torch.zeros(barrier_words(cfg), dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,7 +235,7 @@ def mlp_block(hidden: torch.Tensor, packed: PackedMLP, *, residual: torch.Tensor
         workspace = _workspaces.get(wkey)
         if workspace is None:
             workspace = _workspaces.setdefault(wkey, MLPWorkspace.new(cfg, hidden.device))
-    elif workspace.act.shape != (B, cfg.intermediate) or workspace.barrier.shape != (2,):
+    elif workspace.act.shape != (B, cfg.intermediate) or workspace.barrier.shape != (barrier_words(cfg),):
         raise ValueError("workspace does not match these shapes: build it with MLPWorkspace.new(cfg, device)")
     if out is None:
         out = torch.empty_like(hidden)

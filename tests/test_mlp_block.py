@@ -239,3 +239,9 @@ def test_mlp_block_under_torch_compile():
     f = torch.compile(lambda a: torch.ops.cf_cute.mlp_block(a, w.norm, w.w_gate_up, w.w_down, None, w.eps) * 2,
                       fullgraph=True)
     torch.testing.assert_close(f(x), mlp_block(x, w) * 2, rtol=0, atol=0)
+
+
+def test_phase_timer_compiles_to_globaltimer_stamps():
+    cfg = MLPBlockConfig(batch=1, hidden=4096, intermediate=11008, num_clusters=66, cluster_size=2, phase_timer=True)
+    ptx = compile_for_inspection(MLPBlock, cfg, arg_specs(cfg)).__ptx__
+    assert ptx.count("%globaltimer_lo") >= 6
