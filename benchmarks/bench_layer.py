@@ -21,18 +21,19 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_attention import TorchBlock, graphed  # noqa: E402
-from common import RESULT_COLUMNS, attention_sets, markdown_table, read_bandwidth_gbs, result_row, stamp, time_ms  # noqa: E402
+from common import (RESULT_COLUMNS, attention_sets, markdown_table, read_bandwidth_gbs,  # noqa: E402
+                    result_row, stamp, time_ms)
 
 from cf_cute.attention import attention_block  # noqa: E402
 from cf_cute.decoder import DecoderLayerWeights, decoder_layer  # noqa: E402
-from cf_cute.mlp import MLPTuning, mlp_block, pack_mlp, planned_config  # noqa: E402
+from cf_cute.mlp import MLPTuning, mlp_block, mlp_block_torch, pack_mlp, planned_config  # noqa: E402
 from cf_cute.reference import MLPWeights, rope_tables  # noqa: E402
 
-MLP_VARIANTS = {"k4": MLPTuning(k_parts=4), "k1": MLPTuning(k_parts=1), "pipeline": MLPTuning(pipeline=True), "c1": MLPTuning(cluster_size=1),
+MLP_VARIANTS = {"k4": MLPTuning(k_parts=4), "k1": MLPTuning(k_parts=1), "pipeline": MLPTuning(pipeline=True),
+                "c1": MLPTuning(cluster_size=1),
                 "c4": MLPTuning(cluster_size=4), "no-prefetch": MLPTuning(l2_prefetch=False),
                 "unroll4": MLPTuning(unroll=4), "no-pipeline": MLPTuning(pipeline=False),
                 "k4-no-pipeline": MLPTuning(k_parts=4, pipeline=False)}
@@ -50,14 +51,6 @@ def mlp_sets(n: int, batch: int, H: int, I: int):
     return out
 
 
-def torch_mlp(p, h):
-    """The unfused torch MLP block on the same packed weights: RMSNorm, one gate+up
-    matmul, SiLU * up, down + residual."""
-    x = F.rms_norm(h, (h.shape[1],), p.norm, p.eps)
-    g, u = (x @ p.w_gate_up.T).chunk(2, dim=1)
-    return h + (F.silu(g) * u) @ p.w_down.T
-
-
 def _time(fns, eager: bool) -> float | None:
     if eager:
         step = lambda: [f() for f in fns]                # noqa: E731
@@ -73,8 +66,8 @@ def _time(fns, eager: bool) -> float | None:
 
 def bench_mlp(batch: int, H: int, I: int, sets: int, variants) -> dict:
     items = mlp_sets(sets, batch, H, I)
-    res = {"torch eager": _time([lambda p=p, h=h: torch_mlp(p, h) for p, h in items], True),
-           "torch graph": _time([lambda p=p, h=h: torch_mlp(p, h) for p, h in items], False)}
+    res = {"torch eager": _time([lambda p=p, h=h: mlp_block_torch(h, p) for p, h in items], True),
+           "torch graph": _time([lambda p=p, h=h: mlp_block_torch(h, p) for p, h in items], False)}
     cfg = planned_config(items[0][1], items[0][0])
     res[f"cf_cute ({cfg.num_clusters}x{cfg.cluster_size})"] = _time(
         [lambda p=p, h=h: mlp_block(h, p) for p, h in items], False)
@@ -95,7 +88,7 @@ def bench_layer(batch: int, ctx: int, H: int, I: int, heads: int, kv_heads: int,
 
     def torch_layer(w, layer, kc, vc, h):
         blk = TorchBlock(w, heads, kv_heads, cos, sin, ctx)
-        return lambda: torch_mlp(layer.mlp, blk(h, kc, vc, positions))
+        return lambda: mlp_block_torch(blk(h, kc, vc, positions), layer.mlp)
 
     res = {"torch eager": _time([torch_layer(*it) for it in items], True),
            "torch graph": _time([torch_layer(*it) for it in items], False),

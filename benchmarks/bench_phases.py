@@ -28,6 +28,7 @@ import torch
 
 from cf_cute.attention import AttentionTuning, attention_block
 from cf_cute.mlp import MLPTuning
+from cf_cute.primitives import GridBarrier
 from cf_cute.reference import rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -40,7 +41,7 @@ MLP_PHASES = ("norm", "gate_up", "reduce", "wait", "down")
 def record(barrier: torch.Tensor, per: dict, spans: list, names) -> None:
     """Add one launch's stamps (``barrier[2:]`` as [CTA, 8]) to ``per[name] = (medians,
     maxima)`` over the CTAs and its span to ``spans``."""
-    t = barrier[2:].view(-1, 8)[:, :6].to(torch.int64).cpu()
+    t = barrier[GridBarrier.STATE_WORDS:].view(-1, GridBarrier.STAMP_WORDS)[:, :6].to(torch.int64).cpu()
     t = (t - t[:, :1].min()) % 2**32                 # globaltimer_lo wraps: differences only
     d = t[:, 1:6] - t[:, 0:5]
     for k, name in enumerate(names):

@@ -33,12 +33,14 @@ from cf_cute.decode_attention import decode_attention
 from cf_cute.fused.attention_block import AttentionBlock, AttentionBlockConfig
 from cf_cute.gemv import splitk_gemv
 from cf_cute.jit import TensorSpec, compile_kernel
+from cf_cute.primitives import GridBarrier
 from cf_cute.qkv_rope import pack_qkv, qkv_rope
 from cf_cute.reference import AttentionWeights
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
 __all__ = ["PackedAttention", "pack_attention", "attention_block", "attention_block_unfused",
-           "attention_block_config", "default_cluster_size", "FUSED_MAX_BATCH", "AttentionWorkspace", "AttentionTuning", "arg_specs"]
+           "attention_block_config", "default_cluster_size", "FUSED_MAX_BATCH", "AttentionWorkspace",
+           "AttentionTuning", "arg_specs"]
 
 
 # Above this batch the automatic choice is the three-launch path: the single launch attends to
@@ -144,12 +146,8 @@ def arg_specs(cfg: AttentionBlockConfig) -> list:
             TensorSpec("float32", rope, align=4), TensorSpec("float32", rope, align=4),
             TensorSpec("int32", (B,), align=4), TensorSpec(dt, cfg.kv_shape), TensorSpec(dt, cfg.kv_shape),
             TensorSpec("int32", cfg.table_shape, align=4), TensorSpec(dt, (B, cfg.o_k)), TensorSpec(dt, (B, H)),
-            TensorSpec("int32", (_barrier_words(cfg),), align=4), TensorSpec(dt, (B, H))]
-
-
-def _barrier_words(cfg: AttentionBlockConfig) -> int:
-    """Grid-barrier state (2 words), plus 8 stamp words per CTA with ``phase_timer``."""
-    return 2 + (8 * cfg.grid if cfg.phase_timer else 0)
+            TensorSpec("int32", (GridBarrier.state_words(cfg.grid, cfg.phase_timer),), align=4),
+            TensorSpec(dt, (B, H))]
 
 
 @dataclass
@@ -162,10 +160,11 @@ class AttentionWorkspace:
 
     @classmethod
     def new(cls, cfg: AttentionBlockConfig, device) -> "AttentionWorkspace":
-        dt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16
+        dt = getattr(torch, cfg.dtype)
         return cls(attn=torch.empty(cfg.batch, cfg.o_k, dtype=dt, device=device),
                    h=torch.empty(cfg.batch, cfg.hidden, dtype=dt, device=device),
-                   barrier=torch.zeros(_barrier_words(cfg), dtype=torch.int32, device=device))
+                   barrier=torch.zeros(GridBarrier.state_words(cfg.grid, cfg.phase_timer), dtype=torch.int32,
+                                       device=device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -276,7 +275,8 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
         workspace = _workspaces.get(key)
         if workspace is None:
             workspace = _workspaces.setdefault(key, AttentionWorkspace.new(cfg, hidden.device))
-    elif (workspace.barrier.shape != (_barrier_words(cfg),) or workspace.attn.shape != (B, cfg.o_k)
+    elif (workspace.barrier.shape != (GridBarrier.state_words(cfg.grid, cfg.phase_timer),)
+          or workspace.attn.shape != (B, cfg.o_k)
           or workspace.h.shape != (B, H)):
         raise ValueError("workspace does not match these shapes: build it with AttentionWorkspace.new(cfg, device)")
     if out is None:

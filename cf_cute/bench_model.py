@@ -12,13 +12,27 @@ bandwidth measured in the same run.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
 
 from cf_cute.timing import read_bandwidth_gbs, time_ms
 
-__all__ = ["run_bench", "table"]
+__all__ = ["run_bench", "table", "weight_bytes"]
+
+
+def weight_bytes(mc, *, per_step: bool) -> int:
+    """bf16/fp16 bytes of the model's tensors (``models.expected_shapes``): all of them
+    (``per_step=False``, what the GPU holds), or what one decode step reads: every
+    tensor but the embedding table, of which only B rows are read, plus the LM head,
+    which is that table when the embeddings are tied."""
+    from cf_cute.models import expected_shapes
+    shapes = expected_shapes(mc)
+    n = sum(math.prod(s) for s in shapes.values())
+    if per_step:
+        n -= 0 if mc.tie_word_embeddings else mc.vocab * mc.hidden
+    return 2 * n
 
 
 def _progress(i: int, n: int, what: str) -> None:
@@ -40,12 +54,10 @@ def run_bench(model_name: str, contexts: list[int], batches: list[int], *, plot:
     from cf_cute.models import model_config
     mc = model_config(model_name)
     free = torch.cuda.mem_get_info()[0]
+    stored, read = weight_bytes(mc, per_step=False), weight_bytes(mc, per_step=True)
     for B in batches:
         per_tok = 2 * mc.num_layers * B * mc.num_kv_heads * mc.head_dim * 2      # KV bytes per cached token
-        w_est = 2 * (mc.num_layers * (mc.hidden * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
-                                      + mc.hidden * mc.num_heads * mc.head_dim + 3 * mc.hidden * mc.intermediate)
-                     + 2 * mc.vocab * mc.hidden)
-        fits = [c for c in contexts if w_est + per_tok * (c + 1) < 0.8 * free]
+        fits = [c for c in contexts if stored + per_tok * (c + 1) < 0.8 * free]
         for c in contexts:
             if c not in fits:
                 print(f"\nskipped batch {B}, context {c}: caches and weights exceed this GPU's free memory",
@@ -54,25 +66,20 @@ def run_bench(model_name: str, contexts: list[int], batches: list[int], *, plot:
         if not fits:
             continue
         model = LlamaModel.from_pretrained(model_name, dtype=dtype, max_batch=B, max_len=max(fits) + 1)
-        cfg = model.cfg
-        w_bytes = sum(t.numel() * t.element_size() for l in model.layers
-                      for t in (l.attn.norm, l.attn.w_qkv, l.attn.wo, l.mlp.norm, l.mlp.w_gate_up, l.mlp.w_down))
-        w_bytes += model.lm_head.numel() * 2 + model.norm.numel() * 2
         for ctx in fits:
             _progress(i, n, f"batch {B}, context {ctx}")
             for kc, vc in zip(model.k_cache, model.v_cache):
                 kc[:, :ctx].normal_()
                 vc[:, :ctx].normal_()
-            tok = torch.randint(0, cfg.vocab, (B,), device="cuda")
+            tok = torch.randint(0, mc.vocab, (B,), device="cuda")
             pos = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
             res = {}
             for step in ("torch", "fused"):
                 model.decode_step(tok, pos, step=step)          # capture (and compile) once
                 res[step] = time_ms(lambda s=step: model.decode_step(tok, pos, step=s), reps=10)
-            kv = 2 * cfg.num_layers * B * (ctx + 1) * cfg.num_kv_heads * cfg.head_dim * 2
-            floor_ms = (w_bytes + kv) / (bw * 1e6)
-            rows.append(dict(model=model_name, batch=B, context=ctx, floor_ms=floor_ms, torch_ms=res["torch"],
-                             cf_cute_ms=res["fused"], bytes=w_bytes + kv, bw=bw))
+            nbytes = read + per_tok * (ctx + 1)
+            rows.append(dict(model=model_name, batch=B, context=ctx, floor_ms=nbytes / (bw * 1e6),
+                             torch_ms=res["torch"], cf_cute_ms=res["fused"], bytes=nbytes, bw=bw))
             i += 1
         del model
         torch.cuda.empty_cache()

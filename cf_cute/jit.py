@@ -108,9 +108,6 @@ def dsl_version() -> str:
         return getattr(cutlass, "__version__", "unknown")
 
 
-_PACKAGES = ("cf_cute.", "cf_cute")
-
-
 def _package_modules(root: str) -> list:
     """``root`` and every package module it reaches through its globals (modules,
     and functions or classes defined in package modules), transitively."""

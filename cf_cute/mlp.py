@@ -27,11 +27,12 @@ import torch
 
 from cf_cute.fused.mlp_block import MLPBlock, MLPBlockConfig
 from cf_cute.jit import TensorSpec, compile_kernel
+from cf_cute.primitives import GridBarrier
 from cf_cute.reference import MLPWeights
 from cf_cute.validate import check_operands, check_tensor, dtype_name
 
-__all__ = ["PackedMLP", "pack_mlp", "mlp_block", "mlp_block_config", "MLPWorkspace", "MLPTuning", "arg_specs",
-           "grid_plan", "planned_config", "barrier_words"]
+__all__ = ["PackedMLP", "pack_mlp", "mlp_block", "mlp_block_torch", "mlp_block_config", "MLPWorkspace", "MLPTuning",
+           "arg_specs", "grid_plan", "planned_config"]
 
 # clusters of C resident at once at one CTA per SM on the H100 SXM (132 SMs) measured here
 # (cuOccupancyMaxActiveClusters; a cluster lives in one GPC of 14-18 SMs): the plan
@@ -73,6 +74,15 @@ def pack_mlp(weights: MLPWeights, *, eps: float = 1e-5) -> PackedMLP:
                      w_down=weights.w_down.contiguous(), eps=eps)
 
 
+def mlp_block_torch(hidden: torch.Tensor, packed: PackedMLP) -> torch.Tensor:
+    """The same block in plain torch, unfused (the baseline of the benchmarks and the
+    runner's torch paths): RMSNorm, one gate+up matmul over ``w_gate_up``, SiLU * up,
+    down + residual, in the activation dtype."""
+    x = torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), packed.norm, packed.eps)
+    g, u = (x @ packed.w_gate_up.T).chunk(2, dim=-1)
+    return hidden + (torch.nn.functional.silu(g) * u) @ packed.w_down.T
+
+
 def grid_plan(units: int, resident: dict) -> tuple[int, int]:
     """(cluster_size, num_clusters) that minimises the busiest CTA's phase-A bytes,
     ``ceil(units / clusters) / C``, given ``resident[C]`` = clusters of C resident at
@@ -112,13 +122,9 @@ def arg_specs(cfg: MLPBlockConfig) -> list:
     """Fake-tensor specs of (hidden, residual, norm, w_gate_up, w_down, act, barrier, out)."""
     dt, B, H, I = cfg.dtype, cfg.batch, cfg.hidden, cfg.intermediate
     return [TensorSpec(dt, (B, H)), TensorSpec(dt, (B, H)), TensorSpec(dt, (H,)), TensorSpec(dt, (2 * I, H)),
-            TensorSpec(dt, (H, I)), TensorSpec(dt, (B, I)), TensorSpec("int32", (barrier_words(cfg),), align=4),
+            TensorSpec(dt, (H, I)), TensorSpec(dt, (B, I)),
+            TensorSpec("int32", (GridBarrier.state_words(cfg.grid, cfg.phase_timer),), align=4),
             TensorSpec(dt, (B, H))]
-
-
-def barrier_words(cfg: MLPBlockConfig) -> int:
-    """Grid-barrier state (2 words), plus 8 stamp words per CTA with ``phase_timer``."""
-    return 2 + (8 * cfg.grid if cfg.phase_timer else 0)
 
 
 @dataclass
@@ -130,9 +136,10 @@ class MLPWorkspace:
 
     @classmethod
     def new(cls, cfg: MLPBlockConfig, device) -> "MLPWorkspace":
-        dt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16
+        dt = getattr(torch, cfg.dtype)
         return cls(act=torch.empty(cfg.batch, cfg.intermediate, dtype=dt, device=device),
-                   barrier=torch.zeros(barrier_words(cfg), dtype=torch.int32, device=device))
+                   barrier=torch.zeros(GridBarrier.state_words(cfg.grid, cfg.phase_timer), dtype=torch.int32,
+                                       device=device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,15 +157,13 @@ def _resident(cluster_size: int, smem_bytes: int, num_threads: int, device_index
                    max_resident_clusters(cluster_size))
 
 
-def _probe_config(hidden, packed, c: int, has_residual: bool, tuning) -> MLPBlockConfig | None:
-    """A config at cluster size c with as many clusters as could ever be useful
+def _probe_block(hidden, packed, c: int, has_residual: bool, tuning) -> MLPBlock | None:
+    """The kernel at cluster size c with as many clusters as could ever be useful
     (for its shared-memory size), or None when c does not apply."""
     try:
         units = packed.intermediate // 16
-        cfg = mlp_block_config(hidden, packed, cluster_size=c, num_clusters=max(1, min(units, 132 // c)),
-                               has_residual=has_residual, tuning=tuning)
-        MLPBlock(cfg)
-        return cfg
+        return MLPBlock(mlp_block_config(hidden, packed, cluster_size=c, num_clusters=max(1, min(units, 132 // c)),
+                                         has_residual=has_residual, tuning=tuning))
     except ValueError:
         return None
 
@@ -171,13 +176,13 @@ def _plan(hidden, packed: PackedMLP, has_residual: bool, tuning: MLPTuning | Non
     sizes = [tuning.cluster_size] if tuning.cluster_size else [1, 2, 4]
     resident = {}
     for c in sizes:
-        cfg = _probe_config(hidden, packed, c, has_residual, tuning)
-        if cfg is None:
+        block = _probe_block(hidden, packed, c, has_residual, tuning)
+        if block is None:
             continue
         if tuning.num_clusters:
             resident[c] = tuning.num_clusters
         elif hidden.device.type == "cuda":
-            resident[c] = _resident(c, MLPBlock(cfg).smem_bytes, cfg.num_threads, dev)
+            resident[c] = _resident(c, block.smem_bytes, block.cfg.num_threads, dev)
         else:                           # planning without a GPU: the 132-SM Hopper measured here
             resident[c] = HOPPER_RESIDENT_CLUSTERS[c]
     if not resident:
@@ -188,9 +193,9 @@ def _plan(hidden, packed: PackedMLP, has_residual: bool, tuning: MLPTuning | Non
     c, n = grid_plan(packed.intermediate // 16, resident)
     cfg = mlp_block_config(hidden, packed, cluster_size=c, num_clusters=n, has_residual=has_residual,
                            tuning=tuning)
-    MLPBlock(cfg)                      # shared-memory check at the final grid
+    block = MLPBlock(cfg)              # shared-memory check at the final grid
     if hidden.device.type == "cuda" and not tuning.num_clusters:
-        got = _resident(c, MLPBlock(cfg).smem_bytes, cfg.num_threads, dev)
+        got = _resident(c, block.smem_bytes, cfg.num_threads, dev)
         if got < n:
             raise ValueError(f"the fused MLP block needs {n} clusters of {c} resident at once; this GPU holds "
                              f"{got}")
@@ -235,7 +240,8 @@ def mlp_block(hidden: torch.Tensor, packed: PackedMLP, *, residual: torch.Tensor
         workspace = _workspaces.get(wkey)
         if workspace is None:
             workspace = _workspaces.setdefault(wkey, MLPWorkspace.new(cfg, hidden.device))
-    elif workspace.act.shape != (B, cfg.intermediate) or workspace.barrier.shape != (barrier_words(cfg),):
+    elif (workspace.act.shape != (B, cfg.intermediate)
+          or workspace.barrier.shape != (GridBarrier.state_words(cfg.grid, cfg.phase_timer),)):
         raise ValueError("workspace does not match these shapes: build it with MLPWorkspace.new(cfg, device)")
     if out is None:
         out = torch.empty_like(hidden)

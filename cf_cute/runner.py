@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from cf_cute.attention import pack_attention
 from cf_cute.decoder import DecoderLayerWeights, decoder_layer
-from cf_cute.mlp import pack_mlp
+from cf_cute.mlp import mlp_block_torch, pack_mlp
 from cf_cute.models import BUILTIN_CONFIGS, ModelConfig, load_checkpoint, model_config, random_weights
 from cf_cute.reference import AttentionWeights, MLPWeights, rope_tables
 from cf_cute.timing import capture_graph
@@ -140,9 +140,13 @@ class LlamaModel:
             self.v_cache[i][slot, :T] = v
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                                is_causal=True, enable_gqa=nq != cfg.num_kv_heads)
-            h = self._mlp(h + o.transpose(0, 1).reshape(T, -1) @ layer.attn.wo.T, layer)
-        x = F.rms_norm(h[-1:], (cfg.hidden,), self.norm, cfg.rms_eps)
-        return (x @ self.lm_head.T).float()[0]
+            h = mlp_block_torch(h + o.transpose(0, 1).reshape(T, -1) @ layer.attn.wo.T, layer.mlp)
+        return self._logits(h[-1:])[0]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final RMSNorm and LM head: fp32 logits ``[rows, vocab]``."""
+        x = F.rms_norm(h, (self.cfg.hidden,), self.norm, self.cfg.rms_eps)
+        return (x @ self.lm_head.T).float()
 
     def _qkv(self, h: torch.Tensor, layer: DecoderLayerWeights, pos: torch.Tensor):
         """RMSNorm, one matmul over the packed ``w_qkv``, RoPE: q ``[T, heads, hd]``,
@@ -156,12 +160,6 @@ class LlamaModel:
         q = self._rope(qkv[:, :, :G].reshape(T, nkv * G, hd), pos)
         return q, self._rope(qkv[:, :, G], pos), qkv[:, :, G + 1]
 
-    def _mlp(self, h: torch.Tensor, layer: DecoderLayerWeights) -> torch.Tensor:
-        m = layer.mlp
-        x = F.rms_norm(h, (self.cfg.hidden,), m.norm, self.cfg.rms_eps)
-        g, u = (x @ m.w_gate_up.T).chunk(2, dim=-1)
-        return h + (F.silu(g) * u) @ m.w_down.T
-
     # ------------------------------------------------------------------ decode (fused)
     def decode_step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for requests ``0..B-1``: ``tokens [B]`` (int64) at
@@ -172,8 +170,7 @@ class LlamaModel:
             h = decoder_layer(h, layer, self.k_cache[i][:B] if B < self.max_batch else self.k_cache[i],
                               self.v_cache[i][:B] if B < self.max_batch else self.v_cache[i], positions,
                               self.cos, self.sin)
-        x = F.rms_norm(h, (self.cfg.hidden,), self.norm, self.cfg.rms_eps)
-        return (x @ self.lm_head.T).float()
+        return self._logits(h)
 
     def _graph(self, B: int, step) -> tuple:
         key = (B, step)
@@ -214,14 +211,14 @@ class LlamaModel:
             vc[rows, pos] = v
             o = F.scaled_dot_product_attention(q.unsqueeze(2), kc.transpose(1, 2), vc.transpose(1, 2),
                                                attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)
-            h = self._mlp(h + o.reshape(B, -1) @ layer.attn.wo.T, layer)
-        x = F.rms_norm(h, (cfg.hidden,), self.norm, cfg.rms_eps)
-        return (x @ self.lm_head.T).float()
+            h = mlp_block_torch(h + o.reshape(B, -1) @ layer.attn.wo.T, layer.mlp)
+        return self._logits(h)
 
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int = 32, sampling: SamplingParams = SamplingParams(),
-                 stop_tokens: tuple[int, ...] = (), on_token=None, step: str = "fused") -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int = 32,
+                 sampling: SamplingParams = SamplingParams(), stop_tokens: tuple[int, ...] = (), on_token=None,
+                 step: str = "fused") -> list[list[int]]:
         """Prefill each prompt, then decode up to ``max_new_tokens`` per request
         (a request stops at a stop token; the batch runs until all stopped).
         ``on_token(step_index, tokens [B])`` is called after every step."""
@@ -240,16 +237,15 @@ class LlamaModel:
         tokens = sample(logits, sampling, gen)
         positions = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=self.device)
         out = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        stops = torch.tensor(list(stop_tokens) or [-1], device=self.device)
+        done = [False] * B                      # the request emitted a stop token
         for i in range(max_new_tokens):
             for b, t in enumerate(tokens.tolist()):
-                if not (len(out[b]) and out[b][-1] in stop_tokens):
+                if not done[b]:
                     out[b].append(t)
+                    done[b] = t in stop_tokens
             if on_token is not None:
                 on_token(i, tokens)
-            done |= torch.isin(tokens, stops)
-            if i + 1 == max_new_tokens or bool(done.all()):
+            if i + 1 == max_new_tokens or all(done):
                 break
             logits = self.decode_step(tokens, positions, step=step)
             tokens = sample(logits, sampling, gen)

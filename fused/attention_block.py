@@ -64,7 +64,8 @@ class AttentionBlockConfig(QKVFields):
     plus the attention's and the block's own."""
     attn_unroll: int = 4          # tokens per token group loaded together
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
-    phase_timer: bool = False     # diagnostics: %globaltimer_lo stamps into mBar[2 + 8 * cta + k]
+    phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 2 attention
+                                  # done, 3 merge done, 4 grid barrier passed, 5 end)
 
     @property
     def o_k(self) -> int:
@@ -103,7 +104,7 @@ class AttentionBlock:
         ml = 2 * B * G
         self.ml_elems = (ml + 3) // 4 * 4
         self.gat_ml = ClusterGather(Float32, self.ml_elems, C, T, stages=1, barrier_id=3)
-        self.gbar = GridBarrier(cfg.grid)
+        self.gbar = GridBarrier(cfg.grid, stamps=cfg.phase_timer)
         NG = self.attn.groups
         own = (self.gat_ml.smem_bytes + 4 * (NG * G * (2 + hd) + self.attn.tile_elems + B * G * hd + self.ml_elems)
                + 4 * (T // _WARP) * 16 * B + 8 * 16)
@@ -166,13 +167,6 @@ class AttentionBlock:
             sPart[b * R + (G + 1) * hd + d] = Float32(self.dtype(sPart[b * R + (G + 1) * hd + d]))
 
     @cute.jit
-    def _stamp(self, mBar: cute.Tensor, bidx: Int32, k: cutlass.Constexpr[int]):
-        """Phase stamp k of this CTA (thread 0), when built with ``phase_timer``."""
-        if const_expr(self.cfg.phase_timer):
-            if cute.arch.thread_idx()[0] == 0:
-                mBar[2 + bidx * 8 + k] = cute.arch.globaltimer_lo()
-
-    @cute.jit
     def _token_range(self, mPos: cute.Tensor, b: Int32, rank: Int32):
         """(pos, start, end, chunk): request b's new token is cached token pos;
         this CTA attends to tokens [start, end) of [0, pos]."""
@@ -217,9 +211,9 @@ class AttentionBlock:
         cute.arch.cluster_arrive_relaxed()
 
         # ================= phase A: one cluster per KV head
-        self._stamp(mBar, bidx, 0)
+        self.gbar.stamp(mBar, bidx, 0)
         self.front.project(qb, mHidden, mResidual, mNormW, mWqkv, mHOut, g)
-        self._stamp(mBar, bidx, 1)
+        self.gbar.stamp(mBar, bidx, 1)
         sPart = qb.sPart
         self._rope_in_place(sPart, mCos, mSin, mPos)
         cute.arch.barrier()
@@ -252,7 +246,7 @@ class AttentionBlock:
                 sML[(b * G + h) * 2] = sTile[G * hd + h]
                 sML[(b * G + h) * 2 + 1] = sTile[G * hd + G + h]
         cute.arch.barrier()
-        self._stamp(mBar, bidx, 2)
+        self.gbar.stamp(mBar, bidx, 2)
         if const_expr(cfg.l2_prefetch and not cfg.early_wo_prefetch):   # W_o rows, while the merge runs
             prefetch_tiles_l2(mWo, bidx, cfg.grid, (cfg.hidden // 16 + cfg.grid - 1) // cfg.grid, warp,
                               lane)
@@ -286,14 +280,14 @@ class AttentionBlock:
                     mAttn[b, g * G * hd + p % (G * hd)] = self.dtype(res[v])
         self.gat_ml.release(bufs_ml, Int32(0))
         cluster_sync()             # retires every collective of phase A
-        self._stamp(mBar, bidx, 3)
+        self.gbar.stamp(mBar, bidx, 3)
 
         # ================= grid barrier: all of attn is written
         self.gbar.sync(mBar)
-        self._stamp(mBar, bidx, 4)
+        self.gbar.stamp(mBar, bidx, 4)
 
         # ================= phase B: output projection rows, full K, + h
         MT = cfg.hidden // 16
         residual_gemv_tiles(mWo, mAttn, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
                             (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual)
-        self._stamp(mBar, bidx, 5)
+        self.gbar.stamp(mBar, bidx, 5)

@@ -67,7 +67,8 @@ class MLPBlockConfig:
     k_parts: int = 2              # warps sharing one tile's K slice in phase A
     l2_prefetch: bool = True      # ask L2 for the first gate/up tile and W_down's first tile early
     pipeline: bool = True         # a warp's phase-A tiles as one load pipeline (no cold start per tile)
-    phase_timer: bool = False     # diagnostics: %globaltimer_lo stamps into mBar[2 + 8 * cta + k]
+    phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 norm done, 2 gate/up
+                                  # GEMV done, 3 reduce + SiLU done, 4 grid barrier passed, 5 end)
 
     @property
     def grid(self) -> int:
@@ -136,7 +137,7 @@ class MLPBlock:
         J = cfg.units_per_cluster
         self.norm = NormSlice(NormSliceConfig(batch=B, hidden=cfg.hidden, cluster_size=C, num_threads=T,
                                               eps=cfg.eps, has_residual=cfg.has_residual, dtype=cfg.dtype))
-        self.gbar = GridBarrier(cfg.grid)
+        self.gbar = GridBarrier(cfg.grid, stamps=cfg.phase_timer)
         per_unit = B * 32
         fixed = (self.norm.smem_bytes + 4 * cfg.k_parts * J * per_unit + 4 * NW * RED_WORDS_PER_ROW * B
                  + 3 * 16)
@@ -178,14 +179,6 @@ class MLPBlock:
         return uc * 16 + (t % 2) * cfg.intermediate
 
     @cute.jit
-    def _stamp(self, mBar: cute.Tensor, bidx: Int32, k: cutlass.Constexpr[int]):
-        """Phase stamp k of this CTA (thread 0), when built with ``phase_timer``: 0 start,
-        1 norm done, 2 gate/up GEMV done, 3 reduce + SiLU done, 4 grid barrier passed, 5 end."""
-        if const_expr(self.cfg.phase_timer):
-            if cute.arch.thread_idx()[0] == 0:
-                mBar[2 + bidx * 8 + k] = cute.arch.globaltimer_lo()
-
-    @cute.jit
     def _store_part(self, sAcc: cute.Tensor, acc: cute.Tensor, kp: Int32, j, t: Int32, lane: Int32):
         """This warp's partial of unit slot j, tile t -> sAcc[kp, j, b, row, t % 2]."""
         cfg = self.cfg
@@ -219,7 +212,7 @@ class MLPBlock:
         cute.arch.cluster_arrive_relaxed()
 
         # ================= phase A
-        self._stamp(mBar, bidx, 0)
+        self.gbar.stamp(mBar, bidx, 0)
         kp = warp % KP
         t = warp // KP                       # tile slot of this warp in a pass
         kw = Hc // KP
@@ -227,7 +220,7 @@ class MLPBlock:
         if const_expr(cfg.l2_prefetch):
             prefetch_rows_l2(mWgu, self._tile_row(c, t // 2, t), 16, k0, kw, lane)
         self.norm(nb, mHidden, mResidual, mNormW, mOut, Int32(0) != Int32(0))
-        self._stamp(mBar, bidx, 1)
+        self.gbar.stamp(mBar, bidx, 1)
         sX = nb.sX
         sXk = cute.make_tensor(sX.iterator + kp * kw, sX.layout)       # column 0 = this warp's k0
         atom = mma_atom(mWgu.element_type)
@@ -248,7 +241,7 @@ class MLPBlock:
         if const_expr(cfg.l2_prefetch):      # W_down's first tile of this CTA, while the reduce runs
             prefetch_tiles_l2(mWd, bidx, cfg.grid, 1, warp, lane)
         cute.arch.barrier()
-        self._stamp(mBar, bidx, 2)
+        self.gbar.stamp(mBar, bidx, 2)
 
         # ---- sum the K parts, reduce-scatter over the cluster, SiLU(gate) * up -> act
         V = self.red.per_thread
@@ -275,14 +268,14 @@ class MLPBlock:
                         silu = g / (Float32(1.0) + cute.math.exp2(-g * Float32(_LOG2E), fastmath=True))
                         mAct[b, u * 16 + row] = self.dtype(silu * res[v + 1])
         cluster_sync()                       # retires both collectives
-        self._stamp(mBar, bidx, 3)
+        self.gbar.stamp(mBar, bidx, 3)
 
         # ================= grid barrier: all of act is written
         self.gbar.sync(mBar)
-        self._stamp(mBar, bidx, 4)
+        self.gbar.stamp(mBar, bidx, 4)
 
         # ================= phase B: down projection rows, full K, + h
         MT = cfg.hidden // 16
         residual_gemv_tiles(mWd, mAct, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
                             (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual)
-        self._stamp(mBar, bidx, 5)
+        self.gbar.stamp(mBar, bidx, 5)

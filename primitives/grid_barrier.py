@@ -26,13 +26,18 @@ Protocol (thread 0 of each CTA, between two CTA-wide barriers)::
     else:             spin until ld.acquire.gpu state[1] != g
 
 Only integer atomics, for synchronisation; results stay atomic-free.
+
+Phase stamps (diagnostics, ``GridBarrier(n, stamps=True)``): the state grows to
+``2 + 8 * num_ctas`` words and ``stamp(state, cta, k)`` has thread 0 write
+``%globaltimer_lo`` to ``state[2 + 8 * cta + k]`` (k < 8); without stamps it
+compiles to nothing. ``state_words`` gives the size for the host.
 """
 
 from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Int32
+from cutlass import Int32, const_expr
 
 __all__ = ["GridBarrier", "max_resident_clusters"]
 
@@ -79,10 +84,26 @@ def max_resident_clusters(cluster_size: int, smem_bytes: int | None = None, num_
 
 
 class GridBarrier:
-    def __init__(self, num_ctas: int):
+    STATE_WORDS = 2       # [count, generation]
+    STAMP_WORDS = 8       # per CTA, after the state, with stamps
+
+    def __init__(self, num_ctas: int, stamps: bool = False):
         if not isinstance(num_ctas, int) or num_ctas <= 0:
             raise ValueError(f"num_ctas must be a positive integer, got {num_ctas!r}")
         self.num_ctas = num_ctas
+        self.stamps = stamps
+
+    @staticmethod
+    def state_words(num_ctas: int, stamps: bool = False) -> int:
+        """int32 words of the state tensor (zero it once)."""
+        return GridBarrier.STATE_WORDS + (GridBarrier.STAMP_WORDS * num_ctas if stamps else 0)
+
+    @cute.jit
+    def stamp(self, mState: cute.Tensor, cta: Int32, k: cutlass.Constexpr[int]):
+        """Phase stamp k of CTA ``cta`` (thread 0), when built with ``stamps``."""
+        if const_expr(self.stamps):
+            if cute.arch.thread_idx()[0] == 0:
+                mState[self.STATE_WORDS + cta * self.STAMP_WORDS + k] = cute.arch.globaltimer_lo()
 
     @cute.jit
     def sync(self, mState: cute.Tensor):
