@@ -265,7 +265,10 @@ class MLPBlock:
                     u = c + j * cfg.num_clusters
                     if u < cfg.units and j < J:
                         g = res[v]
-                        silu = g / (Float32(1.0) + cute.math.exp2(-g * Float32(_LOG2E), fastmath=True))
+                        # g * 1/(1 + e^-g) through rcp.approx: an IEEE divide here adds a slow-path
+                        # subroutine (and stack) to a kernel at 255 registers (docs/NOTES.md)
+                        silu = g * cute.arch.rcp_approx(Float32(1.0) + cute.math.exp2(-g * Float32(_LOG2E),
+                                                                                     fastmath=True))
                         mAct[b, u * 16 + row] = self.dtype(silu * res[v + 1])
         cluster_sync()                       # retires both collectives
         self.gbar.stamp(mBar, bidx, 3)
