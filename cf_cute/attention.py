@@ -63,6 +63,7 @@ class AttentionTuning:
     early_wo_prefetch: bool = _BLOCK_DEFAULTS["early_wo_prefetch"]
     phase_timer: bool = _BLOCK_DEFAULTS["phase_timer"]       # per-CTA stamps in workspace.barrier[2:]
     num_threads: int = _BLOCK_DEFAULTS["num_threads"]
+    pdl: bool = _BLOCK_DEFAULTS["pdl"]                       # programmatic dependent launch
 
 
 @dataclass

@@ -54,6 +54,7 @@ class MLPTuning:
     pipeline: bool | None = None          # None: one load pipeline per warp up to batch 8 (measured)
     phase_timer: bool = False             # per-CTA phase stamps in workspace.barrier[2:] (bench_phases.py)
     num_threads: int = _DEFAULTS["num_threads"]
+    pdl: bool = _DEFAULTS["pdl"]            # programmatic dependent launch (overlaps the previous kernel's tail)
 
 
 @dataclass

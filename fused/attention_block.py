@@ -64,6 +64,7 @@ class AttentionBlockConfig(QKVFields):
     plus the attention's and the block's own."""
     attn_unroll: int = 4          # tokens per token group loaded together
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
+    pdl: bool = True              # launched as a programmatic dependent of the previous kernel (see below)
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 2 attention
                                   # done, 3 merge done, 4 grid barrier passed, 5 end)
 
@@ -138,7 +139,8 @@ class AttentionBlock:
         self.kernel(mHidden, mResidual, mNormW, mWqkv, mWo, mCos, mSin, mPos, mK, mV, mTable, mAttn, mHOut,
                     mBar, mOut).launch(grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
                                        cluster=[self.cfg.cluster_size, 1, 1], stream=stream,
-                                       min_blocks_per_mp=self.ctas_per_sm, preferred_smem_carveout=100)
+                                       min_blocks_per_mp=self.ctas_per_sm, preferred_smem_carveout=100,
+                                       use_pdl=self.cfg.pdl)
 
     @cute.jit
     def _rope_in_place(self, sPart: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor):
@@ -284,6 +286,7 @@ class AttentionBlock:
 
         # ================= grid barrier: all of attn is written
         self.gbar.sync(mBar)
+        cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its prologue
         self.gbar.stamp(mBar, bidx, 4)
 
         # ================= phase B: output projection rows, full K, + h

@@ -67,6 +67,7 @@ class MLPBlockConfig:
     k_parts: int = 2              # warps sharing one tile's K slice in phase A
     l2_prefetch: bool = True      # ask L2 for the first gate/up tile and W_down's first tile early
     pipeline: bool = True         # a warp's phase-A tiles as one load pipeline (no cold start per tile)
+    pdl: bool = True              # launched as a programmatic dependent of the previous kernel (see below)
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 norm done, 2 gate/up
                                   # GEMV done, 3 reduce + SiLU done, 4 grid barrier passed, 5 end)
 
@@ -168,7 +169,8 @@ class MLPBlock:
                  mWd: cute.Tensor, mAct: cute.Tensor, mBar: cute.Tensor, mOut: cute.Tensor, stream):
         self.kernel(mHidden, mResidual, mNormW, mWgu, mWd, mAct, mBar, mOut).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
-            cluster=[self.cfg.cluster_size, 1, 1], stream=stream, preferred_smem_carveout=100)
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream, preferred_smem_carveout=100,
+            use_pdl=self.cfg.pdl)
 
     @cute.jit
     def _tile_row(self, c: Int32, j, t):
@@ -234,6 +236,9 @@ class MLPBlock:
         else:
             for p in cutlass.range(J // UP, unroll=1):
                 j = p * UP + t // 2
+                if const_expr(cfg.l2_prefetch):  # the next pass's tile streams into L2 during this one
+                    if p + 1 < J // UP:
+                        prefetch_rows_l2(mWgu, self._tile_row(c, j + UP, t), 16, k0, kw, lane)
                 acc = new_acc(cfg.n_tiles)
                 warp_gemv_tile(atom, mWgu, self._tile_row(c, j, t), k0, sXk, acc, lane, kw // _STEP, cfg.n_tiles,
                                cfg.unroll)
@@ -275,6 +280,7 @@ class MLPBlock:
 
         # ================= grid barrier: all of act is written
         self.gbar.sync(mBar)
+        cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its prologue
         self.gbar.stamp(mBar, bidx, 4)
 
         # ================= phase B: down projection rows, full K, + h

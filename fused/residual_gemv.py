@@ -60,6 +60,9 @@ def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, 
     for i in cutlass.range_constexpr(count):
         mt = first + i * stride
         if mt < MT:
+            if const_expr(i + 1 < count):    # this warp's slice of the next tile streams into L2 meanwhile
+                if mt + stride < MT:
+                    prefetch_rows_l2(mW, (mt + stride) * 16, 16, warp * kw, kw, lane)
             acc = new_acc(n_tiles)
             warp_gemv_tile(atom, mW, mt * 16, warp * kw, mX, acc, lane, kw // _STEP, n_tiles, unroll, B)
             # this warp's slice of sRed as [b, row]

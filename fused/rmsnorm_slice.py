@@ -21,6 +21,13 @@ Barrier contract: the caller runs ``init`` (thread 0 initialises the collective'
 mbarriers), then ``cute.arch.cluster_arrive_relaxed()`` before ``__call__``, which
 waits on that cluster barrier before the first DSMEM transfer. On return ``sX`` is
 complete and visible to the whole CTA (a CTA barrier was passed).
+
+Programmatic dependent launch: ``__call__`` starts with ``griddepcontrol.wait``
+(a no-op unless the kernel was launched with ``use_pdl``), because h is the first
+thing a block reads that the previous kernel may have written. Whatever the
+caller does before it (shared-memory and mbarrier set-up, L2 prefetches of
+weights) overlaps the previous kernel's tail; nothing before it may read
+activations or write global memory.
 """
 
 from __future__ import annotations
@@ -114,17 +121,23 @@ class NormSlice:
         warp = cute.arch.warp_idx()
         k0 = Int32(cute.arch.block_idx_in_cluster()) * Hc
         sSS, sX = bufs.sSS, bufs.sX
+        cute.arch.griddepcontrol_wait()      # the previous kernel's writes (h, residual) are visible
 
+        # pass 1, straight-line: every load of h is issued before the first one is used
+        # (a dynamic loop per request made batch 16 wait for 16 load round trips in a row)
+        NJ = (Hc // _VEC + T - 1) // T
         for b in cutlass.range_constexpr(B):
             ss = Float32(0.0)
-            for j in cutlass.range(tidx, Hc // _VEC, T, unroll=1):
-                hr = self._h(mHidden, mResidual, b, k0 // _VEC + j)
-                if const_expr(cfg.has_residual):
-                    if write_h:
-                        for e in cutlass.range_constexpr(_VEC):
-                            mHOut[b, k0 + j * _VEC + e] = self.dtype(hr[e])
-                for e in cutlass.range_constexpr(_VEC):
-                    ss = ss + hr[e] * hr[e]
+            for i in cutlass.range_constexpr(NJ):
+                j = tidx + i * T
+                if j < Hc // _VEC:
+                    hr = self._h(mHidden, mResidual, b, k0 // _VEC + j)
+                    if const_expr(cfg.has_residual):
+                        if write_h:
+                            for e in cutlass.range_constexpr(_VEC):
+                                mHOut[b, k0 + j * _VEC + e] = self.dtype(hr[e])
+                    for e in cutlass.range_constexpr(_VEC):
+                        ss = ss + hr[e] * hr[e]
             ss = cute.arch.warp_reduction_sum(ss)
             if lane == 0:
                 sSS[warp, b] = ss
@@ -145,16 +158,18 @@ class NormSlice:
                 sSS[0, pn + v] = cute.math.rsqrt(total[v] / Float32(cfg.hidden) + Float32(cfg.eps))
         cute.arch.barrier()
 
-        for i in cutlass.range(tidx, cfg.n_tiles * 8 * (Hc // _VEC), T, unroll=1):
-            b = i // (Hc // _VEC)
-            j = i % (Hc // _VEC)
-            if b < B:
-                hr = self._h(mHidden, mResidual, b, k0 // _VEC + j)
-                wv = cute.local_tile(mNormW, (_VEC,), (k0 // _VEC + j,)).load().to(Float32)
-                xr = cute.make_rmem_tensor(_VEC, Float32)
-                for e in cutlass.range_constexpr(_VEC):
-                    xr[e] = hr[e] * sSS[0, b] * wv[e]
-                cute.local_tile(sX, (1, _VEC), (b, j)).store(xr.load().to(self.dtype).reshape((1, _VEC)))
-            else:
-                cute.local_tile(sX, (1, _VEC), (b, j)).fill(0.0)
+        # pass 2, straight-line as well: h (an L2 hit now) and norm_w for every (request, column)
+        for b in cutlass.range_constexpr(cfg.n_tiles * 8):
+            for i in cutlass.range_constexpr(NJ):
+                j = tidx + i * T
+                if j < Hc // _VEC:
+                    if const_expr(b < B):
+                        hr = self._h(mHidden, mResidual, b, k0 // _VEC + j)
+                        wv = cute.local_tile(mNormW, (_VEC,), (k0 // _VEC + j,)).load().to(Float32)
+                        xr = cute.make_rmem_tensor(_VEC, Float32)
+                        for e in cutlass.range_constexpr(_VEC):
+                            xr[e] = hr[e] * sSS[0, b] * wv[e]
+                        cute.local_tile(sX, (1, _VEC), (b, j)).store(xr.load().to(self.dtype).reshape((1, _VEC)))
+                    else:
+                        cute.local_tile(sX, (1, _VEC), (b, j)).fill(0.0)
         cute.arch.barrier()

@@ -66,6 +66,8 @@ def test_fused_compiles_with_dsmem_and_grid_barrier(case):
     assert "cp.async.bulk.prefetch.L2" in ptx
     assert "atom.global.acq_rel.add" in ptx                      # the grid barrier, integers only
     assert "atom.global.add.f" not in ptx and "red.global.add.f" not in ptx
+    assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")   # PDL: wait before any read
+    assert "griddepcontrol.launch_dependents" in ptx
 
 
 def test_phase_timer_compiles_to_globaltimer_stamps():
