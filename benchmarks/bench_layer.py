@@ -35,7 +35,7 @@ from cf_cute.reference import MLPWeights, rope_tables  # noqa: E402
 MLP_VARIANTS = {"k4": MLPTuning(k_parts=4), "k1": MLPTuning(k_parts=1), "pipeline": MLPTuning(pipeline=True),
                 "c1": MLPTuning(cluster_size=1),
                 "c4": MLPTuning(cluster_size=4), "no-prefetch": MLPTuning(l2_prefetch=False),
-                "unroll4": MLPTuning(unroll=4), "unroll6": MLPTuning(unroll=6), "no-pipeline": MLPTuning(pipeline=False),
+                "unroll4": MLPTuning(unroll=4), "shared-x": MLPTuning(shared_x=True), "no-shared-x": MLPTuning(shared_x=False), "no-pipeline": MLPTuning(pipeline=False),
                 "k4-no-pipeline": MLPTuning(k_parts=4, pipeline=False)}
 
 
@@ -94,9 +94,9 @@ def bench_layer(batch: int, ctx: int, H: int, I: int, heads: int, kv_heads: int,
            "torch graph": _time([torch_layer(*it) for it in items], False),
            "cf_cute layer": _time([lambda l=layer, kc=kc, vc=vc, h=h: decoder_layer(h, l, kc, vc, positions, cos, sin)
                                    for _, layer, kc, vc, h in items], False),
-           "cf_cute layer, no PDL": _time([lambda l=layer, kc=kc, vc=vc, h=h: decoder_layer(
-               h, l, kc, vc, positions, cos, sin, attn_tuning=AttentionTuning(pdl=False),
-               mlp_tuning=MLPTuning(pdl=False)) for _, layer, kc, vc, h in items], False),
+           "cf_cute layer, PDL": _time([lambda l=layer, kc=kc, vc=vc, h=h: decoder_layer(
+               h, l, kc, vc, positions, cos, sin, attn_tuning=AttentionTuning(pdl=True),
+               mlp_tuning=MLPTuning(pdl=True)) for _, layer, kc, vc, h in items], False),
            "cf_cute attention only": _time([lambda l=layer, kc=kc, vc=vc, h=h:
                                             attention_block(h, l.attn, kc, vc, positions, cos, sin)
                                             for _, layer, kc, vc, h in items], False)}

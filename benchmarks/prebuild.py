@@ -68,7 +68,7 @@ def _mlp_configs(batches):
               mlp.MLPTuning(pipeline=False)):
         out += plan(5, 2048, 8192, torch.float16, tuning=t)
     out += plan(4, 2048, 8192)
-    out += plan(3, 2048, 8192, tuning=mlp.MLPTuning(pdl=False))    # test_chained_launches_overlap_safely
+    out += plan(3, 2048, 8192, tuning=mlp.MLPTuning(pdl=True))     # test_chained_launches_overlap_safely
     for b in batches:
         out += plan(b, 4096, 11008)
         for t in MLP_VARIANTS.values():

@@ -64,7 +64,7 @@ class AttentionBlockConfig(QKVFields):
     plus the attention's and the block's own."""
     attn_unroll: int = 4          # tokens per token group loaded together
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
-    pdl: bool = True              # launched as a programmatic dependent of the previous kernel (see below)
+    pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 2 attention
                                   # done, 3 merge done, 4 grid barrier passed, 5 end)
 

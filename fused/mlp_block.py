@@ -67,13 +67,20 @@ class MLPBlockConfig:
     k_parts: int = 2              # warps sharing one tile's K slice in phase A
     l2_prefetch: bool = True      # ask L2 for the first gate/up tile and W_down's first tile early
     pipeline: bool = True         # a warp's phase-A tiles as one load pipeline (no cold start per tile)
-    pdl: bool = True              # launched as a programmatic dependent of the previous kernel (see below)
+    shared_x: bool = False        # phase B: the CTA's W_down tiles in lock-step, act read once (batch > 8)
+    pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 norm done, 2 gate/up
                                   # GEMV done, 3 reduce + SiLU done, 4 grid barrier passed, 5 end)
 
     @property
     def grid(self) -> int:
         return self.num_clusters * self.cluster_size
+
+    @property
+    def phase_b_unroll(self) -> int:
+        """Lock-step tiles hold W of every tile in registers: a shallower block keeps
+        the bytes in flight per warp about the same."""
+        return max(2, self.unroll // 2) if self.shared_x else self.unroll
 
     @property
     def units(self) -> int:
@@ -236,9 +243,6 @@ class MLPBlock:
         else:
             for p in cutlass.range(J // UP, unroll=1):
                 j = p * UP + t // 2
-                if const_expr(cfg.l2_prefetch):  # the next pass's tile streams into L2 during this one
-                    if p + 1 < J // UP:
-                        prefetch_rows_l2(mWgu, self._tile_row(c, j + UP, t), 16, k0, kw, lane)
                 acc = new_acc(cfg.n_tiles)
                 warp_gemv_tile(atom, mWgu, self._tile_row(c, j, t), k0, sXk, acc, lane, kw // _STEP, cfg.n_tiles,
                                cfg.unroll)
@@ -286,5 +290,6 @@ class MLPBlock:
         # ================= phase B: down projection rows, full K, + h
         MT = cfg.hidden // 16
         residual_gemv_tiles(mWd, mAct, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
-                            (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual)
+                            (MT + cfg.grid - 1) // cfg.grid, B, NW,
+                            cfg.phase_b_unroll, cfg.has_residual, cfg.shared_x)
         self.gbar.stamp(mBar, bidx, 5)

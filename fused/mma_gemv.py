@@ -35,8 +35,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
-__all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles", "acc_coords",
-           "store_acc", "prefetch_rows_l2"]
+__all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles",
+           "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
 # read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,
@@ -169,6 +169,35 @@ def warp_gemv_tiles(atom, mW: cute.Tensor, first_tile: Int32, tile_stride: cutla
     _stream(atom, mW, rows, [acc[None, None, j] for j in range(count)], k0 // 8, sX, lane, k_steps, n_tiles,
             unroll, x_rows)
     return acc
+
+
+def warp_gemv_tiles_shared_x(atom, mW: cute.Tensor, rows: list, k0: Int32, mX: cute.Tensor, lane: Int32,
+                             k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
+                             unroll: cutlass.Constexpr[int], x_rows: cutlass.Constexpr[int]) -> list:
+    """:func:`warp_gemv_tile` over the 16-row tiles starting at ``rows`` (a Python list of
+    row indices) in lock-step: each MMA step loads W of every tile but x (from global,
+    ``x_rows`` requests) once, so a CTA that owns several tiles reads its x slice once
+    instead of once per tile. That matters from batch 8 on, where x costs as many L2
+    bytes per step as W. Returns one accumulator per tile."""
+    accs = [new_acc(n_tiles) for _ in rows]
+    dt = mW.element_type
+    kv0 = k0 // 8
+    n_blocks = (k_steps + unroll - 1) // unroll
+    wbufs = [cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt) for _ in rows]
+    xbuf = cute.make_rmem_tensor(cute.make_layout((8, n_tiles, 2 * unroll)), dt)
+    for blk in range(n_blocks + 1):
+        if blk < n_blocks:               # block blk's loads, issued before block blk-1 is multiplied
+            for u in range(min(unroll, k_steps - blk * unroll)):
+                for j in range(len(rows)):
+                    _load_w(mW, rows[j], kv0, lane, blk * unroll + u, wbufs[j], (blk % 2) * unroll + u, mX, xbuf,
+                            x_rows if j == 0 else 0, n_tiles)
+        if blk > 0:
+            p = blk - 1
+            for u in range(min(unroll, k_steps - p * unroll)):
+                for j in range(len(rows)):
+                    _mma_step(atom, accs[j], wbufs[j], (p % 2) * unroll + u, mX, lane, p * unroll + u, n_tiles, xbuf,
+                              x_rows)
+    return accs
 
 
 def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.Tensor, lane: Int32,

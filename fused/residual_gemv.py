@@ -19,7 +19,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile
+from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles_shared_x
 
 __all__ = ["residual_gemv_tiles", "prefetch_tiles_l2", "RED_WORDS_PER_ROW"]
 
@@ -40,44 +40,63 @@ def prefetch_tiles_l2(mW: cute.Tensor, first: Int32, stride: cutlass.Constexpr[i
 
 
 @cute.jit
-def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, mResidual: cute.Tensor,
-                        mOut: cute.Tensor, sRed: cute.Tensor, first: Int32, stride: cutlass.Constexpr[int],
-                        count: cutlass.Constexpr[int], batch: cutlass.Constexpr[int],
-                        num_warps: cutlass.Constexpr[int], unroll: cutlass.Constexpr[int],
-                        has_residual: cutlass.Constexpr[bool]):
-    """See the module docstring. ``mW [M, K]``, ``mX [B, K]``, ``mHidden``/``mResidual``/
-    ``mOut [B, M]``; ``count = ceil(M/16 / stride)``, tiles past M/16 skipped."""
+def _finish_tile(acc: cute.Tensor, mt: Int32, mHidden: cute.Tensor, mResidual: cute.Tensor, mOut: cute.Tensor,
+                 sRed: cute.Tensor, batch: cutlass.Constexpr[int], num_warps: cutlass.Constexpr[int],
+                 has_residual: cutlass.Constexpr[bool]):
+    """Sum tile ``mt``'s per-warp partials through ``sRed`` in warp order, add h, store."""
     B, NW = batch, num_warps
     tidx = cute.arch.thread_idx()[0]
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
     T = NW * _WARP
+    dt = mOut.element_type
+    # this warp's slice of sRed as [b, row]
+    sRedW = cute.make_tensor(sRed.iterator + warp, cute.make_layout((B, 16), stride=(16 * NW, NW)))
+    store_acc(acc, sRedW, Int32(0), lane, (B + 7) // 8, B)
+    cute.arch.barrier()
+    for e in cutlass.range(tidx, 16 * B, T, unroll=1):
+        rl = e % 16
+        b = e // 16
+        tot = Float32(0.0)
+        for wi in cutlass.range_constexpr(NW):
+            tot = tot + sRed[wi, rl, b]
+        row = mt * 16 + rl
+        hv = Float32(mHidden[b, row])
+        if const_expr(has_residual):
+            hv = hv + Float32(mResidual[b, row])
+        mOut[b, row] = dt(hv + tot)
+    cute.arch.barrier()
+
+
+@cute.jit
+def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, mResidual: cute.Tensor,
+                        mOut: cute.Tensor, sRed: cute.Tensor, first: Int32, stride: cutlass.Constexpr[int],
+                        count: cutlass.Constexpr[int], batch: cutlass.Constexpr[int],
+                        num_warps: cutlass.Constexpr[int], unroll: cutlass.Constexpr[int],
+                        has_residual: cutlass.Constexpr[bool], shared_x: cutlass.Constexpr[bool] = False):
+    """See the module docstring. ``mW [M, K]``, ``mX [B, K]``, ``mHidden``/``mResidual``/
+    ``mOut [B, M]``; ``count = ceil(M/16 / stride)``, tiles past M/16 skipped.
+    ``shared_x``: the CTA's tiles in one lock-step pipeline that reads x once for all of
+    them (``warp_gemv_tiles_shared_x``; a tile past M/16 is computed on the last tile and
+    dropped); otherwise tile after tile."""
+    B, NW = batch, num_warps
+    lane = cute.arch.lane_idx()
+    warp = cute.arch.warp_idx()
     MT = cute.size(mW, mode=[0]) // 16
     kw = cute.size(mW, mode=[1]) // NW
     n_tiles = (B + 7) // 8
     atom = mma_atom(mW.element_type)
-    dt = mOut.element_type
-    for i in cutlass.range_constexpr(count):
-        mt = first + i * stride
-        if mt < MT:
-            if const_expr(i + 1 < count):    # this warp's slice of the next tile streams into L2 meanwhile
-                if mt + stride < MT:
-                    prefetch_rows_l2(mW, (mt + stride) * 16, 16, warp * kw, kw, lane)
-            acc = new_acc(n_tiles)
-            warp_gemv_tile(atom, mW, mt * 16, warp * kw, mX, acc, lane, kw // _STEP, n_tiles, unroll, B)
-            # this warp's slice of sRed as [b, row]
-            sRedW = cute.make_tensor(sRed.iterator + warp, cute.make_layout((B, 16), stride=(16 * NW, NW)))
-            store_acc(acc, sRedW, Int32(0), lane, n_tiles, B)
-            cute.arch.barrier()
-            for e in cutlass.range(tidx, 16 * B, T, unroll=1):
-                rl = e % 16
-                b = e // 16
-                tot = Float32(0.0)
-                for wi in cutlass.range_constexpr(NW):
-                    tot = tot + sRed[wi, rl, b]
-                row = mt * 16 + rl
-                hv = Float32(mHidden[b, row])
-                if const_expr(has_residual):
-                    hv = hv + Float32(mResidual[b, row])
-                mOut[b, row] = dt(hv + tot)
-            cute.arch.barrier()
+    if const_expr(shared_x):
+        rows = [cutlass.min(first + i * stride, Int32(MT - 1)) * 16 for i in range(count)]
+        accs = warp_gemv_tiles_shared_x(atom, mW, rows, warp * kw, mX, lane, kw // _STEP, n_tiles, unroll, B)
+        for i in cutlass.range_constexpr(count):
+            mt = first + i * stride
+            if mt < MT:
+                _finish_tile(accs[i], mt, mHidden, mResidual, mOut, sRed, B, NW, has_residual)
+    else:
+        for i in cutlass.range_constexpr(count):
+            mt = first + i * stride
+            if mt < MT:
+                acc = new_acc(n_tiles)
+                warp_gemv_tile(atom, mW, mt * 16, warp * kw, mX, acc, lane, kw // _STEP, n_tiles, unroll, B)
+                _finish_tile(acc, mt, mHidden, mResidual, mOut, sRed, B, NW, has_residual)

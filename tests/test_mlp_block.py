@@ -152,9 +152,10 @@ def test_deterministic_graph_capturable_and_writes_every_output():
 
 @pytest.mark.gpu
 def test_chained_launches_overlap_safely():
-    """Every launch is a programmatic dependent of the one before it (its prologue overlaps the
-    previous kernel's tail): a chain of blocks, each reading the last one's output, gives the same
-    bits as the same chain launched without PDL, eagerly and replayed from a CUDA graph."""
+    """With ``pdl=True`` every launch is a programmatic dependent of the one before it (its
+    prologue overlaps the previous kernel's tail): a chain of blocks, each reading the last one's
+    output, gives the same bits as the same chain launched without PDL, eagerly and replayed from
+    a CUDA graph."""
     H, I, B, n = 2048, 8192, 3, 6
     ws = [pack_mlp(_weights(H, I, "cuda", torch.bfloat16)) for _ in range(2)]
     x0 = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
@@ -168,10 +169,10 @@ def test_chained_launches_overlap_safely():
     plain = [torch.full_like(x0, float("nan")) for _ in range(n)]
     chain(plain, MLPTuning(pdl=False))
     pdl = [torch.full_like(x0, float("nan")) for _ in range(n)]
-    chain(pdl)
+    chain(pdl, MLPTuning(pdl=True))
     for a, b in zip(pdl, plain):
         assert torch.equal(a, b)
-    g, _ = capture_graph(lambda: chain(pdl))
+    g, _ = capture_graph(lambda: chain(pdl, MLPTuning(pdl=True)))
     for _ in range(3):
         for o in pdl:
             o.fill_(float("nan"))
