@@ -67,7 +67,7 @@ class MLPBlockConfig:
     k_parts: int = 2              # warps sharing one tile's K slice in phase A
     l2_prefetch: bool = True      # ask L2 for the first gate/up tile and W_down's first tile early
     pipeline: bool = True         # a warp's phase-A tiles as one load pipeline (no cold start per tile)
-    shared_x: bool = False        # phase B: the CTA's W_down tiles in lock-step, act read once (batch > 8)
+    shared_x: bool = False        # phase B: the CTA's W_down tiles in lock-step (act read once, tile 2 from HBM early)
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 norm done, 2 gate/up
                                   # GEMV done, 3 reduce + SiLU done, 4 grid barrier passed, 5 end)
