@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -88,15 +89,17 @@ def mlp_block_torch(hidden: torch.Tensor, packed: PackedMLP) -> torch.Tensor:
 def grid_plan(units: int, resident: dict) -> tuple[int, int]:
     """(cluster_size, num_clusters) that minimises the busiest CTA's phase-A bytes,
     ``ceil(units / clusters) / C``, given ``resident[C]`` = clusters of C resident at
-    once; ties go to the smaller cluster (fewer DSMEM transfers)."""
+    once. Ties go to clusters of 2, then to the smaller cluster: Llama-3-8B's 896 units
+    give 7 a CTA at C=1 and at C=2, and C=2 measured 110 µs against 166 (H200, batch 1;
+    a CTA's K slice of H/2 keeps its load pipeline short)."""
     best = None
     for c in sorted(resident):
         n = min(resident[c], units)
         if n < 1:
             continue
-        load = -(-units // n) / c
-        if best is None or load < best[0] - 1e-9:
-            best = (load, c, n)
+        key = (Fraction(-(-units // n), c), 0 if c == 2 else c)
+        if best is None or key < best[0]:
+            best = (key, c, n)
     if best is None:
         raise ValueError("no cluster size has a resident grid on this GPU")
     return best[1], best[2]
