@@ -1,0 +1,82 @@
+"""MLA decode attention (issue 6), DeepSeek-V2-Lite shape: the bandwidth floor and the
+torch baselines (eager and CUDA graph) of one layer's attention step, in one run.
+The fused kernel's rows join this table when it exists.
+
+    python benchmarks/bench_mla.py [--context 1024,4096,16384,32768] [--batch 1,16]
+
+Bytes per step: the packed weights (w_front, W_UK, W_UV, wo: about 28 MB in bf16) and
+every request's latent cache up to its position ((ctx + 1) x 576 x 2 bytes). Several
+weight + cache sets rotate so that L2 (50-60 MB) does not hold them; each set is one
+CUDA graph; CUDA events, median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import markdown_table, read_bandwidth_gbs, stamp, time_ms, capture_graph  # noqa: E402
+
+from cf_cute.mla import mla_decode_torch, pack_mla  # noqa: E402
+from cf_cute.reference_mla import MLAShape, MLAWeights, mla_rope_tables, mla_softmax_scale  # noqa: E402
+
+YARN = dict(type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+            mscale=0.707, mscale_all_dim=0.707)                 # DeepSeek-V2-Lite's rope_scaling
+
+
+def _set(S: MLAShape, batch: int, ctx: int, scale: float):
+    dev, dt, H, r = "cuda", torch.bfloat16, S.hidden, S.kv_lora_rank
+    w = MLAWeights(norm=(1 + 0.1 * torch.randn(H, device=dev)).to(dt),
+                   wq=(torch.randn(S.num_heads * S.qk_head_dim, H, device=dev) / math.sqrt(H)).to(dt),
+                   wkv_a=(torch.randn(S.latent_dim, H, device=dev) / math.sqrt(H)).to(dt),
+                   kv_norm=(1 + 0.1 * torch.randn(r, device=dev)).to(dt),
+                   wkv_b=(torch.randn(S.num_heads * (S.qk_nope_head_dim + S.v_head_dim), r, device=dev)
+                          / math.sqrt(r)).to(dt),
+                   wo=(torch.randn(H, S.num_heads * S.v_head_dim, device=dev) / math.sqrt(2048)).to(dt))
+    cache = torch.randn(batch, ctx + 1, S.latent_dim, device=dev, dtype=dt)
+    return pack_mla(w, S, scale=scale), cache, torch.randn(batch, H, device=dev, dtype=dt)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", default="1024,4096,16384,32768")
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--budget-gb", type=float, default=30.0, help="device memory for the rotating sets")
+    a = ap.parse_args(argv)
+    S = MLAShape()
+    scale = mla_softmax_scale(S, YARN)
+    bw = read_bandwidth_gbs()
+    rows = []
+    for batch in (int(b) for b in a.batch.split(",")):
+        for ctx in (int(c) for c in a.context.split(",")):
+            cos, sin = (t.cuda() for t in mla_rope_tables(ctx + 1, S.qk_rope_head_dim, 10000.0, YARN))
+            positions = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+            probe = _set(S, batch, ctx, scale)
+            w_bytes = sum(t.numel() * t.element_size() for t in (probe[0].w_front, probe[0].w_uk, probe[0].w_uv,
+                                                                 probe[0].wo))
+            nbytes = w_bytes + batch * (ctx + 1) * S.latent_dim * 2
+            n = max(2, min(8, int(a.budget_gb * 1e9 // nbytes)))
+            sets = [probe] + [_set(S, batch, ctx, scale) for _ in range(n - 1)]
+            fns = [lambda p=p, c=c, h=h: mla_decode_torch(h, p, c, positions, cos, sin) for p, c, h in sets]
+            eager = time_ms(lambda: [f() for f in fns]) * 1e3 / n
+            graphs = [capture_graph(f)[0] for f in fns]
+            graph = time_ms(lambda: [g.replay() for g in graphs]) * 1e3 / n
+            floor = nbytes / (bw * 1e3)
+            row = [batch, ctx, f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{nbytes / graph / 1e3:.0f}",
+                   f"{100 * floor / graph:.0f}%"]
+            print(" | ".join(map(str, row)), flush=True)
+            rows.append(row)
+            del sets, fns, graphs, probe
+            torch.cuda.empty_cache()
+    print(f"\nMLA decode attention, DeepSeek-V2-Lite shape, bf16, read bandwidth {bw:.0f} GB/s ({stamp()}):\n")
+    print(markdown_table(["batch", "context", "floor µs", "torch eager µs", "torch graph µs", "torch graph GB/s",
+                          "torch graph % of floor"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
