@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--launches", type=int, default=40)
     ap.add_argument("--threads", type=int, default=256, help="threads per CTA (AttentionTuning.num_threads)")
     ap.add_argument("--block", choices=["attention", "mlp"], default="attention")
+    ap.add_argument("--heads", type=int, default=32, help="attention only (GQA: --kv-heads 8)")
+    ap.add_argument("--kv-heads", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--unroll", type=int, default=4,
                     help="MLP only: loads in flight per warp. At batch 1 the stamped build with unroll 8 spills "
                          "past the 255-register cap and hangs on the H200 (docs/NOTES.md); 4 measures the same "
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.block == "mlp":
         return mlp_main(a)
-    dev, dt, H, heads, hd = "cuda", torch.bfloat16, 4096, 32, 128
+    dev, dt, H, heads, kv_heads, hd = "cuda", torch.bfloat16, a.hidden, a.heads, a.kv_heads, 128
     tuning = AttentionTuning(phase_timer=True, num_threads=a.threads)
     rows = []
     print(f"threads per CTA: {a.threads}", flush=True)
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
             L = ctx + 1
             cos, sin = (t.to(dev) for t in rope_tables(L, hd, 10000.0))
             positions = torch.full((batch,), ctx - 1, dtype=torch.int32, device=dev)
-            sets = [it[1:] for it in attention_sets(a.sets, batch, ctx, heads=heads, kv_heads=heads, hidden=H,
+            sets = [it[1:] for it in attention_sets(a.sets, batch, ctx, heads=heads, kv_heads=kv_heads, hidden=H,
                                                     head_dim=hd)]
             ws = None
             per = {p: ([], []) for p in PHASES}
@@ -123,7 +126,8 @@ def main(argv=None) -> int:
                     continue
                 record(ws.barrier, per, spans, PHASES)
             rows.append(summary([batch, ctx], per, spans, PHASES))
-    print(f"\nFused attention block phases, µs (median / max over CTAs), Llama-2-7B shape, bf16 ({stamp()}):\n")
+    print(f"\nFused attention block phases, µs (median / max over CTAs), H={H}, {heads}/{kv_heads} heads x {hd}, "
+          f"bf16 ({stamp()}):\n")
     print(markdown_table(["batch", "context"] + list(PHASES) + ["span"], rows))
     return 0
 

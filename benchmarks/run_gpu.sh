@@ -23,6 +23,7 @@ fi
 if [ -n "${EXTRA_BENCH:-}" ]; then   # the rows the issues still lack (session 4's list)
   timeout 90 python benchmarks/bench_phases.py --block mlp --batch 1,16 > "$LOG/phases_mlp.md" 2>&1
   timeout 200 python benchmarks/bench_mla.py --context 1024,4096,16384,32768 --batch 1,16 > "$LOG/mla.md" 2>&1
+  timeout 60 python benchmarks/bench_phases.py --context 1024 --heads 32 --kv-heads 8 > "$LOG/phases_gqa.md" 2>&1
   timeout 200 python benchmarks/bench_attention.py --context 1024,4096 --batch 1,16 --heads 32 --kv-heads 8 \
     > "$LOG/attention_gqa.md" 2>&1
   timeout 400 python -m cf_cute bench --model llama-3-8b --context 1024,4096,16384 --batch 1,16 > "$LOG/model_l3.md" 2>&1
