@@ -177,8 +177,9 @@ def warp_gemv_tiles_shared_x(atom, mW: cute.Tensor, rows: list, k0: Int32, mX: c
     """:func:`warp_gemv_tile` over the 16-row tiles starting at ``rows`` (a Python list of
     row indices) in lock-step: each MMA step loads W of every tile but x (from global,
     ``x_rows`` requests) once, so a CTA that owns several tiles reads its x slice once
-    instead of once per tile. That matters from batch 8 on, where x costs as many L2
-    bytes per step as W. Returns one accumulator per tile."""
+    instead of once per tile, and every tile's first HBM reads start at once. Measured
+    (H200, the MLP's W_down, two tiles a CTA): 2% faster at batch 1, 4% slower at batch
+    16, where the register blocks per tile must be halved. Returns one accumulator per tile."""
     accs = [new_acc(n_tiles) for _ in rows]
     dt = mW.element_type
     kv0 = k0 // 8
