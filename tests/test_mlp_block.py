@@ -62,6 +62,21 @@ def test_grid_plan_balances_units_per_cta():
         grid_plan(688, {})
 
 
+def test_batch_dependent_defaults():
+    # measured on an H200 (benchmarks/RESULTS.md): one load pipeline and lock-step phase B up to batch 8
+    from cf_cute.mlp import mlp_block_config
+    H, I = 4096, 11008
+    packed = pack_mlp(MLPWeights(*(torch.empty(*s, dtype=torch.bfloat16, device="meta")
+                                   for s in ((H,), (I, H), (I, H), (H, I)))))
+    for B, expect in ((1, True), (8, True), (9, False), (16, False)):
+        cfg = mlp_block_config(torch.empty(B, H, dtype=torch.bfloat16, device="meta"), packed, cluster_size=2,
+                               num_clusters=66, has_residual=False)
+        assert cfg.pipeline is expect and cfg.shared_x is expect and cfg.pdl is False
+    cfg = mlp_block_config(torch.empty(1, H, dtype=torch.bfloat16, device="meta"), packed, cluster_size=2,
+                           num_clusters=66, has_residual=False, tuning=MLPTuning(shared_x=False, pdl=True))
+    assert not cfg.shared_x and cfg.pdl
+
+
 def test_config_errors():
     ok = dict(batch=1, hidden=4096, intermediate=11008, num_clusters=66, cluster_size=2)
     MLPBlockConfig(**ok).validate()
