@@ -172,41 +172,52 @@ class LlamaModel:
                               self.cos, self.sin)
         return self._logits(h)
 
-    def _graph(self, B: int, step) -> tuple:
-        key = (B, step)
+    def _graph(self, B: int, step, kv_len: int | None = None) -> tuple:
+        key = (B, step, kv_len)
         if key not in self._graphs:
             tok = torch.zeros(B, dtype=torch.long, device=self.device)
-            # the warm-up step below really runs and appends k, v: at the last cache slot,
-            # which generate never uses (prompt + new tokens <= max_len leaves it free)
-            pos = torch.full((B,), self.max_len - 1, dtype=torch.int32, device=self.device)
-            fn = self.decode_step_eager if step == "fused" else self.torch_step
-            g, out = capture_graph(lambda: fn(tok, pos))
+            # the warm-up step below really runs and appends k, v: at the last cache slot it may
+            # read, which generate never uses (prompt + new tokens <= max_len leaves it free)
+            pos = torch.full((B,), (kv_len or self.max_len) - 1, dtype=torch.int32, device=self.device)
+            if step == "fused":
+                g, out = capture_graph(lambda: self.decode_step_eager(tok, pos))
+            else:
+                g, out = capture_graph(lambda: self.torch_step(tok, pos, kv_len=kv_len))
             self._graphs[key] = (g, tok, pos, out)
         return self._graphs[key]
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, *, step: str = "fused") -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, *, step: str = "fused",
+                    kv_len: int | None = None) -> torch.Tensor:
         """:meth:`decode_step_eager` replayed from a CUDA graph captured once per
-        batch size (``step="torch"``: the torch baseline's graph)."""
-        g, tok, pos, out = self._graph(tokens.shape[0], step)
+        batch size (``step="torch"``: the torch baseline's graph, one per ``kv_len``)."""
+        if kv_len is not None and step == "fused":
+            raise ValueError("kv_len applies to the torch step; the fused kernels read each request's own length")
+        g, tok, pos, out = self._graph(tokens.shape[0], step, kv_len)
         tok.copy_(tokens, non_blocking=True)
         pos.copy_(positions, non_blocking=True)
         g.replay()
         return out
 
     # ------------------------------------------------------------------ torch baseline
-    def torch_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The same decode step in plain torch (cache append, SDPA over the full
-        cache with a length mask), on the same weights and caches."""
+    def torch_step(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int | None = None) -> torch.Tensor:
+        """The same decode step in plain torch (cache append, SDPA over the first
+        ``kv_len`` cache slots (default: all) with a length mask), on the same
+        weights and caches. Every position must be below ``kv_len``: benchmarks pass
+        the context + 1 so that the baseline reads no more KV than the fused step
+        (a fixed shape, as a CUDA graph needs; unchecked on the device)."""
         cfg = self.cfg
         B = tokens.shape[0]
+        L = self.max_len if kv_len is None else kv_len
+        if not 1 <= L <= self.max_len:
+            raise ValueError(f"kv_len must lie in [1, {self.max_len}], got {kv_len}")
         h = self.embed[tokens]
         rows = torch.arange(B, device=self.device)
         pos = positions.long()
-        mask = torch.arange(self.max_len, device=self.device)[None, :] <= pos[:, None]     # [B, L]
+        mask = torch.arange(L, device=self.device)[None, :] <= pos[:, None]                # [B, L]
         mask = mask[:, None, None, :]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(h, layer, pos)
-            kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]
+            kc, vc = self.k_cache[i][:B, :L], self.v_cache[i][:B, :L]
             kc[rows, pos] = k
             vc[rows, pos] = v
             o = F.scaled_dot_product_attention(q.unsqueeze(2), kc.transpose(1, 2), vc.transpose(1, 2),

@@ -56,6 +56,13 @@ def test_prefill_and_torch_step_match_transformers(tmp_path):
     ref = torch.stack([hf.float()(torch.tensor([ids[:31]])).logits[0, 30],
                        hf.float()(torch.tensor([ids[:26]])).logits[0, 25]]).detach()
     assert ((logits - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 3e-2
+    # the benchmark's form: only the first kv_len cache slots are read (every position below it)
+    step = (torch.tensor([ids[30], ids[25]]), torch.tensor([30, 25], dtype=torch.int32))
+    short = model.torch_step(*step, kv_len=31)
+    assert ((short - logits).norm(dim=-1) / logits.norm(dim=-1)).max() < 1e-2
+    for bad in (0, 129):
+        with pytest.raises(ValueError, match="kv_len"):
+            model.torch_step(*step, kv_len=bad)
 
 
 def test_bad_requests_are_clear_errors(tmp_path):
