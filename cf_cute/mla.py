@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cf_cute.reference import apply_rope
 from cf_cute.reference_mla import MLAShape, MLAWeights
 from cf_cute.validate import check_tensor, host_index_checked
 
@@ -118,13 +119,6 @@ def check_mla_operands(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Ten
     return positions, page_table
 
 
-def _rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """DeepSeek's rotation of interleaved pairs; ``x [B, n, d]``, ``cos/sin [B, d/2]``."""
-    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-    c, s = cos[:, None], sin[:, None]
-    return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
-
-
 def mla_decode_torch(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tensor, positions: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, *, residual: torch.Tensor | None = None,
                      page_table: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,8 +140,8 @@ def mla_decode_torch(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tenso
     c = torch.nn.functional.rms_norm(ckv[:, :rank].float(), (rank,), packed.kv_norm.float(), packed.eps)
     pos = positions.long()
     cs, sn = cos[pos], sin[pos]
-    q_pe = _rope_pairs(q[..., nope:], cs, sn)                              # [B, heads, rope] fp32
-    k_pe = _rope_pairs(ckv[:, None, rank:], cs, sn)[:, 0]                 # [B, rope]
+    q_pe = apply_rope(q[..., nope:], cs, sn, "gptj")                      # [B, heads, rope] fp32
+    k_pe = apply_rope(ckv[:, None, rank:], cs, sn, "gptj")[:, 0]          # [B, rope]
     row = torch.cat([c, k_pe], -1).to(cache.dtype)
     if page_table is None:
         cache[torch.arange(B, device=cache.device), pos] = row

@@ -181,45 +181,35 @@ def warp_gemv_tiles_shared_x(atom, mW: cute.Tensor, rows: list, k0: Int32, mX: c
     (H200, the MLP's W_down, two tiles a CTA): 2% faster at batch 1, 4% slower at batch
     16, where the register blocks per tile must be halved. Returns one accumulator per tile."""
     accs = [new_acc(n_tiles) for _ in rows]
-    dt = mW.element_type
-    kv0 = k0 // 8
-    n_blocks = (k_steps + unroll - 1) // unroll
-    wbufs = [cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt) for _ in rows]
-    xbuf = cute.make_rmem_tensor(cute.make_layout((8, n_tiles, 2 * unroll)), dt)
-    for blk in range(n_blocks + 1):
-        if blk < n_blocks:               # block blk's loads, issued before block blk-1 is multiplied
-            for u in range(min(unroll, k_steps - blk * unroll)):
-                for j in range(len(rows)):
-                    _load_w(mW, rows[j], kv0, lane, blk * unroll + u, wbufs[j], (blk % 2) * unroll + u, mX, xbuf,
-                            x_rows if j == 0 else 0, n_tiles)
-        if blk > 0:
-            p = blk - 1
-            for u in range(min(unroll, k_steps - p * unroll)):
-                for j in range(len(rows)):
-                    _mma_step(atom, accs[j], wbufs[j], (p % 2) * unroll + u, mX, lane, p * unroll + u, n_tiles, xbuf,
-                              x_rows)
+    _stream(atom, mW, rows, accs, k0 // 8, mX, lane, k_steps, n_tiles, unroll, x_rows, lockstep=True)
     return accs
 
 
 def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.Tensor, lane: Int32,
-            k_steps: int, n_tiles: int, unroll: int, x_rows: int):
-    """The load pipeline behind both entry points (traced inline, all of it static):
-    the tiles ``rows[j]`` one after the other, in blocks of ``unroll`` MMA steps
-    over two register buffers, block i+1 loaded before block i is multiplied into
-    ``accs[j]``."""
+            k_steps: int, n_tiles: int, unroll: int, x_rows: int, lockstep: bool = False):
+    """The load pipeline behind every entry point (traced inline, all of it static):
+    the tiles ``rows[j]`` one after the other (``lockstep``: all of them together,
+    x loaded once per step), in blocks of ``unroll`` MMA steps over two register
+    buffers, block i+1 loaded before block i is multiplied into ``accs[j]``."""
     dt = mW.element_type
     n_blocks = (k_steps + unroll - 1) // unroll
-    seq = [(j, blk) for j in range(len(rows)) for blk in range(n_blocks)]
-    wbuf = cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt)
+    groups = [list(range(len(rows)))] if lockstep else [[j] for j in range(len(rows))]
+    seq = [(g, blk) for g in groups for blk in range(n_blocks)]
+    wbufs = [cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt) for _ in groups[0]]
     xbuf = cute.make_rmem_tensor(cute.make_layout((8, n_tiles if x_rows > 0 else 1, 2 * unroll)), dt)
-    for u in range(min(unroll, k_steps)):
-        _load_w(mW, rows[0], kv0, lane, u, wbuf, u, sX, xbuf, x_rows, n_tiles)
-    for i, (j, blk) in enumerate(seq):
-        cur = (i % 2) * unroll
-        if i + 1 < len(seq):
-            j2, blk2 = seq[i + 1]
-            nxt = ((i + 1) % 2) * unroll
-            for u in range(min(unroll, k_steps - blk2 * unroll)):
-                _load_w(mW, rows[j2], kv0, lane, blk2 * unroll + u, wbuf, nxt + u, sX, xbuf, x_rows, n_tiles)
+
+    def load(i: int, slot0: int):
+        g, blk = seq[i]
         for u in range(min(unroll, k_steps - blk * unroll)):
-            _mma_step(atom, accs[j], wbuf, cur + u, sX, lane, blk * unroll + u, n_tiles, xbuf, x_rows)
+            for w, j in enumerate(g):        # x with the group's first tile only
+                _load_w(mW, rows[j], kv0, lane, blk * unroll + u, wbufs[w], slot0 + u, sX, xbuf,
+                        x_rows if w == 0 else 0, n_tiles)
+
+    load(0, 0)
+    for i, (g, blk) in enumerate(seq):
+        if i + 1 < len(seq):
+            load(i + 1, ((i + 1) % 2) * unroll)
+        for u in range(min(unroll, k_steps - blk * unroll)):
+            for w, j in enumerate(g):
+                _mma_step(atom, accs[j], wbufs[w], (i % 2) * unroll + u, sX, lane, blk * unroll + u, n_tiles, xbuf,
+                          x_rows)
