@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -20,24 +21,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _unfused(batch, heads, kv_heads, hd, H, L, paged, residual, cluster=4):
-    """The three kernels of attention_block_unfused for these shapes (meta tensors: no memory)."""
+def _unfused(batch, heads, kv_heads, hd, H, L, paged, residual, cluster=None):
+    """The three kernels of attention_block_unfused for these shapes (meta tensors: no memory),
+    at the sizes ``unfused_plan`` gives a 132-SM GPU (or ``cluster`` for all three)."""
     import torch
+    from cf_cute.attention import UnfusedPlan, unfused_plan
     from cf_cute.decode_attention import decode_attention_config
     from cf_cute.gemv import splitk_gemv_config
-    from cf_cute.qkv_rope import qkv_rope_config
+    from cf_cute.qkv_rope import qkv_project_config, qkv_rope_config
+    plan = (unfused_plan(batch, H, heads, kv_heads, hd) if cluster is None
+            else UnfusedPlan(cluster, cluster, cluster))
     m = dict(device="meta", dtype=torch.bfloat16)
     G = heads // kv_heads
     kv = (batch * L // 16 + 5, 16, kv_heads, hd) if paged else (batch, L, kv_heads, hd)
     table = torch.empty(batch, L // 16, dtype=torch.int32, device="meta") if paged else None
     k = torch.empty(*kv, **m)
-    out = [qkv_rope_config(torch.empty(batch, H, **m), torch.empty(kv_heads, (G + 2) * hd, H, **m),
-                           torch.empty(L, hd // 2, dtype=torch.float32, device="meta"), k, table,
-                           num_heads=heads, num_kv_heads=kv_heads, cluster_size=cluster, rope_style="neox",
-                           eps=1e-5, has_residual=residual),
-           decode_attention_config(torch.empty(batch, heads, hd, **m), k, k, table, cluster),
-           splitk_gemv_config(torch.empty(batch, heads * hd, **m), torch.empty(H, heads * hd, **m), cluster,
-                              128, True)]
+    front = dict(num_heads=heads, num_kv_heads=kv_heads, rope_style="neox", eps=1e-5, has_residual=residual)
+    qkv_args = (torch.empty(batch, H, **m), torch.empty(kv_heads, (G + 2) * hd, H, **m),
+                torch.empty(L, hd // 2, dtype=torch.float32, device="meta"), k, table)
+    out = [qkv_project_config(*qkv_args, **front) if plan.qkv is None
+           else qkv_rope_config(*qkv_args, cluster_size=plan.qkv, **front),
+           decode_attention_config(torch.empty(batch, heads, hd, **m), k, k, table, plan.attn),
+           splitk_gemv_config(torch.empty(batch, heads * hd, **m), torch.empty(H, heads * hd, **m), plan.wo,
+                              plan.wo_block_m, True)]
     return out
 
 
@@ -85,6 +91,25 @@ def _mlp_configs(batches):
     return list(dict.fromkeys(out))
 
 
+def _qkv_test_configs():
+    """tests/test_qkv_rope.py::test_matches_reference (both kernels)."""
+    import torch
+    from cf_cute.qkv_rope import qkv_project_config, qkv_rope_config
+    m = dict(device="meta", dtype=torch.bfloat16)
+    out, L = [], 512
+    for heads, kv_heads, hd, H in ((32, 32, 128, 4096), (32, 8, 128, 4096), (16, 4, 64, 2048)):
+        for batch in (1, 5, 16):
+            for style, paged, residual in (("neox", False, True), ("gptj", True, False)):
+                kv = (batch * L // 16 + 5, 16, kv_heads, hd) if paged else (batch, L, kv_heads, hd)
+                table = torch.empty(batch, L // 16, dtype=torch.int32, device="meta") if paged else None
+                args = (torch.empty(batch, H, **m), torch.empty(kv_heads, (heads // kv_heads + 2) * hd, H, **m),
+                        torch.empty(L, hd // 2, dtype=torch.float32, device="meta"), torch.empty(*kv, **m), table)
+                kw = dict(num_heads=heads, num_kv_heads=kv_heads, rope_style=style, eps=1e-5, has_residual=residual)
+                out.append(qkv_rope_config(*args, cluster_size=4 if batch < 16 else 8, **kw))
+                out.append(qkv_project_config(*args, **kw))
+    return out
+
+
 def _configs(contexts, batches):
     sys.path.insert(0, str(ROOT / "tests"))
     from test_attention_block import FUSED_CASES, fused_config
@@ -95,7 +120,8 @@ def _configs(contexts, batches):
     c1 = FUSED_CASES[1]
     out.append(dataclasses.replace(fused_config(*c1[:5], 2, *c1[6:]), num_threads=512))
     out += _unfused(16, 32, 32, 128, 4096, 1024, False, True)            # the case that falls back
-    out += _unfused(5, 32, 32, 128, 4096, 1024, True, False)             # test_unfused_matches_reference
+    out += _unfused(5, 32, 32, 128, 4096, 1024, True, False, 4)          # test_unfused_matches_reference
+    out += _unfused(16, 32, 8, 128, 4096, 1024, True, True)              # test_unfused_planned_matches_reference
     for b in batches:                       # benchmarks/bench_attention.py, Llama-2-7B shape
         for ctx in contexts:
             for c, tune in ((4, {}), (4, dict(phase_timer=True)), (2, dict(num_threads=512)),
@@ -111,7 +137,7 @@ def _configs(contexts, batches):
                     out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False)
                 except ValueError:          # over the 32-bit index limit: the benchmark skips it too
                     pass
-    return out + _mlp_configs(batches)
+    return out + _qkv_test_configs() + _mlp_configs(batches)
 
 
 def _build(cfg):
@@ -134,7 +160,7 @@ def _build(cfg):
             return -1.0
         _fused_kernel(cfg)
     else:
-        mod = {"QKVRopeConfig": qkv_rope, "DecodeAttentionConfig": decode_attention,
+        mod = {"QKVRopeConfig": qkv_rope, "QKVProjectConfig": qkv_rope, "DecodeAttentionConfig": decode_attention,
                "SplitKGemvConfig": gemv}[type(cfg).__name__]
         mod._kernel(cfg)
     return time.time() - t
@@ -147,7 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="1,16")
     a = ap.parse_args(argv)
     cfgs = _configs([int(c) for c in a.context.split(",")], [int(b) for b in a.batch.split(",")])
-    with ProcessPoolExecutor(a.jobs) as ex:
+    # spawn: on a GPU machine the parent may have touched CUDA, which a forked child cannot re-initialise
+    with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
         for cfg, dt in zip(cfgs, ex.map(_build, cfgs)):
             print(f"{dt:6.1f} s  {cfg}", flush=True)
     return 0

@@ -29,18 +29,19 @@ from dataclasses import dataclass
 
 import torch
 
-from cf_cute.decode_attention import decode_attention
+from cf_cute.decode_attention import decode_attention, sm_count
+from cf_cute.decode_attention import default_cluster_size as default_attention_cluster
 from cf_cute.fused.attention_block import AttentionBlock, AttentionBlockConfig
 from cf_cute.gemv import splitk_gemv
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.primitives import GridBarrier
-from cf_cute.qkv_rope import pack_qkv, qkv_rope
+from cf_cute.qkv_rope import pack_qkv, qkv_project, qkv_rope
 from cf_cute.reference import AttentionWeights
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
 __all__ = ["PackedAttention", "pack_attention", "attention_block", "attention_block_unfused",
            "attention_block_config", "default_cluster_size", "FUSED_MAX_BATCH", "AttentionWorkspace",
-           "AttentionTuning", "arg_specs"]
+           "AttentionTuning", "UnfusedPlan", "unfused_plan", "arg_specs"]
 
 
 # Above this batch the automatic choice is the three-launch path: the single launch attends to
@@ -86,21 +87,61 @@ def pack_attention(weights: AttentionWeights, *, num_heads: int, num_kv_heads: i
                            eps=eps, rope_style=rope_style)
 
 
+@dataclass(frozen=True)
+class UnfusedPlan:
+    """Cluster sizes of the three launches of :func:`attention_block_unfused`
+    (``qkv=None``: the grid-wide :func:`cf_cute.qkv_rope.qkv_project`)."""
+    qkv: int | None
+    attn: int
+    wo: int
+    wo_block_m: int = 128
+
+
+def unfused_plan(batch: int, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 sm_count: int = 132) -> UnfusedPlan:
+    """Per-kernel cluster sizes, none of which needs a resident grid. Measured alone
+    on an H200 (benchmarks/RESULTS.md, session 5; Llama-2-7B / Llama-3-8B shapes,
+    batch 1 and 16): the output projection was fastest with clusters of 8 (18 µs
+    against 30 with clusters of 4 at batch 16), decode attention as
+    :func:`cf_cute.decode_attention.default_cluster_size` picks, the QKV projection
+    grid-wide (:func:`cf_cute.qkv_rope.qkv_project`; one cluster per KV head, the best
+    of which took 76 µs at batch 16, when head_dim is not a multiple of 32). Smaller
+    clusters where a size does not divide the shapes."""
+    qkv = None if head_dim % 32 == 0 and hidden % 64 == 0 else next(c for c in (8, 4, 2, 1)
+                                                                   if hidden % (32 * c) == 0)
+    o_k = num_heads * head_dim
+    wo, bm = next(((c, bm) for c in (8, 4, 2, 1) for bm in (128, 64, 32, 16)
+                   if o_k % (32 * c) == 0 and hidden % bm == 0), (1, 16))
+    return UnfusedPlan(qkv=qkv, attn=default_attention_cluster(batch, num_kv_heads, sm_count), wo=wo, wo_block_m=bm)
+
+
 def attention_block_unfused(hidden: torch.Tensor, packed: PackedAttention, k_cache: torch.Tensor,
                             v_cache: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                             *, residual: torch.Tensor | None = None, page_table: torch.Tensor | None = None,
-                            cluster_size: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
+                            cluster_size: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The same block as three launches (baseline for the fused kernel, and what
-    ``attention_block`` runs when no single-launch grid is resident at once)."""
-    q, h = qkv_rope(hidden, packed.norm, packed.w_qkv, cos, sin, positions, k_cache, v_cache,
-                    num_heads=packed.num_heads, num_kv_heads=packed.num_kv_heads, residual=residual,
-                    page_table=page_table, cluster_size=cluster_size, rope_style=packed.rope_style,
-                    eps=packed.eps)
+    ``attention_block`` runs above ``FUSED_MAX_BATCH`` or when no single-launch grid
+    is resident at once). ``cluster_size=None``: each launch at its own
+    :func:`unfused_plan` size; an int forces it on all three."""
+    B, H = hidden.shape
+    hd = packed.wo.shape[1] // packed.num_heads
+    if cluster_size is None:
+        plan = unfused_plan(B, H, packed.num_heads, packed.num_kv_heads, hd, sm_count(hidden.device))
+    else:
+        plan = UnfusedPlan(cluster_size, cluster_size, cluster_size)
+    front = dict(num_heads=packed.num_heads, num_kv_heads=packed.num_kv_heads, residual=residual,
+                 page_table=page_table, rope_style=packed.rope_style, eps=packed.eps)
+    args = (hidden, packed.norm, packed.w_qkv, cos, sin, positions, k_cache, v_cache)
+    if plan.qkv is None:
+        q, h = qkv_project(*args, **front)
+    else:
+        q, h = qkv_rope(*args, cluster_size=plan.qkv, **front)
     lengths = positions + 1                       # stays on the device it is on: no sync
     if page_table is not None and page_table.device != hidden.device:
         page_table = page_table.to(hidden.device, non_blocking=True)
-    o = decode_attention(q, k_cache, v_cache, lengths, page_table=page_table, cluster_size=cluster_size)
-    return splitk_gemv(o.view(o.shape[0], -1), packed.wo, residual=h, cluster_size=cluster_size, out=out)
+    o = decode_attention(q, k_cache, v_cache, lengths, page_table=page_table, cluster_size=plan.attn)
+    return splitk_gemv(o.view(o.shape[0], -1), packed.wo, residual=h, cluster_size=plan.wo,
+                       block_m=plan.wo_block_m, out=out)
 
 
 def _cluster_sizes(num_kv_heads: int, hidden: int, sm_count: int = 132) -> list:

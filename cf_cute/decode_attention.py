@@ -22,9 +22,38 @@ from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfi
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
-__all__ = ["decode_attention", "decode_attention_config", "arg_specs"]
+__all__ = ["decode_attention", "decode_attention_config", "default_cluster_size", "sm_count", "arg_specs"]
 
 _NAMES = ("q", "k_cache", "v_cache", "page_table", "lengths", "out")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (132 for anything else: the H100 SXM / H200 the defaults were tuned on)."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def default_cluster_size(batch: int, num_kv_heads: int, sm_count: int = 132) -> int:
+    """CTAs per (request, KV head): one when the (request, KV head) pairs alone give
+    most SMs a CTA, else enough splits of the context for about two CTAs per SM
+    (at most 8). Measured alone on an H200 (benchmarks/RESULTS.md, session 5):
+    Llama-2-7B shape at batch 16 (512 pairs) ran 75 µs at 1K with one CTA per pair
+    against 96 µs with clusters of 4, and 254 against 293 µs at 4K; Llama-3-8B's
+    128 pairs at batch 16 also did best with one (44 against 51 µs with two); at
+    batch 1 clusters of 8 were best or within 10% of it."""
+    pairs = batch * num_kv_heads
+    if 4 * pairs >= 3 * sm_count:
+        return 1
+    c = 2
+    while c < 8 and pairs * c < 2 * sm_count:
+        c *= 2
+    return c
 
 
 def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -55,8 +84,13 @@ def _kernel(cfg: DecodeAttentionConfig):
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
-                     page_table: torch.Tensor | None = None, cluster_size: int = 4,
+                     page_table: torch.Tensor | None = None, cluster_size: int | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """``cluster_size=None``: :func:`default_cluster_size` for this batch, KV-head
+    count and GPU."""
+    if cluster_size is None:
+        cluster_size = default_cluster_size(q.shape[0], k_cache.shape[2] if k_cache.dim() == 4 else 1,
+                                            sm_count(q.device))
     cfg = decode_attention_config(q, k_cache, v_cache, page_table, cluster_size)
     check_tensor("lengths", lengths, dtype=torch.int32, shape=(cfg.batch,), cuda=False, align=4)
     lengths = host_index_checked(lengths, 1, cfg.max_len, "lengths", q.device)

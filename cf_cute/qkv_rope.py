@@ -17,11 +17,15 @@ import functools
 
 import torch
 
+import dataclasses
+
+from cf_cute.fused.qkv_project import QKVProject, QKVProjectConfig
 from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
-__all__ = ["pack_qkv", "qkv_rope", "qkv_rope_config", "arg_specs"]
+__all__ = ["pack_qkv", "qkv_rope", "qkv_rope_config", "qkv_project", "qkv_project_config", "project_grid",
+           "arg_specs"]
 
 
 def pack_qkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, num_heads: int,
@@ -59,28 +63,91 @@ def qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: int, 
     return cfg
 
 
-def arg_specs(cfg: QKVRopeConfig) -> list:
+def project_grid(units: int, hidden: int, sm_count: int = 132, num_warps: int = 8) -> tuple:
+    """``(cluster_size, k_parts, num_clusters)`` of :class:`QKVProject`: clusters of 2
+    (1 when the hidden size does not split), the K parts that give the busiest warp the
+    fewest MMA steps with at most one cluster per two SMs, then the fewest clusters that
+    keep that count (the rest would only compute skipped units)."""
+    best = None
+    for c in (2, 1):
+        for kp in (2, 4):
+            if hidden % (c * kp * 32) or num_warps % (2 * kp):
+                continue
+            up = num_warps // (2 * kp)
+            j = -(-units // max(1, sm_count // c))
+            j = -(-j // up) * up
+            steps = (j // up) * (hidden // (c * kp * 32))
+            if best is None or steps < best[0]:
+                best = (steps, c, kp, -(-units // j))
+        if best is not None:
+            return best[1:]
+    raise ValueError(f"hidden = {hidden} must be a multiple of 64")
+
+
+def qkv_project_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: int, num_kv_heads: int,
+                       rope_style: str, eps: float, has_residual: bool, sm_count: int = 132,
+                       pipeline: bool | None = None) -> QKVProjectConfig:
+    """:class:`QKVProjectConfig` for these operands (the same checks as :func:`qkv_rope_config`),
+    its grid from :func:`project_grid`; ``pipeline=None``: one load pipeline across a
+    warp's tiles up to batch 8 (as the MLP block)."""
+    base = qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, num_heads=num_heads,
+                           num_kv_heads=num_kv_heads, cluster_size=1, rope_style=rope_style, eps=eps,
+                           has_residual=has_residual)
+    fields = dataclasses.asdict(base)
+    fields.pop("smem_budget")
+    c, kp, nc = project_grid(num_kv_heads * base.rows // 32, base.hidden, sm_count)
+    fields.update(cluster_size=c, k_parts=kp, num_clusters=nc, pipeline=base.batch <= 8 if pipeline is None else pipeline)
+    cfg = QKVProjectConfig(**fields)
+    cfg.validate()
+    return cfg
+
+
+def arg_specs(cfg: QKVRopeConfig | QKVProjectConfig) -> list:
+    """Fake-tensor specs of (hidden, residual, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache,
+    page_table, q, h); :class:`QKVProject` sees w_qkv as ``[kv_heads * rows, H]``."""
     dt, B, H = cfg.dtype, cfg.batch, cfg.hidden
     kv, table = cfg.kv_shape, cfg.table_shape
     rope = (cfg.max_positions, cfg.head_dim // 2)
     return [TensorSpec(dt, (B, H)), TensorSpec(dt, (B, H)), TensorSpec(dt, (H,)),
-            TensorSpec(dt, (cfg.num_kv_heads, cfg.rows, H)), TensorSpec("float32", rope, align=4),
+            TensorSpec(dt, (cfg.num_kv_heads * cfg.rows, H) if isinstance(cfg, QKVProjectConfig)
+                       else (cfg.num_kv_heads, cfg.rows, H)),
+            TensorSpec("float32", rope, align=4),
             TensorSpec("float32", rope, align=4), TensorSpec("int32", (B,), align=4),
             TensorSpec(dt, kv), TensorSpec(dt, kv), TensorSpec("int32", table, align=4),
             TensorSpec(dt, (B, cfg.num_heads, cfg.head_dim)), TensorSpec(dt, (B, H))]
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(cfg: QKVRopeConfig):
-    return compile_kernel(QKVRope, cfg, arg_specs(cfg))
+def _kernel(cfg: QKVRopeConfig | QKVProjectConfig):
+    cls = QKVProject if isinstance(cfg, QKVProjectConfig) else QKVRope
+    return compile_kernel(cls, cfg, arg_specs(cfg))
 
 
 def qkv_rope(hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, *, num_heads: int,
              num_kv_heads: int, residual=None, page_table=None, cluster_size: int = 4,
              rope_style: str = "neox", eps: float = 1e-5):
+    """One cluster of ``cluster_size`` CTAs per KV head (:mod:`cf_cute.fused.qkv_rope`)."""
     cfg = qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, num_heads=num_heads,
                           num_kv_heads=num_kv_heads, cluster_size=cluster_size, rope_style=rope_style,
                           eps=eps, has_residual=residual is not None)
+    return _launch(cfg, hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, residual, page_table)
+
+
+def qkv_project(hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, *, num_heads: int,
+                num_kv_heads: int, residual=None, page_table=None, rope_style: str = "neox", eps: float = 1e-5):
+    """The same result as :func:`qkv_rope` from the grid-wide kernel
+    (:mod:`cf_cute.fused.qkv_project`: every head's rows spread over all SMs), the
+    faster one at large batches."""
+    from cf_cute.decode_attention import sm_count
+    cfg = qkv_project_config(hidden, w_qkv, cos, k_cache, page_table, num_heads=num_heads,
+                             num_kv_heads=num_kv_heads, rope_style=rope_style, eps=eps,
+                             has_residual=residual is not None, sm_count=sm_count(hidden.device))
+    return _launch(cfg, hidden, norm_w, w_qkv.view(-1, w_qkv.shape[-1]), cos, sin, positions, k_cache, v_cache,
+                   residual, page_table)
+
+
+def _launch(cfg, hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, residual, page_table):
+    """Checks every operand (nothing is written before they pass), then launches."""
     B, H = hidden.shape
     check_tensor("norm_w", norm_w, dtype=hidden.dtype, shape=(H,), cuda=False)
     check_tensor("sin", sin, dtype=torch.float32, shape=tuple(cos.shape), cuda=False, align=4)
@@ -94,7 +161,7 @@ def qkv_rope(hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, *, nu
         page_table = torch.zeros(1, 1, dtype=torch.int32, device=hidden.device)
     else:
         page_table = host_index_checked(page_table, 0, cfg.num_pages - 1, "page_table entries", hidden.device)
-    q = torch.empty(B, num_heads, cfg.head_dim, dtype=hidden.dtype, device=hidden.device)
+    q = torch.empty(B, cfg.num_heads, cfg.head_dim, dtype=hidden.dtype, device=hidden.device)
     h = torch.empty_like(hidden) if residual is not None else hidden
     res = residual if residual is not None else hidden
     check_operands(("hidden", "residual", "norm_w", "w_qkv", "k_cache", "v_cache", "q", "h", "cos", "sin",

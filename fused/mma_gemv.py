@@ -36,7 +36,7 @@ from cutlass import Float32, Int32, const_expr
 from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
 __all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles",
-           "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
+           "warp_gemv_rows", "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
 # read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,
@@ -169,6 +169,17 @@ def warp_gemv_tiles(atom, mW: cute.Tensor, first_tile: Int32, tile_stride: cutla
     _stream(atom, mW, rows, [acc[None, None, j] for j in range(count)], k0 // 8, sX, lane, k_steps, n_tiles,
             unroll, x_rows)
     return acc
+
+
+def warp_gemv_rows(atom, mW: cute.Tensor, rows: list, k0: Int32, sX: cute.Tensor, lane: Int32,
+                   k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
+                   unroll: cutlass.Constexpr[int]) -> list:
+    """:func:`warp_gemv_tiles` for 16-row tiles at arbitrary first rows ``rows`` (a Python
+    list of row indices, any order): one load pipeline across them, x from the shared
+    buffer. Returns one accumulator per tile."""
+    accs = [new_acc(n_tiles) for _ in rows]
+    _stream(atom, mW, rows, accs, k0 // 8, sX, lane, k_steps, n_tiles, unroll, 0)
+    return accs
 
 
 def warp_gemv_tiles_shared_x(atom, mW: cute.Tensor, rows: list, k0: Int32, mX: cute.Tensor, lane: Int32,

@@ -39,7 +39,7 @@ from ._attn_shape import AttnShape
 from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
-__all__ = ["QKVFields", "QKVRopeConfig", "QKVRope", "QKVBuffers"]
+__all__ = ["QKVFields", "QKVRopeConfig", "QKVRope", "QKVBuffers", "RopeAppend"]
 
 _WARP = 32
 _STEP = 32
@@ -109,7 +109,37 @@ class QKVBuffers:
         self.norm, self.red_qkv, self.sPart = norm, red_qkv, sPart
 
 
-class QKVRope:
+class RopeAppend:
+    """The RoPE and cache-append steps every QKV stage shares (``self.cfg`` holds
+    :class:`QKVFields`, ``self.dtype`` the activation type)."""
+
+    @cute.jit
+    def _cache_store(self, mX: cute.Tensor, mTable: cute.Tensor, b: Int32, pos: Int32, g: Int32, d: Int32,
+                     val: Float32):
+        if const_expr(self.cfg.paged):
+            P = self.cfg.page_size
+            page = cutlass.min(cutlass.max(mTable[b, pos // P], Int32(0)), Int32(self.cfg.num_pages - 1))
+            mX[page, pos % P, g, d] = self.dtype(val)
+        else:
+            mX[b, pos, g, d] = self.dtype(val)
+
+    @cute.jit
+    def rope_dims(self, i: Int32):
+        """The two dims rotated by frequency i: halves (neox) or neighbours (gptj)."""
+        if const_expr(self.cfg.rope_style == "neox"):
+            return i, i + self.cfg.head_dim // 2
+        else:
+            return 2 * i, 2 * i + 1
+
+    @cute.jit
+    def rope_rotate(self, x1: Float32, x2: Float32, mCos: cute.Tensor, mSin: cute.Tensor, prow: Int32, i: Int32):
+        """(x1, x2) rotated by the angle of frequency i at table row prow."""
+        c = mCos[prow, i]
+        s = mSin[prow, i]
+        return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+class QKVRope(RopeAppend):
     def __init__(self, cfg: QKVRopeConfig):
         cfg.validate()
         self.cfg = cfg
@@ -141,31 +171,6 @@ class QKVRope:
         self.kernel(mHidden, mResidual, mNormW, mW, mCos, mSin, mPos, mK, mV, mTable, mQ, mHOut).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
             cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
-
-    @cute.jit
-    def _cache_store(self, mX: cute.Tensor, mTable: cute.Tensor, b: Int32, pos: Int32, g: Int32, d: Int32,
-                     val: Float32):
-        if const_expr(self.cfg.paged):
-            P = self.cfg.page_size
-            page = cutlass.min(cutlass.max(mTable[b, pos // P], Int32(0)), Int32(self.cfg.num_pages - 1))
-            mX[page, pos % P, g, d] = self.dtype(val)
-        else:
-            mX[b, pos, g, d] = self.dtype(val)
-
-    @cute.jit
-    def rope_dims(self, i: Int32):
-        """The two dims rotated by frequency i: halves (neox) or neighbours (gptj)."""
-        if const_expr(self.cfg.rope_style == "neox"):
-            return i, i + self.cfg.head_dim // 2
-        else:
-            return 2 * i, 2 * i + 1
-
-    @cute.jit
-    def rope_rotate(self, x1: Float32, x2: Float32, mCos: cute.Tensor, mSin: cute.Tensor, prow: Int32, i: Int32):
-        """(x1, x2) rotated by the angle of frequency i at table row prow."""
-        c = mCos[prow, i]
-        s = mSin[prow, i]
-        return x1 * c - x2 * s, x2 * c + x1 * s
 
     @cute.jit
     def allocate(self, smem) -> QKVBuffers:

@@ -147,6 +147,30 @@ def test_fused_with_512_threads_matches_reference():
     torch.testing.assert_close(kc.float().cpu(), ref_cache.k, rtol=2e-2, atol=2e-2)
 
 
+def test_unfused_plan_sizes_divide_the_shapes():
+    from cf_cute.attention import UnfusedPlan, unfused_plan
+    # the sizes measured fastest on an H200 (benchmarks/RESULTS.md, session 5)
+    assert unfused_plan(16, 4096, 32, 32, 128) == UnfusedPlan(qkv=None, attn=1, wo=8, wo_block_m=128)
+    assert unfused_plan(16, 4096, 32, 32, 80).qkv == 8      # head_dim 80: no grid-wide QKV
+    assert unfused_plan(16, 4096, 32, 8, 128).attn == 1
+    assert unfused_plan(1, 4096, 32, 8, 128).attn == 8
+    for B, H, heads, kv, hd in ((1, 2080, 13, 1, 160), (16, 3072, 24, 8, 128), (3, 512, 8, 2, 64)):
+        p = unfused_plan(B, H, heads, kv, hd)
+        assert (p.qkv is None or H % (32 * p.qkv) == 0) and (heads * hd) % (32 * p.wo) == 0 and H % p.wo_block_m == 0
+        assert 1 <= p.attn <= 8
+
+
+@pytest.mark.gpu
+def test_unfused_planned_matches_reference():
+    """Batch 16 GQA, paged, residual: the path attention_block takes above FUSED_MAX_BATCH,
+    each launch at its planned cluster size."""
+    case = (32, 8, 128, 4096, 16, None, True, True, "neox")
+    out, ref, kc, vc, ref_cache, _, _ = _run_case(case, attention_block_unfused)
+    assert (out.float().cpu() - ref).norm() / ref.norm() < 1e-2
+    torch.testing.assert_close(kc.float().cpu(), ref_cache.k, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(vc.float().cpu(), ref_cache.v, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.gpu
 def test_unfused_matches_reference():
     out, ref, kc, vc, ref_cache, _, _ = _run_case(FUSED_CASES[1], attention_block_unfused)

@@ -7,9 +7,10 @@ import torch
 
 from conftest import make_kv_cache
 
+from cf_cute.fused.qkv_project import QKVProject
 from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
 from cf_cute.jit import compile_for_inspection
-from cf_cute.qkv_rope import arg_specs, pack_qkv, qkv_rope
+from cf_cute.qkv_rope import arg_specs, pack_qkv, project_grid, qkv_project, qkv_project_config, qkv_rope
 from cf_cute.reference import apply_rope, rms_norm, rope_tables
 
 
@@ -31,6 +32,35 @@ def test_compiles_variants(style, paged):
     cfg = QKVRopeConfig(batch=3, hidden=2048, num_heads=8, num_kv_heads=2, head_dim=64, max_len=256,
                         max_positions=256, cluster_size=4, rope_style=style, paged=paged, num_pages=64)
     compile_for_inspection(QKVRope, cfg, arg_specs(cfg))
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd,H,batch,style,paged", [
+    (32, 32, 128, 4096, 16, "neox", False), (32, 8, 128, 4096, 16, "neox", True),
+    (32, 8, 128, 4096, 1, "gptj", False), (16, 4, 64, 2048, 5, "gptj", True), (8, 2, 64, 512, 3, "neox", False)])
+def test_project_compiles(heads, kv_heads, hd, H, batch, style, paged):
+    m = dict(device="meta", dtype=torch.bfloat16)
+    L = 512
+    kv = (batch * L // 16 + 5, 16, kv_heads, hd) if paged else (batch, L, kv_heads, hd)
+    table = torch.empty(batch, L // 16, dtype=torch.int32, device="meta") if paged else None
+    cfg = qkv_project_config(torch.empty(batch, H, **m), torch.empty(kv_heads, (heads // kv_heads + 2) * hd, H, **m),
+                             torch.empty(L, hd // 2, dtype=torch.float32, device="meta"), torch.empty(*kv, **m),
+                             table, num_heads=heads, num_kv_heads=kv_heads, rope_style=style, eps=1e-5,
+                             has_residual=True)
+    assert cfg.num_clusters * cfg.cluster_size <= 132
+    ptx = compile_for_inspection(QKVProject, cfg, arg_specs(cfg)).__ptx__
+    assert "mma.sync.aligned.m16n8k16" in ptx
+    if cfg.cluster_size > 1:
+        assert "st.async.shared::cluster" in ptx and "barrier.cluster" in ptx
+
+
+def test_project_grid_balances_the_units():
+    # Llama-2-7B: 384 units over 64 clusters of 2, six each; Llama-3-8B: 192 units, K parts of 4
+    assert project_grid(384, 4096) == (2, 2, 64)
+    assert project_grid(192, 4096) == (2, 4, 64)
+    assert project_grid(24, 3072) == (2, 4, 24)          # fewer units than clusters: the K parts split further
+    assert project_grid(24, 3136)[0] == 1                # 3136 = 49 * 64 does not split over 2 CTAs
+    with pytest.raises(ValueError):
+        project_grid(24, 96)
 
 
 def test_shared_memory_overflow_is_a_clear_error():
@@ -69,7 +99,8 @@ def test_bad_shapes_and_positions_raise():
 @pytest.mark.parametrize("heads,kv_heads,hd,H", [(32, 32, 128, 4096), (32, 8, 128, 4096), (16, 4, 64, 2048)])
 @pytest.mark.parametrize("batch", [1, 5, 16])
 @pytest.mark.parametrize("style,paged,residual", [("neox", False, True), ("gptj", True, False)])
-def test_matches_reference(heads, kv_heads, hd, H, batch, style, paged, residual):
+@pytest.mark.parametrize("grid_wide", [False, True])
+def test_matches_reference(heads, kv_heads, hd, H, batch, style, paged, residual, grid_wide):
     dev, dt = "cuda", torch.bfloat16
     L = 512
     s = 1 / math.sqrt(H)
@@ -84,9 +115,12 @@ def test_matches_reference(heads, kv_heads, hd, H, batch, style, paged, residual
     cos, sin = rope_tables(L, hd, 500000.0)
     kc, vc, table = make_kv_cache(batch, L, kv_heads, hd, paged, dev, dt)
     k0, v0 = kc.clone(), vc.clone()
-    cluster = 4 if batch < 16 else 8
-    q, h = qkv_rope(hidden, norm_w, w, cos.to(dev), sin.to(dev), positions, kc, vc, num_heads=heads,
-                    num_kv_heads=kv_heads, residual=res, page_table=table, cluster_size=cluster, rope_style=style)
+    args = (hidden, norm_w, w, cos.to(dev), sin.to(dev), positions, kc, vc)
+    kw = dict(num_heads=heads, num_kv_heads=kv_heads, residual=res, page_table=table, rope_style=style)
+    if grid_wide:
+        q, h = qkv_project(*args, **kw)
+    else:
+        q, h = qkv_rope(*args, cluster_size=4 if batch < 16 else 8, **kw)
     # reference
     hf = hidden.float() + (res.float() if residual else 0)
     x = rms_norm(hf, norm_w, 1e-5).to(dt).float()

@@ -1,0 +1,266 @@
+"""Grid-wide (residual add) + RMSNorm + QKV projection + RoPE + KV append.
+
+The large-batch front of the attention block. :mod:`fused.qkv_rope` gives each KV
+head one cluster, so Llama-2-7B runs 32 clusters and Llama-3-8B 8, however many SMs
+the GPU has; this kernel deals the rows of every head out to all the clusters of
+the grid, as the MLP block's phase A does with the gate/up rows, and measured
+2.3x faster at batch 16 (benchmarks/RESULTS.md, session 5).
+
+Rows: the packed ``w_qkv [kv_heads, (G+2)*hd, H]`` (``cf_cute.qkv_rope.pack_qkv``)
+seen as ``[S*hd, H]``, S = kv_heads*(G+2) segments of hd rows (segment s: query
+head ``hs = s % (G+2) < G`` of KV head ``g = s // (G+2)``, then its k, then its v).
+They come in *units* of two 16-row tiles whose rows are RoPE partners::
+
+    unit u:  segment s = u // (hd/32), block i = u % (hd/32), tile t in {0, 1}, row r in 0..15
+      neox   rows s*hd + 16i + t*hd/2 + r     -> dims (16i + r, 16i + r + hd/2)
+      gptj   rows s*hd + 32i + 16t + r        -> dims (2p, 2p + 1), p = 16i + 8t + r // 2
+
+Cluster c of the NC clusters owns units c, c + NC, c + 2 NC, ... (J slots); CTA
+rank r owns the hidden slice ``[r*H/C, (r+1)*H/C)``; warp w = (tile slot, K part
+kp) multiplies its 16 rows over a K part of the slice::
+
+    NormSlice                   x slice = rmsnorm(h) -> sX    (cluster 0 writes h_out)
+    passes                      sAcc[kp, j, b, e]: unit slot j, request b, e in 0..31 where
+                                e = 2r + t (neox) or 16t + r (gptj): the partners of a pair are
+                                e and e + 1 in both conventions
+    sum over kp, reduce-scatter over the cluster (ClusterReduce, rank order), in rounds
+    owner of (e, e + 1)         RoPE on q and k rows (frequency 16i + e // 2, cos/sin row
+                                positions[b]); q -> q_out, k and v -> cache slot positions[b]
+
+Shared memory: NormSlice, ``sAcc`` (``4 * KP * J * B * 32`` bytes), the reduce
+buffers. Barrier contract: the kernel ends with a cluster barrier, which retires
+both collectives; there is no grid-wide synchronisation, so any number of clusters
+may be launched. Deterministic: K parts summed in a fixed order, the cluster
+reduction in rank order, no atomics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from cf_cute.primitives import ClusterReduce, cluster_sync
+from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
+
+from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_rows, warp_gemv_tile
+from .qkv_rope import QKVFields, RopeAppend
+from .rmsnorm_slice import NormSlice, NormSliceConfig
+
+__all__ = ["QKVProjectConfig", "QKVProject", "paired_reduce"]
+
+_WARP = 32
+_STEP = 32
+
+
+def paired_reduce(units: int, per_unit: int, cluster_size: int, num_threads: int, fixed_smem: int):
+    """The reduce-scatter of ``units`` units of ``per_unit`` fp32 partials in the fewest
+    rounds that fit next to ``fixed_smem`` bytes of shared memory, with an even number
+    of values per owner (whole pairs) and at most 32 (registers). Returns
+    ``(ClusterReduce, rounds, units per round)`` or None."""
+    for rounds in range(1, units + 1):
+        jr = -(-units // rounds)
+        try:
+            red = ClusterReduce(jr * per_unit, cluster_size, num_threads, op="sum", scatter=True,
+                                stages=2 if rounds > 1 else 1, barrier_id=2)
+        except ValueError:
+            continue
+        if red.per_thread % 2 or red.per_thread > 32:
+            continue
+        if fixed_smem + red.smem_bytes <= SMEM_LIMIT_BYTES:
+            return red, rounds, jr
+    return None
+
+
+@dataclass(frozen=True)
+class QKVProjectConfig(QKVFields):
+    num_clusters: int = 66
+    cluster_size: int = 2
+    k_parts: int = 2              # warps sharing one tile's K slice
+    pipeline: bool = True         # a warp's tiles as one load pipeline (no cold start per tile)
+
+    @property
+    def units(self) -> int:
+        return self.num_kv_heads * self.rows // 32
+
+    @property
+    def grid(self) -> int:
+        return self.num_clusters * self.cluster_size
+
+    @property
+    def num_warps(self) -> int:
+        return self.num_threads // _WARP
+
+    @property
+    def units_per_pass(self) -> int:
+        return self.num_warps // (2 * self.k_parts)
+
+    @property
+    def units_per_cluster(self) -> int:
+        """J: units of the busiest cluster, rounded up to whole passes."""
+        j = -(-self.units // self.num_clusters)
+        return -(-j // self.units_per_pass) * self.units_per_pass
+
+    def validate(self) -> None:
+        self.validate_shape()
+        if self.rope_style not in ("neox", "gptj"):
+            raise ValueError(f"rope_style must be 'neox' or 'gptj', got {self.rope_style!r}")
+        if self.head_dim % 32:
+            raise ValueError(f"head_dim = {self.head_dim} must be a multiple of 32 (units of two 16-row tiles)")
+        if self.k_parts < 1 or self.num_warps % (2 * self.k_parts):
+            raise ValueError(f"k_parts = {self.k_parts}: the {self.num_warps} warps must split into tile "
+                             f"pairs of k_parts warps each")
+        step = self.cluster_size * self.k_parts * _STEP
+        if self.hidden % step:
+            raise ValueError(f"hidden = {self.hidden} must be a multiple of cluster_size * k_parts * {_STEP} = "
+                             f"{step}: use a smaller cluster or fewer k_parts")
+        if self.num_clusters < 1:
+            raise ValueError(f"num_clusters must be positive, got {self.num_clusters}")
+
+
+class QKVProject(RopeAppend):
+    def __init__(self, cfg: QKVProjectConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
+        B, C, T = cfg.batch, cfg.cluster_size, cfg.num_threads
+        self.norm = NormSlice(NormSliceConfig(batch=B, hidden=cfg.hidden, cluster_size=C, num_threads=T,
+                                              eps=cfg.eps, has_residual=cfg.has_residual, dtype=cfg.dtype))
+        self.per_unit = B * 32
+        fixed = self.norm.smem_bytes + 4 * cfg.k_parts * cfg.units_per_cluster * self.per_unit + 3 * 16
+        plan = paired_reduce(cfg.units_per_cluster, self.per_unit, C, T, fixed)
+        if plan is None:
+            raise ValueError(f"QKVProject(batch {B}, {cfg.num_clusters} clusters of {C}) does not fit in shared "
+                             f"memory: use more clusters or fewer k_parts")
+        self.red, self.rounds, self.units_per_round = plan
+        self.smem_bytes = fixed + self.red.smem_bytes
+        check_smem(f"QKVProject(batch {B}, {cfg.num_clusters} clusters of {C})", self.smem_bytes)
+
+    @cute.jit
+    def __call__(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
+                 mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
+                 mTable: cute.Tensor, mQ: cute.Tensor, mHOut: cute.Tensor, stream):
+        self.kernel(mHidden, mResidual, mNormW, mW, mCos, mSin, mPos, mK, mV, mTable, mQ, mHOut).launch(
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+    @cute.jit
+    def _tile_row(self, c: Int32, j: Int32, t: Int32):
+        """First row of tile t of unit slot j of cluster c (units past the end map to
+        the last unit: computed, then skipped)."""
+        cfg = self.cfg
+        hd = cfg.head_dim
+        u = cutlass.min(c + j * cfg.num_clusters, Int32(cfg.units - 1))
+        s = u // (hd // 32)
+        i = u % (hd // 32)
+        if const_expr(cfg.rope_style == "neox"):
+            return s * hd + 16 * i + t * (hd // 2)
+        else:
+            return s * hd + 32 * i + 16 * t
+
+    @cute.jit
+    def _store_part(self, sAcc: cute.Tensor, acc: cute.Tensor, kp: Int32, j: Int32, t: Int32, lane: Int32):
+        """This warp's partial of unit slot j, tile t -> sAcc[kp, j, b, e] (module docstring)."""
+        cfg = self.cfg
+        base = sAcc.iterator + kp * (cfg.units_per_cluster * self.per_unit) + j * self.per_unit
+        if const_expr(cfg.rope_style == "neox"):
+            dst = cute.make_tensor(base + t, cute.make_layout((cfg.batch, 16), stride=(32, 2)))
+        else:
+            dst = cute.make_tensor(base + 16 * t, cute.make_layout((cfg.batch, 16), stride=(32, 1)))
+        store_acc(acc, dst, Int32(0), lane, cfg.n_tiles, cfg.batch)
+
+    @cute.jit
+    def _finish_pair(self, x1: Float32, x2: Float32, u: Int32, e: Int32, b: Int32, mCos: cute.Tensor,
+                     mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
+                     mQ: cute.Tensor):
+        """Rows (e, e + 1) of unit u for request b: rotate q and k, store q, append k and v."""
+        cfg = self.cfg
+        G, hd = cfg.group, cfg.head_dim
+        s = u // (hd // 32)
+        f = 16 * (u % (hd // 32)) + e // 2          # RoPE frequency of the pair
+        g = s // (G + 2)
+        hs = s % (G + 2)
+        pos = cutlass.min(cutlass.max(mPos[b], Int32(0)), Int32(cfg.max_len - 1))
+        d1, d2 = self.rope_dims(f)
+        if hs <= G:
+            prow = cutlass.min(pos, Int32(cfg.max_positions - 1))
+            r1, r2 = self.rope_rotate(x1, x2, mCos, mSin, prow, f)
+            if hs < G:
+                mQ[b, g * G + hs, d1] = self.dtype(r1)
+                mQ[b, g * G + hs, d2] = self.dtype(r2)
+            else:
+                self._cache_store(mK, mTable, b, pos, g, d1, r1)
+                self._cache_store(mK, mTable, b, pos, g, d2, r2)
+        else:
+            self._cache_store(mV, mTable, b, pos, g, d1, x1)
+            self._cache_store(mV, mTable, b, pos, g, d2, x2)
+
+    @cute.kernel
+    def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
+               mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
+               mTable: cute.Tensor, mQ: cute.Tensor, mHOut: cute.Tensor):
+        cfg = self.cfg
+        B, C, T, NW, KP = cfg.batch, cfg.cluster_size, cfg.num_threads, cfg.num_warps, cfg.k_parts
+        J, UP, Hc, PU = cfg.units_per_cluster, cfg.units_per_pass, cfg.slice, self.per_unit
+        tidx = cute.arch.thread_idx()[0]
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        c = bidx // C
+
+        smem = cutlass.memory.SmemAllocator()
+        nb = self.norm.allocate(smem)
+        rb = self.red.allocate(smem)
+        sAcc = smem.allocate_tensor(Float32, cute.make_layout((KP, J * PU), stride=(J * PU, 1)), byte_alignment=16)
+        self.norm.init(nb)
+        self.red.init(rb)
+        cute.arch.cluster_arrive_relaxed()
+
+        kp = warp % KP
+        t = warp // KP                       # tile slot in a pass: unit t // 2, tile t % 2
+        kw = Hc // KP
+        k0 = rank * Hc + kp * kw
+        if const_expr(cfg.l2_prefetch):      # the first tile's HBM reads start under the norm
+            prefetch_rows_l2(mW, self._tile_row(c, t // 2, t % 2), 16, k0, kw, lane)
+        self.norm(nb, mHidden, mResidual, mNormW, mHOut, c == 0)
+        sXk = cute.make_tensor(nb.sX.iterator + kp * kw, nb.sX.layout)     # column 0 = this warp's k0
+        atom = mma_atom(mW.element_type)
+        if const_expr(cfg.pipeline):
+            rows = [self._tile_row(c, p * UP + t // 2, t % 2) for p in range(J // UP)]
+            accs = warp_gemv_rows(atom, mW, rows, k0, sXk, lane, kw // _STEP, cfg.n_tiles, cfg.unroll)
+            for p in cutlass.range_constexpr(J // UP):
+                self._store_part(sAcc, accs[p], kp, p * UP + t // 2, t % 2, lane)
+        else:
+            for p in cutlass.range(J // UP, unroll=1):
+                j = p * UP + t // 2
+                acc = new_acc(cfg.n_tiles)
+                warp_gemv_tile(atom, mW, self._tile_row(c, j, t % 2), k0, sXk, acc, lane, kw // _STEP,
+                               cfg.n_tiles, cfg.unroll)
+                self._store_part(sAcc, acc, kp, j, t % 2, lane)
+        cute.arch.barrier()
+
+        # ---- sum the K parts, reduce-scatter over the cluster, RoPE + stores by the pair owners
+        V = self.red.per_thread
+        n_r = self.red.num_elems
+        p0 = self.red.thread_offset(tidx)
+        for k in cutlass.range_constexpr(self.rounds):
+            frag = self.red.make_fragment()
+            for v in cutlass.range_constexpr(V):
+                pos = cutlass.min(k * n_r + p0 + v, Int32(J * PU - 1))
+                tot = Float32(0.0)
+                for q in cutlass.range_constexpr(KP):
+                    tot = tot + sAcc[q, pos]
+                frag[v] = tot
+            res = self.red.reduce_scatter(rb, frag, Int32(k))
+            if self.red.owns(tidx):
+                for v in cutlass.range_constexpr(0, V, 2):
+                    pos = k * n_r + tidx * V + v
+                    j = pos // PU
+                    u = c + j * cfg.num_clusters
+                    if u < cfg.units and j < J:
+                        self._finish_pair(res[v], res[v + 1], u, pos % 32, (pos % PU) // 32, mCos, mSin, mPos,
+                                          mK, mV, mTable, mQ)
+        cluster_sync()                       # retires both collectives
