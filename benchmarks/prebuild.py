@@ -71,7 +71,8 @@ def _mlp_configs(batches):
     out = [c for H, I in SHAPES for b in (1, 3, 16) for c in plan(b, H, I, residual=b != 3)]
     for t in (mlp.MLPTuning(cluster_size=1), mlp.MLPTuning(cluster_size=4, k_parts=2),
               mlp.MLPTuning(k_parts=1, l2_prefetch=False), mlp.MLPTuning(cluster_size=2, num_clusters=40),
-              mlp.MLPTuning(pipeline=False)):
+              mlp.MLPTuning(pipeline=False), mlp.MLPTuning(early_loads=True),
+              mlp.MLPTuning(pipeline=False, early_loads=True)):
         out += plan(5, 2048, 8192, torch.float16, tuning=t)
     out += plan(4, 2048, 8192)
     out += plan(3, 2048, 8192, tuning=mlp.MLPTuning(pdl=True))     # test_chained_launches_overlap_safely

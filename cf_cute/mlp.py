@@ -57,6 +57,7 @@ class MLPTuning:
     phase_timer: bool = False             # per-CTA phase stamps in workspace.barrier[2:] (bench_phases.py)
     num_threads: int = _DEFAULTS["num_threads"]
     pdl: bool = _DEFAULTS["pdl"]            # programmatic dependent launch (overlaps the previous kernel's tail)
+    early_loads: bool = _DEFAULTS["early_loads"]   # phase A's first W loads issued before the norm front
 
 
 @dataclass

@@ -69,6 +69,7 @@ class MLPBlockConfig:
     pipeline: bool = True         # a warp's phase-A tiles as one load pipeline (no cold start per tile)
     shared_x: bool = False        # phase B: the CTA's W_down tiles in lock-step (act read once, tile 2 from HBM early)
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
+    early_loads: bool = False     # phase A's first block of W loads issued before the norm front
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 norm done, 2 gate/up
                                   # GEMV done, 3 reduce + SiLU done, 4 grid barrier passed, 5 end)
 
@@ -228,8 +229,15 @@ class MLPBlock:
         k0 = rank * Hc + kp * kw
         if const_expr(cfg.l2_prefetch):
             prefetch_rows_l2(mWgu, self._tile_row(c, t // 2, t), 16, k0, kw, lane)
-        self.norm(nb, mHidden, mResidual, mNormW, mOut, Int32(0) != Int32(0))
-        self.gbar.stamp(mBar, bidx, 1)
+
+        def front():
+            self.norm(nb, mHidden, mResidual, mNormW, mOut, Int32(0) != Int32(0))
+            self.gbar.stamp(mBar, bidx, 1)
+
+        # early_loads: the first block of W loads is issued before the norm and lands under it
+        early = front if const_expr(cfg.early_loads) else None
+        if const_expr(not cfg.early_loads):
+            front()
         sX = nb.sX
         sXk = cute.make_tensor(sX.iterator + kp * kw, sX.layout)       # column 0 = this warp's k0
         atom = mma_atom(mWgu.element_type)
@@ -237,11 +245,18 @@ class MLPBlock:
             # this warp's tiles: unit j = p * UP + t // 2 (p < J / UP), gate or up by t % 2
             accs = warp_gemv_tiles(atom, mWgu, c + (t // 2) * cfg.num_clusters + (t % 2) * cfg.units,
                                    UP * cfg.num_clusters, 2 * cfg.units, J // UP, k0, sXk, lane, kw // _STEP,
-                                   cfg.n_tiles, cfg.unroll)
+                                   cfg.n_tiles, cfg.unroll, front=early)
             for p in cutlass.range_constexpr(J // UP):
                 self._store_part(sAcc, accs[None, None, p], kp, p * UP + t // 2, t, lane)
         else:
-            for p in cutlass.range(J // UP, unroll=1):
+            first = 0
+            if const_expr(cfg.early_loads):      # the first tile peeled off: the norm runs inside it
+                acc0 = new_acc(cfg.n_tiles)
+                warp_gemv_tile(atom, mWgu, self._tile_row(c, t // 2, t), k0, sXk, acc0, lane, kw // _STEP,
+                               cfg.n_tiles, cfg.unroll, front=early)
+                self._store_part(sAcc, acc0, kp, t // 2, t, lane)
+                first = 1
+            for p in cutlass.range(first, J // UP, unroll=1):
                 j = p * UP + t // 2
                 acc = new_acc(cfg.n_tiles)
                 warp_gemv_tile(atom, mWgu, self._tile_row(c, j, t), k0, sXk, acc, lane, kw // _STEP, cfg.n_tiles,

@@ -130,7 +130,7 @@ def _mma_step(atom, acc: cute.Tensor, w: cute.Tensor, slot: cutlass.Constexpr[in
 @cute.jit
 def warp_gemv_tile(atom, mW: cute.Tensor, row0: Int32, k0: Int32, sX: cute.Tensor, acc: cute.Tensor,
                    lane: Int32, k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
-                   unroll: cutlass.Constexpr[int], x_rows: cutlass.Constexpr[int] = 0):
+                   unroll: cutlass.Constexpr[int], x_rows: cutlass.Constexpr[int] = 0, front=None):
     """``acc += W[row0:row0+16, k0:k0+32*k_steps] x X[:, k0:k0+32*k_steps]^T`` for one warp.
 
     ``mW`` is the whole ``[M, K]`` weight in global memory (row-major, 16-byte
@@ -138,8 +138,11 @@ def warp_gemv_tile(atom, mW: cute.Tensor, row0: Int32, k0: Int32, sX: cute.Tenso
     ``x_rows == 0``: ``sX`` is the shared x buffer (``x_smem_layout``) whose
     column 0 is ``k0``. ``x_rows = B > 0``: ``sX`` is the global ``[B, K]``
     activation itself, read alongside W.
+    ``front``: a Python callable traced right after the first block of W loads is
+    issued and before anything reads x, e.g. the RMSNorm that fills ``sX``: the
+    first HBM round trip then runs under it (see :func:`_stream`).
     """
-    _stream(atom, mW, [row0], [acc], k0 // 8, sX, lane, k_steps, n_tiles, unroll, x_rows)
+    _stream(atom, mW, [row0], [acc], k0 // 8, sX, lane, k_steps, n_tiles, unroll, x_rows, front=front)
 
 
 @cute.jit
@@ -157,28 +160,29 @@ def prefetch_rows_l2(mW: cute.Tensor, row0: Int32, n_rows: cutlass.Constexpr[int
 def warp_gemv_tiles(atom, mW: cute.Tensor, first_tile: Int32, tile_stride: cutlass.Constexpr[int],
                     total_tiles: cutlass.Constexpr[int], count: cutlass.Constexpr[int], k0: Int32,
                     sX: cute.Tensor, lane: Int32, k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
-                    unroll: cutlass.Constexpr[int], x_rows: cutlass.Constexpr[int] = 0) -> cute.Tensor:
+                    unroll: cutlass.Constexpr[int], x_rows: cutlass.Constexpr[int] = 0, front=None) -> cute.Tensor:
     """:func:`warp_gemv_tile` over ``count`` 16-row tiles ``first_tile + j * tile_stride``
     of ``W`` as one load pipeline: the first block of tile j+1 is loaded while tile
     j's last block is multiplied, so the warp never waits for a cold start between
     tiles. Tiles past ``total_tiles`` repeat the last tile (the caller ignores
-    them). Returns the accumulators ``acc[4, n_tiles, count]`` (fp32)."""
+    them). Returns the accumulators ``acc[4, n_tiles, count]`` (fp32). ``front`` as in
+    :func:`warp_gemv_tile`."""
     acc = cute.make_rmem_tensor(cute.make_layout((4, n_tiles, count)), Float32)
     acc.fill(0.0)
     rows = [cutlass.min(first_tile + j * tile_stride, Int32(total_tiles - 1)) * 16 for j in range(count)]
     _stream(atom, mW, rows, [acc[None, None, j] for j in range(count)], k0 // 8, sX, lane, k_steps, n_tiles,
-            unroll, x_rows)
+            unroll, x_rows, front=front)
     return acc
 
 
 def warp_gemv_rows(atom, mW: cute.Tensor, rows: list, k0: Int32, sX: cute.Tensor, lane: Int32,
                    k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
-                   unroll: cutlass.Constexpr[int]) -> list:
+                   unroll: cutlass.Constexpr[int], front=None) -> list:
     """:func:`warp_gemv_tiles` for 16-row tiles at arbitrary first rows ``rows`` (a Python
     list of row indices, any order): one load pipeline across them, x from the shared
-    buffer. Returns one accumulator per tile."""
+    buffer. Returns one accumulator per tile. ``front`` as in :func:`warp_gemv_tile`."""
     accs = [new_acc(n_tiles) for _ in rows]
-    _stream(atom, mW, rows, accs, k0 // 8, sX, lane, k_steps, n_tiles, unroll, 0)
+    _stream(atom, mW, rows, accs, k0 // 8, sX, lane, k_steps, n_tiles, unroll, 0, front=front)
     return accs
 
 
@@ -197,11 +201,12 @@ def warp_gemv_tiles_shared_x(atom, mW: cute.Tensor, rows: list, k0: Int32, mX: c
 
 
 def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.Tensor, lane: Int32,
-            k_steps: int, n_tiles: int, unroll: int, x_rows: int, lockstep: bool = False):
+            k_steps: int, n_tiles: int, unroll: int, x_rows: int, lockstep: bool = False, front=None):
     """The load pipeline behind every entry point (traced inline, all of it static):
     the tiles ``rows[j]`` one after the other (``lockstep``: all of them together,
     x loaded once per step), in blocks of ``unroll`` MMA steps over two register
-    buffers, block i+1 loaded before block i is multiplied into ``accs[j]``."""
+    buffers, block i+1 loaded before block i is multiplied into ``accs[j]``. ``front()``,
+    when given, is traced between the first block's loads and the first MMA."""
     dt = mW.element_type
     n_blocks = (k_steps + unroll - 1) // unroll
     groups = [list(range(len(rows)))] if lockstep else [[j] for j in range(len(rows))]
@@ -217,6 +222,8 @@ def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.
                         x_rows if w == 0 else 0, n_tiles)
 
     load(0, 0)
+    if front is not None:
+        front()
     for i, (g, blk) in enumerate(seq):
         if i + 1 < len(seq):
             load(i + 1, ((i + 1) % 2) * unroll)

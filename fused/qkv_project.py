@@ -80,6 +80,7 @@ class QKVProjectConfig(QKVFields):
     cluster_size: int = 2
     k_parts: int = 2              # warps sharing one tile's K slice
     pipeline: bool = True         # a warp's tiles as one load pipeline (no cold start per tile)
+    early_loads: bool = False     # the first block of W loads issued before the norm front
 
     @property
     def units(self) -> int:
@@ -225,16 +226,30 @@ class QKVProject(RopeAppend):
         k0 = rank * Hc + kp * kw
         if const_expr(cfg.l2_prefetch):      # the first tile's HBM reads start under the norm
             prefetch_rows_l2(mW, self._tile_row(c, t // 2, t % 2), 16, k0, kw, lane)
-        self.norm(nb, mHidden, mResidual, mNormW, mHOut, c == 0)
+
+        def front():
+            self.norm(nb, mHidden, mResidual, mNormW, mHOut, c == 0)
+
+        # early_loads: the first block of W loads is issued before the norm and lands under it
+        early = front if const_expr(cfg.early_loads) else None
+        if const_expr(not cfg.early_loads):
+            front()
         sXk = cute.make_tensor(nb.sX.iterator + kp * kw, nb.sX.layout)     # column 0 = this warp's k0
         atom = mma_atom(mW.element_type)
         if const_expr(cfg.pipeline):
             rows = [self._tile_row(c, p * UP + t // 2, t % 2) for p in range(J // UP)]
-            accs = warp_gemv_rows(atom, mW, rows, k0, sXk, lane, kw // _STEP, cfg.n_tiles, cfg.unroll)
+            accs = warp_gemv_rows(atom, mW, rows, k0, sXk, lane, kw // _STEP, cfg.n_tiles, cfg.unroll, front=early)
             for p in cutlass.range_constexpr(J // UP):
                 self._store_part(sAcc, accs[p], kp, p * UP + t // 2, t % 2, lane)
         else:
-            for p in cutlass.range(J // UP, unroll=1):
+            first = 0
+            if const_expr(cfg.early_loads):      # the first tile peeled off: the norm runs inside it
+                acc0 = new_acc(cfg.n_tiles)
+                warp_gemv_tile(atom, mW, self._tile_row(c, t // 2, t % 2), k0, sXk, acc0, lane, kw // _STEP,
+                               cfg.n_tiles, cfg.unroll, front=early)
+                self._store_part(sAcc, acc0, kp, t // 2, t % 2, lane)
+                first = 1
+            for p in cutlass.range(first, J // UP, unroll=1):
                 j = p * UP + t // 2
                 acc = new_acc(cfg.n_tiles)
                 warp_gemv_tile(atom, mW, self._tile_row(c, j, t % 2), k0, sXk, acc, lane, kw // _STEP,
