@@ -38,9 +38,10 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterReduce, GridBarrier, cluster_sync
-from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
+from cf_cute.primitives import GridBarrier, cluster_sync
+from cf_cute.primitives.plan import check_smem
 
+from .paired_splitk import PairedGrid, paired_reduce, reduce_pairs
 from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .rmsnorm_slice import NormSlice, NormSliceConfig
@@ -53,7 +54,7 @@ _LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
-class MLPBlockConfig:
+class MLPBlockConfig(PairedGrid):
     batch: int
     hidden: int
     intermediate: int
@@ -74,10 +75,6 @@ class MLPBlockConfig:
                                   # GEMV done, 3 reduce + SiLU done, 4 grid barrier passed, 5 end)
 
     @property
-    def grid(self) -> int:
-        return self.num_clusters * self.cluster_size
-
-    @property
     def phase_b_unroll(self) -> int:
         """Lock-step tiles hold W of every tile in registers: a shallower block keeps
         the bytes in flight per warp about the same."""
@@ -90,20 +87,6 @@ class MLPBlockConfig:
     @property
     def slice(self) -> int:
         return self.hidden // self.cluster_size
-
-    @property
-    def num_warps(self) -> int:
-        return self.num_threads // _WARP
-
-    @property
-    def units_per_pass(self) -> int:
-        return self.num_warps // (2 * self.k_parts)
-
-    @property
-    def units_per_cluster(self) -> int:
-        """J: units of the busiest cluster, rounded up to whole passes."""
-        j = -(-self.units // self.num_clusters)
-        return -(-j // self.units_per_pass) * self.units_per_pass
 
     @property
     def n_tiles(self) -> int:
@@ -152,23 +135,12 @@ class MLPBlock:
                  + 3 * 16)
         # reduce-scatter in `rounds` rounds of Jr units (the last may run past J: those units
         # are beyond every cluster's range and skipped); each owner must hold whole (gate, up) pairs
-        self.red = None
-        for rounds in range(1, J + 1):
-            jr = -(-J // rounds)
-            try:
-                red = ClusterReduce(jr * per_unit, C, T, op="sum", scatter=True, stages=2 if rounds > 1 else 1,
-                                    barrier_id=2)
-            except ValueError:
-                continue
-            if red.per_thread % 2 or red.per_thread > 32:
-                continue
-            if fixed + red.smem_bytes <= SMEM_LIMIT_BYTES:
-                self.red, self.rounds, self.units_per_round = red, rounds, jr
-                break
-        if self.red is None:
+        plan = paired_reduce(J, per_unit, C, T, fixed)
+        if plan is None:
             raise ValueError(f"MLPBlock(batch {B}, hidden {cfg.hidden}, intermediate {cfg.intermediate}, "
                              f"{cfg.num_clusters} clusters of {C}) does not fit in shared memory: "
                              f"use more clusters or fewer k_parts")
+        self.red, self.rounds, self.units_per_round = plan
         self.smem_bytes = fixed + self.red.smem_bytes
         check_smem(f"MLPBlock(batch {B}, {cfg.num_clusters} clusters of {C})", self.smem_bytes)
 
@@ -196,6 +168,21 @@ class MLPBlock:
         dst = cute.make_tensor(sAcc.iterator + kp * (cfg.units_per_cluster * per_unit) + j * per_unit + t % 2,
                                cute.make_layout((cfg.batch, 16), stride=(32, 2)))
         store_acc(acc, dst, Int32(0), lane, cfg.n_tiles, cfg.batch)
+
+    @cute.jit
+    def _silu_mul(self, pos: Int32, g: Float32, up: Float32, c: Int32, mAct: cute.Tensor):
+        """The owner of fragment pair ``pos`` (gate g, up) of cluster c writes act = silu(g) * up."""
+        cfg = self.cfg
+        per_unit = cfg.batch * 32
+        j = pos // per_unit
+        b = (pos % per_unit) // 32
+        row = (pos % 32) // 2
+        u = c + j * cfg.num_clusters
+        if u < cfg.units and j < cfg.units_per_cluster:
+            # g * 1/(1 + e^-g) through rcp.approx: an IEEE divide here adds a slow-path
+            # subroutine (and stack) to a kernel at 255 registers (docs/NOTES.md)
+            silu = g * cute.arch.rcp_approx(Float32(1.0) + cute.math.exp2(-g * Float32(_LOG2E), fastmath=True))
+            mAct[b, u * 16 + row] = self.dtype(silu * up)
 
     @cute.kernel
     def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mWgu: cute.Tensor,
@@ -268,32 +255,8 @@ class MLPBlock:
         self.gbar.stamp(mBar, bidx, 2)
 
         # ---- sum the K parts, reduce-scatter over the cluster, SiLU(gate) * up -> act
-        V = self.red.per_thread
-        n_r = self.red.num_elems
-        p0 = self.red.thread_offset(tidx)
-        for k in cutlass.range_constexpr(self.rounds):
-            frag = self.red.make_fragment()
-            for v in cutlass.range_constexpr(V):
-                pos = cutlass.min(k * n_r + p0 + v, Int32(J * per_unit - 1))
-                tot = Float32(0.0)
-                for q in cutlass.range_constexpr(KP):
-                    tot = tot + sAcc[q, pos]
-                frag[v] = tot
-            res = self.red.reduce_scatter(rb, frag, Int32(k))
-            if self.red.owns(tidx):
-                for v in cutlass.range_constexpr(0, V, 2):
-                    pos = k * n_r + tidx * V + v
-                    j = pos // per_unit
-                    b = (pos % per_unit) // 32
-                    row = (pos % 32) // 2
-                    u = c + j * cfg.num_clusters
-                    if u < cfg.units and j < J:
-                        g = res[v]
-                        # g * 1/(1 + e^-g) through rcp.approx: an IEEE divide here adds a slow-path
-                        # subroutine (and stack) to a kernel at 255 registers (docs/NOTES.md)
-                        silu = g * cute.arch.rcp_approx(Float32(1.0) + cute.math.exp2(-g * Float32(_LOG2E),
-                                                                                     fastmath=True))
-                        mAct[b, u * 16 + row] = self.dtype(silu * res[v + 1])
+        reduce_pairs(self.red, rb, sAcc, self.rounds, KP, J * per_unit, tidx,
+                     lambda pos, g, up: self._silu_mul(pos, g, up, c, mAct))
         cluster_sync()                       # retires both collectives
         self.gbar.stamp(mBar, bidx, 3)
 

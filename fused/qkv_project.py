@@ -42,40 +42,22 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterReduce, cluster_sync
-from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
+from cf_cute.primitives import cluster_sync
+from cf_cute.primitives.plan import check_smem
 
+from .paired_splitk import PairedGrid, paired_reduce, reduce_pairs
 from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_rows, warp_gemv_tile
 from .qkv_rope import QKVFields, RopeAppend
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
-__all__ = ["QKVProjectConfig", "QKVProject", "paired_reduce"]
+__all__ = ["QKVProjectConfig", "QKVProject"]
 
 _WARP = 32
 _STEP = 32
 
 
-def paired_reduce(units: int, per_unit: int, cluster_size: int, num_threads: int, fixed_smem: int):
-    """The reduce-scatter of ``units`` units of ``per_unit`` fp32 partials in the fewest
-    rounds that fit next to ``fixed_smem`` bytes of shared memory, with an even number
-    of values per owner (whole pairs) and at most 32 (registers). Returns
-    ``(ClusterReduce, rounds, units per round)`` or None."""
-    for rounds in range(1, units + 1):
-        jr = -(-units // rounds)
-        try:
-            red = ClusterReduce(jr * per_unit, cluster_size, num_threads, op="sum", scatter=True,
-                                stages=2 if rounds > 1 else 1, barrier_id=2)
-        except ValueError:
-            continue
-        if red.per_thread % 2 or red.per_thread > 32:
-            continue
-        if fixed_smem + red.smem_bytes <= SMEM_LIMIT_BYTES:
-            return red, rounds, jr
-    return None
-
-
 @dataclass(frozen=True)
-class QKVProjectConfig(QKVFields):
+class QKVProjectConfig(PairedGrid, QKVFields):
     num_clusters: int = 66
     cluster_size: int = 2
     k_parts: int = 2              # warps sharing one tile's K slice
@@ -85,24 +67,6 @@ class QKVProjectConfig(QKVFields):
     @property
     def units(self) -> int:
         return self.num_kv_heads * self.rows // 32
-
-    @property
-    def grid(self) -> int:
-        return self.num_clusters * self.cluster_size
-
-    @property
-    def num_warps(self) -> int:
-        return self.num_threads // _WARP
-
-    @property
-    def units_per_pass(self) -> int:
-        return self.num_warps // (2 * self.k_parts)
-
-    @property
-    def units_per_cluster(self) -> int:
-        """J: units of the busiest cluster, rounded up to whole passes."""
-        j = -(-self.units // self.num_clusters)
-        return -(-j // self.units_per_pass) * self.units_per_pass
 
     def validate(self) -> None:
         self.validate_shape()
@@ -173,30 +137,19 @@ class QKVProject(RopeAppend):
         store_acc(acc, dst, Int32(0), lane, cfg.n_tiles, cfg.batch)
 
     @cute.jit
-    def _finish_pair(self, x1: Float32, x2: Float32, u: Int32, e: Int32, b: Int32, mCos: cute.Tensor,
-                     mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
-                     mQ: cute.Tensor):
-        """Rows (e, e + 1) of unit u for request b: rotate q and k, store q, append k and v."""
+    def _finish_pair(self, x1: Float32, x2: Float32, pos: Int32, c: Int32, mCos: cute.Tensor, mSin: cute.Tensor,
+                     mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor, mQ: cute.Tensor):
+        """The owner of fragment pair ``pos`` of cluster c (rows e, e + 1 of a unit, one
+        request): rotate q and k, store q, append k and v."""
         cfg = self.cfg
-        G, hd = cfg.group, cfg.head_dim
-        s = u // (hd // 32)
-        f = 16 * (u % (hd // 32)) + e // 2          # RoPE frequency of the pair
-        g = s // (G + 2)
-        hs = s % (G + 2)
-        pos = cutlass.min(cutlass.max(mPos[b], Int32(0)), Int32(cfg.max_len - 1))
-        d1, d2 = self.rope_dims(f)
-        if hs <= G:
-            prow = cutlass.min(pos, Int32(cfg.max_positions - 1))
-            r1, r2 = self.rope_rotate(x1, x2, mCos, mSin, prow, f)
-            if hs < G:
-                mQ[b, g * G + hs, d1] = self.dtype(r1)
-                mQ[b, g * G + hs, d2] = self.dtype(r2)
-            else:
-                self._cache_store(mK, mTable, b, pos, g, d1, r1)
-                self._cache_store(mK, mTable, b, pos, g, d2, r2)
-        else:
-            self._cache_store(mV, mTable, b, pos, g, d1, x1)
-            self._cache_store(mV, mTable, b, pos, g, d2, x2)
+        G, hd, PU = cfg.group, cfg.head_dim, self.per_unit
+        j = pos // PU
+        u = c + j * cfg.num_clusters
+        if u < cfg.units and j < cfg.units_per_cluster:
+            s = u // (hd // 32)
+            f = 16 * (u % (hd // 32)) + (pos % 32) // 2      # RoPE frequency of the pair
+            self.store_pair(x1, x2, (pos % PU) // 32, s // (G + 2), s % (G + 2), f, mCos, mSin, mPos, mK, mV,
+                            mTable, mQ)
 
     @cute.kernel
     def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
@@ -258,24 +211,6 @@ class QKVProject(RopeAppend):
         cute.arch.barrier()
 
         # ---- sum the K parts, reduce-scatter over the cluster, RoPE + stores by the pair owners
-        V = self.red.per_thread
-        n_r = self.red.num_elems
-        p0 = self.red.thread_offset(tidx)
-        for k in cutlass.range_constexpr(self.rounds):
-            frag = self.red.make_fragment()
-            for v in cutlass.range_constexpr(V):
-                pos = cutlass.min(k * n_r + p0 + v, Int32(J * PU - 1))
-                tot = Float32(0.0)
-                for q in cutlass.range_constexpr(KP):
-                    tot = tot + sAcc[q, pos]
-                frag[v] = tot
-            res = self.red.reduce_scatter(rb, frag, Int32(k))
-            if self.red.owns(tidx):
-                for v in cutlass.range_constexpr(0, V, 2):
-                    pos = k * n_r + tidx * V + v
-                    j = pos // PU
-                    u = c + j * cfg.num_clusters
-                    if u < cfg.units and j < J:
-                        self._finish_pair(res[v], res[v + 1], u, pos % 32, (pos % PU) // 32, mCos, mSin, mPos,
-                                          mK, mV, mTable, mQ)
+        reduce_pairs(self.red, rb, sAcc, self.rounds, KP, J * PU, tidx,
+                     lambda pos, x1, x2: self._finish_pair(x1, x2, pos, c, mCos, mSin, mPos, mK, mV, mTable, mQ))
         cluster_sync()                       # retires both collectives

@@ -138,6 +138,31 @@ class RopeAppend:
         s = mSin[prow, i]
         return x1 * c - x2 * s, x2 * c + x1 * s
 
+    @cute.jit
+    def store_pair(self, x1: Float32, x2: Float32, b: Int32, g: Int32, hs: Int32, f: Int32, mCos: cute.Tensor,
+                   mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
+                   mQ: cute.Tensor):
+        """Dims ``rope_dims(f)`` (values x1, x2, fp32) of head slot hs of KV head g for
+        request b (hs < G: query head g*G + hs; G: k; G + 1: v): q and k rotated by
+        frequency f at row positions[b], q stored, k and v appended to the cache there
+        (positions clamped to the cache and the table for memory safety)."""
+        cfg = self.cfg
+        G = cfg.group
+        pos = cutlass.min(cutlass.max(mPos[b], Int32(0)), Int32(cfg.max_len - 1))
+        d1, d2 = self.rope_dims(f)
+        if hs <= G:
+            prow = cutlass.min(pos, Int32(cfg.max_positions - 1))
+            r1, r2 = self.rope_rotate(x1, x2, mCos, mSin, prow, f)
+            if hs < G:
+                mQ[b, g * G + hs, d1] = self.dtype(r1)
+                mQ[b, g * G + hs, d2] = self.dtype(r2)
+            else:
+                self._cache_store(mK, mTable, b, pos, g, d1, r1)
+                self._cache_store(mK, mTable, b, pos, g, d2, r2)
+        else:
+            self._cache_store(mV, mTable, b, pos, g, d1, x1)
+            self._cache_store(mV, mTable, b, pos, g, d2, x2)
+
 
 class QKVRope(RopeAppend):
     def __init__(self, cfg: QKVRopeConfig):
@@ -266,21 +291,9 @@ class QKVRope(RopeAppend):
             b = it // ((G + 2) * half)
             hs = (it // half) % (G + 2)
             i = it % half
-            pos = cutlass.min(cutlass.max(mPos[b], Int32(0)), Int32(cfg.max_len - 1))
             d1, d2 = self.rope_dims(i)
             x1 = sPart[b * R + hs * hd + d1]
             x2 = sPart[b * R + hs * hd + d2]
-            if hs <= G:
-                prow = cutlass.min(pos, Int32(cfg.max_positions - 1))
-                r1, r2 = self.rope_rotate(x1, x2, mCos, mSin, prow, i)
-                if hs < G:
-                    mQ[b, g * G + hs, d1] = self.dtype(r1)
-                    mQ[b, g * G + hs, d2] = self.dtype(r2)
-                else:
-                    self._cache_store(mK, mTable, b, pos, g, d1, r1)
-                    self._cache_store(mK, mTable, b, pos, g, d2, r2)
-            else:
-                self._cache_store(mV, mTable, b, pos, g, d1, x1)
-                self._cache_store(mV, mTable, b, pos, g, d2, x2)
+            self.store_pair(x1, x2, b, g, hs, i, mCos, mSin, mPos, mK, mV, mTable, mQ)
         # one cluster barrier retires both collectives' buffers
         cluster_sync()
