@@ -1,6 +1,6 @@
 """MLA decode attention (issue 6), DeepSeek-V2-Lite shape: the bandwidth floor and the
-torch baselines (eager and CUDA graph) of one layer's attention step, in one run.
-The fused kernel's rows join this table when it exists.
+torch baselines (eager and CUDA graph) and the fused cf_cute path (``mla_decode``, five
+launches, CUDA graph) of one layer's attention step, in one run, one row per (batch, context).
 
     python benchmarks/bench_mla.py [--context 1024,4096,16384,32768] [--batch 1,16]
 
@@ -21,11 +21,20 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import markdown_table, read_bandwidth_gbs, stamp, time_ms, capture_graph  # noqa: E402
 
-from cf_cute.mla import mla_decode_torch, pack_mla  # noqa: E402
+from cf_cute.mla import MLAPlanKey, mla_decode, mla_decode_torch, pack_mla  # noqa: E402
 from cf_cute.reference_mla import MLAShape, MLAWeights, mla_rope_tables, mla_softmax_scale  # noqa: E402
 
 YARN = dict(type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
             mscale=0.707, mscale_all_dim=0.707)                 # DeepSeek-V2-Lite's rope_scaling
+
+
+def bench_plan_key(batch: int, ctx: int) -> MLAPlanKey:
+    """The static plan of a benchmark row (for the test file's ``mla_prebuild_configs``):
+    bf16, no residual, cache and RoPE table of ctx + 1 slots."""
+    S = MLAShape()
+    return MLAPlanKey(batch=batch, dtype="bfloat16", shape=S, eps=1e-6, scale=mla_softmax_scale(S, YARN),
+                      has_residual=False, cache_shape=(batch, ctx + 1, S.latent_dim), max_pages=0,
+                      max_positions=ctx + 1)
 
 
 def _set(S: MLAShape, batch: int, ctx: int, scale: float):
@@ -61,20 +70,29 @@ def main(argv=None) -> int:
             nbytes = w_bytes + batch * (ctx + 1) * S.latent_dim * 2
             n = max(2, min(8, int(a.budget_gb * 1e9 // nbytes)))
             sets = [probe] + [_set(S, batch, ctx, scale) for _ in range(n - 1)]
+            # sanity check on the first set (both steps append the same row at the same slot)
+            expect = mla_decode_torch(probe[2], probe[0], probe[1], positions, cos, sin)
+            got = mla_decode(probe[2], probe[0], probe[1], positions, cos, sin)
+            err = ((got.float() - expect.float()).norm() / expect.float().norm()).item()
             fns = [lambda p=p, c=c, h=h: mla_decode_torch(h, p, c, positions, cos, sin) for p, c, h in sets]
             eager = time_ms(lambda: [f() for f in fns]) * 1e3 / n
             graphs = [capture_graph(f)[0] for f in fns]
             graph = time_ms(lambda: [g.replay() for g in graphs]) * 1e3 / n
+            fused_fns = [lambda p=p, c=c, h=h: mla_decode(h, p, c, positions, cos, sin) for p, c, h in sets]
+            fused_graphs = [capture_graph(f)[0] for f in fused_fns]
+            fused = time_ms(lambda: [g.replay() for g in fused_graphs]) * 1e3 / n
             floor = nbytes / (bw * 1e3)
             row = [batch, ctx, f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{nbytes / graph / 1e3:.0f}",
-                   f"{100 * floor / graph:.0f}%"]
+                   f"{100 * floor / graph:.0f}%", f"{fused:.1f}", f"{nbytes / fused / 1e3:.0f}",
+                   f"{100 * floor / fused:.0f}%", f"{graph / fused:.2f}x", f"{err:.1e}"]
             print(" | ".join(map(str, row)), flush=True)
             rows.append(row)
-            del sets, fns, graphs, probe
+            del sets, fns, graphs, probe, fused_fns, fused_graphs
             torch.cuda.empty_cache()
     print(f"\nMLA decode attention, DeepSeek-V2-Lite shape, bf16, read bandwidth {bw:.0f} GB/s ({stamp()}):\n")
     print(markdown_table(["batch", "context", "floor µs", "torch eager µs", "torch graph µs", "torch graph GB/s",
-                          "torch graph % of floor"], rows))
+                          "torch graph % of floor", "cf_cute graph µs", "cf_cute GB/s", "cf_cute % of floor",
+                          "cf_cute vs torch graph", "rel. err vs torch"], rows))
     return 0
 
 

@@ -2,9 +2,29 @@
 form, input checks, and the unfused torch step that the fused kernel is measured
 against.
 
-STATUS: host side only. ``mla_decode_torch`` is tested on the CPU against the fp32
-references of :mod:`cf_cute.reference_mla` (which match transformers'
-DeepseekV2Attention); the fused kernel is not written yet.
+STATUS: ``mla_decode_torch`` is tested on the CPU against the fp32 references of
+:mod:`cf_cute.reference_mla` (which match transformers' DeepseekV2Attention).
+``mla_decode`` (the fused path, five launches, below) compiles for sm_90a and its
+input checks are CPU-tested. Its first GPU run (H200, session 5) stalled in the first
+test: MLAAbsorb's block sum called ``warp_idx()`` (a full-mask ``shfl.sync``) inside a
+lane-0 branch, a deadlock, since fixed; nothing has run on a GPU since. Treat its
+results as unverified until tests/test_mla.py ``-m gpu`` passes.
+
+Fused path (``mla_decode``), five launches on the current stream, no host sync::
+
+    1 MLAFront     (fused/mla_front.py)      y = rmsnorm(h) @ w_front.T          [B, rows]   (+ h)
+    2 MLAAbsorb    (fused/mla_absorb.py)     qf = [W_UK q_nope | rope(q_pe)]     [B, heads, rank + rope]
+                                             latent norm + rope(k_pe), cache append
+    3 MLAAttention (fused/mla_attention.py)  per (request, split): fp32 partial (o, m, l)
+    4 MLAOut       (fused/mla_out.py)        merge the splits (split order), o = W_UV o_lat
+    5 SplitKGemv   (fused/splitk_gemv.py)    out = h + o @ wo.T
+
+The append (launch 2) precedes every cache read (launch 3): no race. Limits (ValueError
+before any launch): bf16/fp16 only, 1..16 heads (one MMA N side in the attention), a
+paged cache's page_size a multiple of 16, rank a multiple of 128, hidden of 128.
+Rounding differs from the torch step where the kernel keeps fp32 (unnormalised p is
+rounded to the dtype for the tensor-core P V; h + o @ wo.T adds a dtype-rounded h when a
+residual is given). Scratch: one workspace per (plan, device), reused by every call.
 
 Packed layout (``pack_mla``; every GEMV weight has its outputs on rows and its
 reduction dimension contiguous, the layout of the tensor-core GEMV core)::
@@ -30,15 +50,17 @@ One decode step (``mla_decode_torch``; the kernel computes the same)::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from cf_cute.reference import apply_rope
 from cf_cute.reference_mla import MLAShape, MLAWeights
-from cf_cute.validate import check_tensor, host_index_checked
+from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked
 
-__all__ = ["PackedMLA", "pack_mla", "check_mla_operands", "mla_decode_torch"]
+__all__ = ["PackedMLA", "pack_mla", "check_mla_operands", "mla_decode_torch", "mla_decode", "MLATuning",
+           "MLAPlanKey", "mla_plan_key", "mla_kernels", "mla_splits"]
 
 
 @dataclass
@@ -159,3 +181,192 @@ def mla_decode_torch(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tenso
     o_lat = torch.einsum("bht,btr->bhr", p, lat[..., :rank])              # [B, heads, rank]
     o = torch.einsum("bhr,hvr->bhv", o_lat, packed.w_uv).reshape(B, -1)
     return (h + (o @ packed.wo.T).float()).to(dt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused path
+
+_SMS = 132          # SMs of an H100 SXM / H200: the attention's CTAs per step
+
+
+def mla_splits(batch: int, capacity: int) -> int:
+    """CTAs per request of the latent attention: about one wave of the GPU over the
+    batch, but no CTA with fewer than 64 cache slots to read."""
+    return max(1, min(_SMS // batch, -(-capacity // 64)))
+
+
+@dataclass(frozen=True)
+class MLATuning:
+    """Knobs of the fused path that do not change its result beyond rounding."""
+    pv_tensor_cores: bool = True      # the attention's P V on tensor cores (False: fp32 CUDA-core loop)
+    splits: int | None = None         # attention CTAs per request (None: ``mla_splits``)
+
+
+@dataclass(frozen=True)
+class MLAPlanKey:
+    """Everything static about one ``mla_decode`` call (the compiled kernels' key)."""
+    batch: int
+    dtype: str
+    shape: MLAShape
+    eps: float
+    scale: float
+    has_residual: bool
+    cache_shape: tuple            # contiguous [B, max_len, latent] or paged [pages, page_size, latent]
+    max_pages: int                # paged: page_table.shape[1]; 0 when contiguous
+    max_positions: int            # rows of the cos/sin tables
+    tuning: MLATuning = MLATuning()
+
+    @property
+    def paged(self) -> bool:
+        return self.max_pages > 0
+
+    @property
+    def max_len(self) -> int:
+        return self.max_pages * self.cache_shape[1] if self.paged else self.cache_shape[1]
+
+    @property
+    def splits(self) -> int:
+        if self.tuning.splits is not None:
+            return self.tuning.splits
+        return mla_splits(self.batch, self.max_len)
+
+
+def mla_plan_key(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tensor, cos: torch.Tensor, *,
+                 residual: bool, page_table: torch.Tensor | None, tuning: MLATuning | None = None) -> MLAPlanKey:
+    return MLAPlanKey(batch=hidden.shape[0], dtype=dtype_name(hidden.dtype), shape=packed.shape,
+                      eps=float(packed.eps), scale=float(packed.scale), has_residual=residual,
+                      cache_shape=tuple(cache.shape), max_pages=0 if page_table is None else page_table.shape[1],
+                      max_positions=cos.shape[0], tuning=tuning or MLATuning())
+
+
+@functools.lru_cache(maxsize=None)
+def mla_kernels(key: MLAPlanKey) -> list:
+    """``[(KernelCls, cfg, arg_specs)]`` of the five launches, in launch order; every
+    config validated (a ValueError names what is unsupported)."""
+    from cf_cute.fused.mla_absorb import MLAAbsorb, MLAAbsorbConfig
+    from cf_cute.fused.mla_attention import MLAAttention, MLAAttentionConfig
+    from cf_cute.fused.mla_front import MLAFront, MLAFrontConfig
+    from cf_cute.fused.mla_out import MLAOut, MLAOutConfig
+    from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
+    from cf_cute.gemv import arg_specs as gemv_specs
+    from cf_cute.jit import TensorSpec
+
+    if key.dtype not in ("bfloat16", "float16"):
+        raise TypeError(f"the fused MLA path takes bfloat16 or float16 activations, got {key.dtype}")
+    S, B, dt, Sp = key.shape, key.batch, key.dtype, key.splits
+    H, heads, rank, nope, rope, v = (S.hidden, S.num_heads, S.kv_lora_rank, S.qk_nope_head_dim,
+                                     S.qk_rope_head_dim, S.v_head_dim)
+    rows, lat = heads * S.qk_head_dim + S.latent_dim, S.latent_dim
+    if rope != 2 * (rope // 2):
+        raise ValueError(f"qk_rope_head_dim must be even, got {rope}")
+    if key.cache_shape[0] * key.cache_shape[1] * lat >= 2**31:
+        raise ValueError(f"a latent cache of {key.cache_shape} elements needs 64-bit offsets (not supported)")
+    paged = key.paged
+    num_pages = key.cache_shape[0] if paged else 0
+    page_size = key.cache_shape[1] if paged else 16
+    table = TensorSpec("int32", (B, key.max_pages if paged else 1), align=4)
+    pos = TensorSpec("int32", (B,), align=4)
+    cs = TensorSpec("float32", (key.max_positions, rope // 2), align=4)
+    cache = TensorSpec(dt, key.cache_shape)
+    cache_rows = TensorSpec(dt, (key.cache_shape[0] * key.cache_shape[1], lat))
+    part_o = TensorSpec("float32", (B, Sp, heads, rank))
+    part_ml = TensorSpec("float32", (B, Sp, 2, heads))
+
+    front = MLAFrontConfig(batch=B, hidden=H, rows=rows, eps=key.eps, has_residual=key.has_residual, dtype=dt)
+    absorb = MLAAbsorbConfig(batch=B, num_heads=heads, kv_lora_rank=rank, qk_nope_head_dim=nope,
+                             qk_rope_head_dim=rope, max_len=key.max_len, max_positions=key.max_positions,
+                             eps=key.eps, paged=paged, page_size=page_size, num_pages=num_pages, dtype=dt)
+    attn = MLAAttentionConfig(batch=B, num_heads=heads, kv_lora_rank=rank, qk_rope_head_dim=rope,
+                              max_len=key.max_len, splits=Sp, scale=key.scale, paged=paged, page_size=page_size,
+                              num_pages=num_pages, dtype=dt, tensor_core_pv=key.tuning.pv_tensor_cores)
+    out = MLAOutConfig(batch=B, num_heads=heads, kv_lora_rank=rank, v_head_dim=v, splits=Sp, dtype=dt)
+    # 128-row blocks (8 tiles: every warp busy) unless B x 128 partial sums do not lay over the
+    # threads of the cluster reduce (odd batches above 8): then 64-row blocks
+    block_m = 128 if B <= 8 or B % 2 == 0 else 64
+    wo = SplitKGemvConfig(m=H, k=heads * v, batch=B, cluster_size=4, block_m=block_m, dtype=dt, residual=True)
+    for cfg in (front, absorb, attn, out, wo):
+        cfg.validate()
+    # the collectives' layouts (a ValueError here, not at compile time)
+    MLAFront(front), MLAOut(out), SplitKGemv(wo)
+    return [
+        (MLAFront, front, [TensorSpec(dt, (B, H)), TensorSpec(dt, (B, H)), TensorSpec(dt, (H,)),
+                           TensorSpec(dt, (rows, H)), TensorSpec(dt, (B, rows)), TensorSpec(dt, (B, H))]),
+        (MLAAbsorb, absorb, [TensorSpec(dt, (B, rows)), TensorSpec(dt, (heads * rank, nope)),
+                             TensorSpec(dt, (rank,)), cs, cs, pos, table, cache, TensorSpec(dt, (B, heads, lat))]),
+        (MLAAttention, attn, [TensorSpec(dt, (B, heads, lat)), cache_rows, table, pos, part_o, part_ml]),
+        (MLAOut, out, [part_o, part_ml, TensorSpec(dt, (heads * v, rank)), TensorSpec(dt, (B, heads * v))]),
+        (SplitKGemv, wo, gemv_specs(wo)),
+    ]
+
+
+class _Workspace:
+    """Scratch of one (plan, device): written and read only inside one ``mla_decode``
+    call, in stream order, so consecutive calls (and graph replays) may share it."""
+
+    def __init__(self, key: MLAPlanKey, device):
+        S, B = key.shape, key.batch
+        dt = getattr(torch, key.dtype)
+        rows = S.num_heads * S.qk_head_dim + S.latent_dim
+        self.y = torch.empty(B, rows, dtype=dt, device=device)
+        self.h = torch.empty(B, S.hidden, dtype=dt, device=device)
+        self.qf = torch.empty(B, S.num_heads, S.latent_dim, dtype=dt, device=device)
+        self.part_o = torch.empty(B, key.splits, S.num_heads, S.kv_lora_rank, dtype=torch.float32, device=device)
+        self.part_ml = torch.empty(B, key.splits, 2, S.num_heads, dtype=torch.float32, device=device)
+        self.o = torch.empty(B, S.num_heads * S.v_head_dim, dtype=dt, device=device)
+        self.no_table = torch.zeros(B, 1, dtype=torch.int32, device=device)
+
+
+_workspaces: dict = {}
+_compiled: dict = {}
+
+
+def _compiled_kernels(key: MLAPlanKey) -> list:
+    fns = _compiled.get(key)
+    if fns is None:
+        from cf_cute.jit import compile_kernel
+        fns = _compiled.setdefault(key, [compile_kernel(cls, cfg, specs) for cls, cfg, specs in mla_kernels(key)])
+    return fns
+
+
+def mla_decode(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tensor, positions: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, *, residual: torch.Tensor | None = None,
+               page_table: torch.Tensor | None = None, out: torch.Tensor | None = None,
+               tuning: MLATuning | None = None) -> torch.Tensor:
+    """The fused MLA decode step (module docstring): the same result as
+    :func:`mla_decode_torch` (bf16/fp16, batch 1..16, contiguous or paged latent cache),
+    the new latent rows appended at ``positions``. Every check runs before the first
+    launch; launches go on the current stream with no host synchronisation (CUDA-graph
+    capturable when the index tensors live on the GPU). Deterministic."""
+    positions, page_table = check_mla_operands(hidden, packed, cache, positions, cos, sin, residual=residual,
+                                               page_table=page_table)
+    key = mla_plan_key(hidden, packed, cache, cos, residual=residual is not None, page_table=page_table,
+                       tuning=tuning)
+    mla_kernels(key)                               # what the kernels do not support raises here
+    B, dt, dev = hidden.shape[0], hidden.dtype, hidden.device
+    S = packed.shape
+    if out is None:
+        out = torch.empty(B, S.hidden, dtype=dt, device=dev)
+    else:
+        check_tensor("out", out, dtype=dt, shape=(B, S.hidden), cuda=False)
+    tensors = [hidden, packed.norm, packed.w_front, packed.kv_norm, packed.w_uk, packed.w_uv, packed.wo, cache, out]
+    names = ("hidden", "norm", "w_front", "kv_norm", "w_uk", "w_uv", "wo", "cache", "out")
+    if residual is not None:
+        tensors.append(residual)
+        names += ("residual",)
+    check_operands(names, *tensors)
+    check_operands(("hidden", "cos", "sin", "positions") + (("page_table",) if page_table is not None else ()),
+                   hidden, cos, sin, positions, *(() if page_table is None else (page_table,)), align=4)
+    fns = _compiled_kernels(key)
+    ws = _workspaces.get((key, dev))
+    if ws is None:
+        ws = _workspaces.setdefault((key, dev), _Workspace(key, dev))
+    table = ws.no_table if page_table is None else page_table
+    h = ws.h if residual is not None else hidden
+    f_front, f_absorb, f_attn, f_out, f_wo = fns
+    f_front(hidden, residual if residual is not None else hidden, packed.norm, packed.w_front, ws.y, ws.h)
+    f_absorb(ws.y, packed.w_uk.view(-1, S.qk_nope_head_dim), packed.kv_norm, cos, sin, positions, table, cache,
+             ws.qf)
+    f_attn(ws.qf, cache.view(-1, S.latent_dim), table, positions, ws.part_o, ws.part_ml)
+    f_out(ws.part_o, ws.part_ml, packed.w_uv.view(-1, S.kv_lora_rank), ws.o)
+    f_wo(ws.o, packed.wo, h, out)
+    return out

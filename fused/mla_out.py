@@ -1,0 +1,212 @@
+"""MLA out (issue 6, launch 4 of 5): merge the attention splits, then
+``o[b, h] = W_UV[h] @ o_lat[b, h]``.
+
+STATUS: compiles for sm_90a (tests/test_mla.py); GPU tests written, not yet run.
+
+One cluster of C CTAs per head h; CTA r owns the rank slice ``[r*rank/C, (r+1)*rank/C)``::
+
+    weights  warp w takes requests b = w, w + warps, ...: lanes over the splits,
+             M_b = max_s m[b, s, h] (warp max), sW[b, s] = 2^(m_s - M_b) (0 for an empty
+             split), sInvL[b] = 1 / sum_s sW[b, s] l[b, s, h]        (split order fixed)
+    merge    sX[b, d] = round(sInvL[b] * sum_s sW[b, s] part_o[b, s, h, d])   (d in the slice;
+             rounded to the activation dtype like the torch step's o_lat)
+    GEMV     warp w: 16-row tiles w, w + warps, ... of W_UV[h] ([v, rank], K = the slice),
+             requests on the MMA's N side -> sPart[b, row] (fp32)
+    reduce   ClusterReduce.reduce_scatter over the C slices (rank order) -> CTA r writes
+             its share of o[b, h*v : h*v + v] (activation dtype)
+
+Deterministic: every sum has a fixed order, no atomics. Barrier contract: thread 0
+initialises the reduce's mbarriers, relaxed cluster arrive at start, cluster wait
+just before the reduce (the merge hides its latency), ``teardown`` before exit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, const_expr
+
+from cf_cute.primitives import ClusterReduce
+from cf_cute.primitives.plan import check_cluster_size, check_smem
+
+from .mma_gemv import X_PAD, acc_coords, mma_atom, new_acc, warp_gemv_tile, x_smem_layout
+
+__all__ = ["MLAOutConfig", "MLAOut"]
+
+_WARP = 32
+_STEP = 32
+
+
+@dataclass(frozen=True)
+class MLAOutConfig:
+    batch: int
+    num_heads: int
+    kv_lora_rank: int
+    v_head_dim: int
+    splits: int
+    dtype: str = "bfloat16"
+    cluster_size: int = 4
+    num_threads: int = 256
+    unroll: int = 4
+    merge_unroll: int = 32        # split loads in flight per thread in the merge (L2 latency chain: splits / this)
+
+    @property
+    def n_tiles(self) -> int:
+        return (self.batch + 7) // 8
+
+    @property
+    def slice(self) -> int:
+        return self.kv_lora_rank // self.cluster_size
+
+    @property
+    def grid(self) -> int:
+        return self.num_heads * self.cluster_size
+
+    def validate(self) -> None:
+        check_cluster_size(self.cluster_size)
+        if self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype!r}")
+        if not 1 <= self.batch <= 16:
+            raise ValueError(f"batch must be in 1..16, got {self.batch}")
+        if self.kv_lora_rank % (self.cluster_size * _STEP):
+            raise ValueError(f"kv_lora_rank = {self.kv_lora_rank} must be a multiple of cluster_size * {_STEP}")
+        if self.v_head_dim % 16:
+            raise ValueError(f"v_head_dim = {self.v_head_dim} must be a multiple of 16")
+        if self.splits < 1:
+            raise ValueError(f"splits must be >= 1, got {self.splits}")
+
+
+class MLAOut:
+    def __init__(self, cfg: MLAOutConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
+        # the reduced fragment covers `frag_batch` >= batch requests (e.g. 9 x 128 values do not
+        # lay over 256 threads, 10 x 128 do); the padding rows are zero and never written out
+        self.red, self.frag_batch = None, cfg.batch
+        while self.red is None:
+            try:
+                self.red = ClusterReduce(self.frag_batch * cfg.v_head_dim, cfg.cluster_size, cfg.num_threads,
+                                         op="sum", scatter=True, stages=1)
+            except ValueError:
+                if self.frag_batch >= cfg.n_tiles * 8:
+                    raise
+                self.frag_batch += 1
+        self.smem_bytes = (self.red.smem_bytes + 2 * cfg.n_tiles * 8 * (cfg.slice + X_PAD)
+                           + 4 * self.frag_batch * cfg.v_head_dim + 4 * cfg.batch * (cfg.splits + 1) + 64)
+        check_smem(f"MLAOut(batch {cfg.batch}, splits {cfg.splits})", self.smem_bytes)
+
+    @cute.jit
+    def __call__(self, mPartO: cute.Tensor, mPartML: cute.Tensor, mWuv: cute.Tensor, mO: cute.Tensor, stream):
+        self.kernel(mPartO, mPartML, mWuv, mO).launch(
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+    @cute.jit
+    def split_weights(self, mPartML: cute.Tensor, sW: cute.Tensor, sInvL: cute.Tensor, h: Int32):
+        """sW[b, s] = 2^(m_s - max_s m_s), sInvL[b] = 1 / sum_s sW l_s (lane order, then a
+        shuffle tree: the same bits in every CTA of the cluster)."""
+        cfg = self.cfg
+        S, NW = cfg.splits, cfg.num_threads // _WARP
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        NS = (S + _WARP - 1) // _WARP
+        for b in cutlass.range(warp, cfg.batch, NW, unroll=1):
+            mx = -Float32.inf
+            for k in cutlass.range_constexpr(NS):
+                s = lane + k * _WARP
+                if s < S:
+                    mx = cute.arch.fmax(mx, mPartML[b, s, 0, h])
+            mx = cute.arch.warp_reduction_max(mx)
+            lsum = Float32(0.0)
+            for k in cutlass.range_constexpr(NS):
+                s = lane + k * _WARP
+                if s < S:
+                    m_s = mPartML[b, s, 0, h]
+                    w = Float32(0.0)
+                    if m_s != -Float32.inf:
+                        w = cute.math.exp2(m_s - mx, fastmath=True)
+                    sW[b, s] = w
+                    lsum = lsum + w * mPartML[b, s, 1, h]
+            lsum = cute.arch.warp_reduction_sum(lsum)
+            if lane == 0:
+                sInvL[b] = Float32(1.0) / lsum
+
+    @cute.jit
+    def merge(self, mPartO: cute.Tensor, sW: cute.Tensor, sInvL: cute.Tensor, sX: cute.Tensor, h: Int32,
+              k0: Int32):
+        """sX[b, d - k0] = o_lat[b, h, d] for d in this CTA's slice (rows past the batch zero)."""
+        cfg = self.cfg
+        KS, B = cfg.slice, cfg.batch
+        tidx = cute.arch.thread_idx()[0]
+        for e in cutlass.range(tidx, cfg.n_tiles * 8 * KS, cfg.num_threads, unroll=1):
+            b = e // KS
+            d = e % KS
+            val = Float32(0.0)
+            if b < B:
+                acc = Float32(0.0)
+                for s in cutlass.range(cfg.splits, unroll=cfg.merge_unroll):
+                    acc = acc + sW[b, s] * mPartO[b, s, h, k0 + d]
+                val = acc * sInvL[b]
+            sX[b, d] = self.dtype(val)
+
+    @cute.kernel
+    def kernel(self, mPartO: cute.Tensor, mPartML: cute.Tensor, mWuv: cute.Tensor, mO: cute.Tensor):
+        cfg = self.cfg
+        B, C, V, NT = cfg.batch, cfg.cluster_size, cfg.v_head_dim, cfg.n_tiles
+        n_warps = cfg.num_threads // _WARP
+        tidx = cute.arch.thread_idx()[0]
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        h = bidx // C
+        k0 = rank * cfg.slice
+
+        smem = cutlass.memory.SmemAllocator()
+        bufs = self.red.allocate(smem)
+        sX = smem.allocate_tensor(mWuv.element_type, x_smem_layout(NT, cfg.slice), byte_alignment=16)
+        sPart = smem.allocate_tensor(Float32, cute.make_layout((self.frag_batch, V), stride=(V, 1)),
+                                     byte_alignment=16)
+        sW = smem.allocate_tensor(Float32, cute.make_layout((B, cfg.splits), stride=(cfg.splits, 1)),
+                                  byte_alignment=16)
+        sInvL = smem.allocate_tensor(Float32, cute.make_layout(B), byte_alignment=16)
+        self.red.init(bufs)
+        cute.arch.cluster_arrive_relaxed()
+
+        self.split_weights(mPartML, sW, sInvL, h)
+        cute.arch.barrier()
+        self.merge(mPartO, sW, sInvL, sX, h, k0)
+        cute.arch.barrier()
+
+        atom = mma_atom(mWuv.element_type)
+        for mt in cutlass.range(warp, V // 16, n_warps, unroll=1):
+            acc = new_acc(NT)
+            warp_gemv_tile(atom, mWuv, h * V + mt * 16, k0, sX, acc, lane, cfg.slice // _STEP, NT, cfg.unroll)
+            for nt in cutlass.range_constexpr(NT):
+                for i in cutlass.range_constexpr(4):
+                    rl, b = acc_coords(lane, nt, i)
+                    if b < B:
+                        sPart[b, mt * 16 + rl] = acc[i, nt]
+        cute.arch.barrier()
+
+        # fragment position p = b * V + row (requests >= B: zero padding, see __init__)
+        Vt = self.red.per_thread
+        frag = self.red.make_fragment()
+        p0 = self.red.thread_offset(tidx)
+        for v in cutlass.range_constexpr(Vt):
+            val = Float32(0.0)
+            if (p0 + v) // V < B:
+                val = sPart[(p0 + v) // V, (p0 + v) % V]
+            frag[v] = val
+        cute.arch.cluster_wait()
+        res = self.red.reduce_scatter(bufs, frag, Int32(0))
+        if self.red.owns(tidx):
+            for v in cutlass.range_constexpr(Vt):
+                p = tidx * Vt + v
+                if p // V < B:
+                    mO[p // V, h * V + p % V] = self.dtype(res[v])
+        self.red.teardown()
+
