@@ -101,6 +101,30 @@ def _mlp(cfg: MLPBlockConfig) -> Entry:
                  MLPBlock, cfg, arg_specs(cfg), "st_async" if cfg.cluster_size > 1 else "grid")
 
 
+def _qkv_project(batch: int, heads: int, kv_heads: int) -> Entry:
+    import torch
+    from cf_cute.fused.qkv_project import QKVProject
+    from cf_cute.qkv_rope import arg_specs, qkv_project_config
+    m = dict(device="meta", dtype=torch.bfloat16)
+    cfg = qkv_project_config(torch.empty(batch, 4096, **m), torch.empty(kv_heads, (heads // kv_heads + 2) * 128, 4096, **m),
+                             torch.empty(4096, 64, dtype=torch.float32, device="meta"),
+                             torch.empty(batch, 4096, kv_heads, 128, **m), None, num_heads=heads,
+                             num_kv_heads=kv_heads, rope_style="neox", eps=1e-5, has_residual=True)
+    return _attn_entry(f"qkv_project {cfg.num_clusters}x", QKVProject, cfg, arg_specs, "st_async")
+
+
+def _mla(batch: int) -> Iterator[Entry]:
+    """The five launches of the fused MLA step, DeepSeek-V2-Lite, latent cache of 4096."""
+    from cf_cute.mla import MLAPlanKey, mla_kernels
+    from cf_cute.reference_mla import MLAShape, mla_softmax_scale
+    S = MLAShape()
+    key = MLAPlanKey(batch=batch, dtype="bfloat16", shape=S, eps=1e-6, scale=mla_softmax_scale(S), has_residual=True,
+                     cache_shape=(batch, 4096, S.latent_dim), max_pages=0, max_positions=4096)
+    for cls, cfg, args in mla_kernels(key):
+        c = getattr(cfg, "cluster_size", 1)
+        yield Entry(f"mla {cls.__name__} b={batch} C={c}", cls, cfg, args, "st_async" if c > 1 else None)
+
+
 def entries() -> Iterator[Entry]:
     from cf_cute.attention import default_cluster_size
     from cf_cute.models import BUILTIN_CONFIGS
@@ -150,6 +174,10 @@ def entries() -> Iterator[Entry]:
                                                    max_len=4096, cluster_size=c))
         yield _attention(DecodeAttentionConfig(batch=16, num_heads=32, num_kv_heads=8, head_dim=128,
                                                max_len=4096, cluster_size=c, paged=True, num_pages=4096))
+    for heads, kv_heads in ((32, 32), (32, 8)):
+        yield _qkv_project(16, heads, kv_heads)
+    for batch in (1, 16):
+        yield from _mla(batch)
     for c, batch in ((4, 1), (4, 16), (16, 1)):
         for heads, kv_heads in ((32, 32), (32, 8)):
             yield _qkv(QKVRopeConfig(batch=batch, hidden=4096, num_heads=heads, num_kv_heads=kv_heads,
