@@ -13,12 +13,12 @@ written into the caches at ``positions``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 
-import dataclasses
-
+from cf_cute.decode_attention import sm_count
 from cf_cute.fused.qkv_project import QKVProject, QKVProjectConfig
 from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
 from cf_cute.jit import TensorSpec, compile_kernel
@@ -142,7 +142,6 @@ def qkv_project(hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, *,
     """The same result as :func:`qkv_rope` from the grid-wide kernel
     (:mod:`cf_cute.fused.qkv_project`: every head's rows spread over all SMs), the
     faster one at large batches."""
-    from cf_cute.decode_attention import sm_count
     cfg = qkv_project_config(hidden, w_qkv, cos, k_cache, page_table, num_heads=num_heads,
                              num_kv_heads=num_kv_heads, rope_style=rope_style, eps=eps,
                              has_residual=residual is not None, sm_count=sm_count(hidden.device))

@@ -35,7 +35,7 @@ from cutlass import Float32, Int32, const_expr
 from cf_cute.primitives import ClusterReduce
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
-from .mma_gemv import acc_coords, mma_atom, new_acc, warp_gemv_tile
+from .mma_gemv import mma_atom, new_acc, store_acc, warp_gemv_tile
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
 __all__ = ["MLAFrontConfig", "MLAFront"]
@@ -129,11 +129,7 @@ class MLAFront:
         acc = new_acc(NT)
         warp_gemv_tile(mma_atom(mW.element_type), mW, m_base + mt * 16, k0 + kp * kpl, sXk, acc, lane,
                        kpl // _STEP, NT, cfg.unroll)
-        for nt in cutlass.range_constexpr(NT):
-            for i in cutlass.range_constexpr(4):
-                rl, b = acc_coords(lane, nt, i)
-                if b < cfg.batch:
-                    sPart[kp, b, mt * 16 + rl] = acc[i, nt]
+        store_acc(acc, sPart[kp, None, None], mt * 16, lane, NT, cfg.batch)
 
     @cute.kernel
     def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,

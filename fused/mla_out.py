@@ -31,7 +31,7 @@ from cutlass import Float32, Int32, const_expr
 from cf_cute.primitives import ClusterReduce
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
-from .mma_gemv import X_PAD, acc_coords, mma_atom, new_acc, warp_gemv_tile, x_smem_layout
+from .mma_gemv import X_PAD, mma_atom, new_acc, store_acc, warp_gemv_tile, x_smem_layout
 
 __all__ = ["MLAOutConfig", "MLAOut"]
 
@@ -185,11 +185,7 @@ class MLAOut:
         for mt in cutlass.range(warp, V // 16, n_warps, unroll=1):
             acc = new_acc(NT)
             warp_gemv_tile(atom, mWuv, h * V + mt * 16, k0, sX, acc, lane, cfg.slice // _STEP, NT, cfg.unroll)
-            for nt in cutlass.range_constexpr(NT):
-                for i in cutlass.range_constexpr(4):
-                    rl, b = acc_coords(lane, nt, i)
-                    if b < B:
-                        sPart[b, mt * 16 + rl] = acc[i, nt]
+            store_acc(acc, sPart, mt * 16, lane, NT, B)
         cute.arch.barrier()
 
         # fragment position p = b * V + row (requests >= B: zero padding, see __init__)

@@ -42,7 +42,7 @@ from cf_cute.primitives import GridBarrier, cluster_sync
 from cf_cute.primitives.plan import check_smem
 
 from .paired_splitk import PairedGrid, paired_reduce, reduce_pairs
-from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles
+from .mma_gemv import mma_atom, prefetch_rows_l2, store_acc, warp_gemv_each, warp_gemv_tiles
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
@@ -236,19 +236,9 @@ class MLPBlock:
             for p in cutlass.range_constexpr(J // UP):
                 self._store_part(sAcc, accs[None, None, p], kp, p * UP + t // 2, t, lane)
         else:
-            first = 0
-            if const_expr(cfg.early_loads):      # the first tile peeled off: the norm runs inside it
-                acc0 = new_acc(cfg.n_tiles)
-                warp_gemv_tile(atom, mWgu, self._tile_row(c, t // 2, t), k0, sXk, acc0, lane, kw // _STEP,
-                               cfg.n_tiles, cfg.unroll, front=early)
-                self._store_part(sAcc, acc0, kp, t // 2, t, lane)
-                first = 1
-            for p in cutlass.range(first, J // UP, unroll=1):
-                j = p * UP + t // 2
-                acc = new_acc(cfg.n_tiles)
-                warp_gemv_tile(atom, mWgu, self._tile_row(c, j, t), k0, sXk, acc, lane, kw // _STEP, cfg.n_tiles,
-                               cfg.unroll)
-                self._store_part(sAcc, acc, kp, j, t, lane)
+            warp_gemv_each(atom, mWgu, J // UP, lambda p: self._tile_row(c, p * UP + t // 2, t),
+                           lambda acc, p: self._store_part(sAcc, acc, kp, p * UP + t // 2, t, lane),
+                           k0, sXk, lane, kw // _STEP, cfg.n_tiles, cfg.unroll, front=early)
         if const_expr(cfg.l2_prefetch):      # W_down's first tile of this CTA, while the reduce runs
             prefetch_tiles_l2(mWd, bidx, cfg.grid, 1, warp, lane)
         cute.arch.barrier()

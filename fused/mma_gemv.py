@@ -36,7 +36,7 @@ from cutlass import Float32, Int32, const_expr
 from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
 __all__ = ["X_PAD", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles",
-           "warp_gemv_rows", "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
+           "warp_gemv_each", "warp_gemv_rows", "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
 # read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,
@@ -173,6 +173,26 @@ def warp_gemv_tiles(atom, mW: cute.Tensor, first_tile: Int32, tile_stride: cutla
     _stream(atom, mW, rows, [acc[None, None, j] for j in range(count)], k0 // 8, sX, lane, k_steps, n_tiles,
             unroll, x_rows, front=front)
     return acc
+
+
+@cute.jit
+def warp_gemv_each(atom, mW: cute.Tensor, count: cutlass.Constexpr[int], row_of, store, k0: Int32,
+                   sX: cute.Tensor, lane: Int32, k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
+                   unroll: cutlass.Constexpr[int], front=None):
+    """:func:`warp_gemv_tile` over ``count`` tiles one after the other (a dynamic loop,
+    one tile's registers; each tile starts its pipeline cold): tile p starts at row
+    ``row_of(p)`` and its accumulator goes to ``store(acc, p)``. With ``front`` the first
+    tile is peeled off and ``front`` is traced inside it, as in :func:`warp_gemv_tile`."""
+    first = 0
+    if const_expr(front is not None):
+        acc0 = new_acc(n_tiles)
+        warp_gemv_tile(atom, mW, row_of(0), k0, sX, acc0, lane, k_steps, n_tiles, unroll, front=front)
+        store(acc0, 0)
+        first = 1
+    for p in cutlass.range(first, count, unroll=1):
+        acc = new_acc(n_tiles)
+        warp_gemv_tile(atom, mW, row_of(p), k0, sX, acc, lane, k_steps, n_tiles, unroll)
+        store(acc, p)
 
 
 def warp_gemv_rows(atom, mW: cute.Tensor, rows: list, k0: Int32, sX: cute.Tensor, lane: Int32,

@@ -46,7 +46,7 @@ from cf_cute.primitives import cluster_sync
 from cf_cute.primitives.plan import check_smem
 
 from .paired_splitk import PairedGrid, paired_reduce, reduce_pairs
-from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_rows, warp_gemv_tile
+from .mma_gemv import mma_atom, prefetch_rows_l2, store_acc, warp_gemv_each, warp_gemv_rows
 from .qkv_rope import QKVFields, RopeAppend
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
@@ -195,19 +195,9 @@ class QKVProject(RopeAppend):
             for p in cutlass.range_constexpr(J // UP):
                 self._store_part(sAcc, accs[p], kp, p * UP + t // 2, t % 2, lane)
         else:
-            first = 0
-            if const_expr(cfg.early_loads):      # the first tile peeled off: the norm runs inside it
-                acc0 = new_acc(cfg.n_tiles)
-                warp_gemv_tile(atom, mW, self._tile_row(c, t // 2, t % 2), k0, sXk, acc0, lane, kw // _STEP,
-                               cfg.n_tiles, cfg.unroll, front=early)
-                self._store_part(sAcc, acc0, kp, t // 2, t % 2, lane)
-                first = 1
-            for p in cutlass.range(first, J // UP, unroll=1):
-                j = p * UP + t // 2
-                acc = new_acc(cfg.n_tiles)
-                warp_gemv_tile(atom, mW, self._tile_row(c, j, t % 2), k0, sXk, acc, lane, kw // _STEP,
-                               cfg.n_tiles, cfg.unroll)
-                self._store_part(sAcc, acc, kp, j, t % 2, lane)
+            warp_gemv_each(atom, mW, J // UP, lambda p: self._tile_row(c, p * UP + t // 2, t % 2),
+                           lambda acc, p: self._store_part(sAcc, acc, kp, p * UP + t // 2, t % 2, lane),
+                           k0, sXk, lane, kw // _STEP, cfg.n_tiles, cfg.unroll, front=early)
         cute.arch.barrier()
 
         # ---- sum the K parts, reduce-scatter over the cluster, RoPE + stores by the pair owners
