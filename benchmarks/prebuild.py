@@ -96,17 +96,19 @@ def _qkv_test_configs():
     """tests/test_qkv_rope.py::test_matches_reference (both kernels)."""
     import torch
     from cf_cute.qkv_rope import qkv_project_config, qkv_rope_config
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_qkv_rope import MATCH_BATCHES, MATCH_LEN, MATCH_SHAPES, MATCH_VARIANTS, match_cluster
     m = dict(device="meta", dtype=torch.bfloat16)
-    out, L = [], 512
-    for heads, kv_heads, hd, H in ((32, 32, 128, 4096), (32, 8, 128, 4096), (16, 4, 64, 2048)):
-        for batch in (1, 5, 16):
-            for style, paged, residual in (("neox", False, True), ("gptj", True, False)):
+    out, L = [], MATCH_LEN
+    for heads, kv_heads, hd, H in MATCH_SHAPES:
+        for batch in MATCH_BATCHES:
+            for style, paged, residual in MATCH_VARIANTS:
                 kv = (batch * L // 16 + 5, 16, kv_heads, hd) if paged else (batch, L, kv_heads, hd)
                 table = torch.empty(batch, L // 16, dtype=torch.int32, device="meta") if paged else None
                 args = (torch.empty(batch, H, **m), torch.empty(kv_heads, (heads // kv_heads + 2) * hd, H, **m),
                         torch.empty(L, hd // 2, dtype=torch.float32, device="meta"), torch.empty(*kv, **m), table)
                 kw = dict(num_heads=heads, num_kv_heads=kv_heads, rope_style=style, eps=1e-5, has_residual=residual)
-                out.append(qkv_rope_config(*args, cluster_size=4 if batch < 16 else 8, **kw))
+                out.append(qkv_rope_config(*args, cluster_size=match_cluster(batch), **kw))
                 out.append(qkv_project_config(*args, **kw))
     return out
 

@@ -95,14 +95,26 @@ def test_bad_shapes_and_positions_raise():
     assert torch.count_nonzero(kc) == 0                  # nothing written
 
 
+# the GPU cases of test_matches_reference (benchmarks/prebuild.py compiles exactly these)
+MATCH_SHAPES = [(32, 32, 128, 4096), (32, 8, 128, 4096), (16, 4, 64, 2048)]     # heads, kv_heads, hd, H
+MATCH_BATCHES = [1, 5, 16]
+MATCH_VARIANTS = [("neox", False, True), ("gptj", True, False)]                  # style, paged, residual
+MATCH_LEN = 512
+
+
+def match_cluster(batch: int) -> int:
+    """qkv_rope's cluster size in test_matches_reference."""
+    return 4 if batch < 16 else 8
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads,kv_heads,hd,H", [(32, 32, 128, 4096), (32, 8, 128, 4096), (16, 4, 64, 2048)])
-@pytest.mark.parametrize("batch", [1, 5, 16])
-@pytest.mark.parametrize("style,paged,residual", [("neox", False, True), ("gptj", True, False)])
+@pytest.mark.parametrize("heads,kv_heads,hd,H", MATCH_SHAPES)
+@pytest.mark.parametrize("batch", MATCH_BATCHES)
+@pytest.mark.parametrize("style,paged,residual", MATCH_VARIANTS)
 @pytest.mark.parametrize("grid_wide", [False, True])
 def test_matches_reference(heads, kv_heads, hd, H, batch, style, paged, residual, grid_wide):
     dev, dt = "cuda", torch.bfloat16
-    L = 512
+    L = MATCH_LEN
     s = 1 / math.sqrt(H)
     wq = torch.randn(heads * hd, H, device=dev) * s
     wk = torch.randn(kv_heads * hd, H, device=dev) * s
@@ -120,7 +132,7 @@ def test_matches_reference(heads, kv_heads, hd, H, batch, style, paged, residual
     if grid_wide:
         q, h = qkv_project(*args, **kw)
     else:
-        q, h = qkv_rope(*args, cluster_size=4 if batch < 16 else 8, **kw)
+        q, h = qkv_rope(*args, cluster_size=match_cluster(batch), **kw)
     # reference
     hf = hidden.float() + (res.float() if residual else 0)
     x = rms_norm(hf, norm_w, 1e-5).to(dt).float()
