@@ -317,15 +317,12 @@ class _Workspace:
 
 
 _workspaces: dict = {}
-_compiled: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
 def _compiled_kernels(key: MLAPlanKey) -> list:
-    fns = _compiled.get(key)
-    if fns is None:
-        from cf_cute.jit import compile_kernel
-        fns = _compiled.setdefault(key, [compile_kernel(cls, cfg, specs) for cls, cfg, specs in mla_kernels(key)])
-    return fns
+    from cf_cute.jit import compile_kernel
+    return [compile_kernel(cls, cfg, specs) for cls, cfg, specs in mla_kernels(key)]
 
 
 def mla_decode(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tensor, positions: torch.Tensor,
