@@ -113,7 +113,8 @@ def _qkv_test_configs():
     return out
 
 
-def _configs(contexts, batches):
+def _attn_configs(contexts, batches):
+    """The attention-block kernels: tests/test_attention_block.py and benchmarks/bench_attention.py."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_attention_block import FUSED_CASES, fused_config
     from cf_cute.fused.attention_block import AttentionBlockConfig
@@ -140,7 +141,31 @@ def _configs(contexts, batches):
                     out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False)
                 except ValueError:          # over the 32-bit index limit: the benchmark skips it too
                     pass
-    return out + _qkv_test_configs() + _mlp_configs(batches)
+    return out
+
+
+def _mla_items(contexts, batches):
+    """``(KernelCls, cfg, arg_specs)`` of every launch tests/test_mla.py and benchmarks/bench_mla.py compile."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_mla import mla_prebuild_configs
+    return [(cls, cfg, tuple(specs))
+            for cls, cfg, specs in mla_prebuild_configs(bench_contexts=tuple(contexts), bench_batches=tuple(batches))]
+
+
+GROUPS = ("attn", "qkv", "mlp", "mla")
+
+
+def _select(groups, contexts, batches) -> list:
+    out = []
+    if "attn" in groups:
+        out += _attn_configs(contexts, batches)
+    if "qkv" in groups:
+        out += _qkv_test_configs()
+    if "mlp" in groups:
+        out += _mlp_configs(batches)
+    if "mla" in groups:
+        out += _mla_items(contexts, batches)
+    return list(dict.fromkeys(out))
 
 
 def _build(cfg):
@@ -149,6 +174,10 @@ def _build(cfg):
     from cf_cute.fused.attention_block import AttentionBlockConfig, AttentionBlock
     from cf_cute.fused.mlp_block import MLPBlockConfig
     t = time.time()
+    if isinstance(cfg, tuple):              # (KernelCls, cfg, arg_specs): a launch compiled through jit directly
+        from cf_cute.jit import compile_kernel
+        compile_kernel(*cfg)
+        return time.time() - t
     try:
         cfg.validate()
     except ValueError:                      # e.g. a cache past the 32-bit index limit
@@ -174,12 +203,18 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--context", default="1024,4096,16384,32768")
     ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--only", default=",".join(GROUPS),
+                    help=f"comma-separated kernel groups to build, of {', '.join(GROUPS)} (default: all)")
     a = ap.parse_args(argv)
-    cfgs = _configs([int(c) for c in a.context.split(",")], [int(b) for b in a.batch.split(",")])
+    groups = set(a.only.split(","))
+    if groups - set(GROUPS):
+        ap.error(f"unknown group(s) {sorted(groups - set(GROUPS))}; choose from {', '.join(GROUPS)}")
+    cfgs = _select(groups, [int(c) for c in a.context.split(",")], [int(b) for b in a.batch.split(",")])
     # spawn: on a GPU machine the parent may have touched CUDA, which a forked child cannot re-initialise
     with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
         for cfg, dt in zip(cfgs, ex.map(_build, cfgs)):
-            print(f"{dt:6.1f} s  {cfg}", flush=True)
+            name = f"{cfg[0].__name__} {cfg[1]}" if isinstance(cfg, tuple) else cfg
+            print(f"{dt:6.1f} s  {name}", flush=True)
     return 0
 
 

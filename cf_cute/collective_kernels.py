@@ -48,10 +48,22 @@ class ReduceHarnessConfig:
     scatter: bool = False
     stages: int = 2
     transport: str = "auto"
+    # warp 0 of rank 0 spins this many SM cycles before every round: skew between the
+    # warps of a CTA, as real kernels have it (extra work for some threads between rounds)
+    skew_cycles: int = 0
 
     @property
     def grid(self) -> int:
         return self.num_clusters * self.cluster_size
+
+
+@cute.jit
+def _spin(cycles: cutlass.Constexpr[int]):
+    """Busy-wait about ``cycles`` SM clock cycles."""
+    t = cute.arch.clock64()
+    stop = t + cycles
+    while t < stop:
+        t = cute.arch.clock64()
 
 
 class _RoundsHarness:
@@ -102,6 +114,9 @@ class ReduceHarnessKernel(_RoundsHarness):
             bump = Float32((r % 5) * (rank + 1))
             for v in cutlass.range_constexpr(V):
                 frag[v] = x[v] + bump
+            if const_expr(self.cfg.skew_cycles > 0):
+                if rank == 0 and tidx < 32:
+                    _spin(self.cfg.skew_cycles)
             if const_expr(self.cfg.scatter):
                 res = self.red.reduce_scatter(bufs, frag, r)
             else:

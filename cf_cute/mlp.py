@@ -57,7 +57,7 @@ class MLPTuning:
     phase_timer: bool = False             # per-CTA phase stamps in workspace.barrier[2:] (bench_phases.py)
     num_threads: int = _DEFAULTS["num_threads"]
     pdl: bool = _DEFAULTS["pdl"]            # programmatic dependent launch (overlaps the previous kernel's tail)
-    early_loads: bool = _DEFAULTS["early_loads"]   # phase A's first W loads issued before the norm front
+    early_loads: bool | None = None       # None: phase A's first W loads before the norm front above batch 8
 
 
 @dataclass
@@ -118,6 +118,8 @@ def mlp_block_config(hidden: torch.Tensor, packed: PackedMLP, *, cluster_size: i
     knobs.pop("cluster_size"), knobs.pop("num_clusters")
     if knobs["pipeline"] is None:       # H200, Llama-2-7B: batch 1 89 vs 106 µs, batch 16 163 vs 113 µs
         knobs["pipeline"] = B <= 8
+    if knobs["early_loads"] is None:    # H200, Llama-2-7B: batch 16 96.1 vs 110.2 µs, batch 1 91.7 vs 88.9 µs
+        knobs["early_loads"] = B > 8
     if knobs["shared_x"] is None:       # H200, Llama-2-7B: batch 1 88.6 vs 90.8 µs, batch 16 115.8 vs 110.9 µs
         knobs["shared_x"] = B <= 8
     cfg = MLPBlockConfig(batch=B, hidden=H, intermediate=I, num_clusters=num_clusters, cluster_size=cluster_size,

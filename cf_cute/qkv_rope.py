@@ -86,12 +86,12 @@ def project_grid(units: int, hidden: int, sm_count: int = 132, num_warps: int = 
 
 def qkv_project_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: int, num_kv_heads: int,
                        rope_style: str, eps: float, has_residual: bool, sm_count: int = 132,
-                       pipeline: bool | None = None, early_loads: bool = False) -> QKVProjectConfig:
+                       pipeline: bool | None = None, early_loads: bool | None = None) -> QKVProjectConfig:
     """:class:`QKVProjectConfig` for these operands (the same checks as :func:`qkv_rope_config`),
     its grid from :func:`project_grid`. ``pipeline=None``: one load pipeline across a
     warp's tiles up to batch 8, as the MLP block (H200, Llama-2-7B shape: batch 1 35.9
-    vs 43.2 µs, batch 16 66.4 vs 55.8). ``early_loads``: the first W loads before the
-    norm front (batch 16 43.9 vs 55.4 µs, batch 1 37.2 vs 36.6; off until GPU-tested)."""
+    vs 43.2 µs, batch 16 66.4 vs 55.8). ``early_loads=None``: the first W loads before the
+    norm front above batch 8 (batch 16 43.9 vs 55.4 µs, batch 1 37.2 vs 36.6)."""
     base = qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, num_heads=num_heads,
                            num_kv_heads=num_kv_heads, cluster_size=1, rope_style=rope_style, eps=eps,
                            has_residual=has_residual)
@@ -100,7 +100,7 @@ def qkv_project_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: in
     c, kp, nc = project_grid(num_kv_heads * base.rows // 32, base.hidden, sm_count)
     fields.update(cluster_size=c, k_parts=kp, num_clusters=nc,
                   pipeline=base.batch <= 8 if pipeline is None else pipeline,
-                  early_loads=early_loads)
+                  early_loads=base.batch > 8 if early_loads is None else early_loads)
     cfg = QKVProjectConfig(**fields)
     cfg.validate()
     return cfg

@@ -58,7 +58,14 @@ Barrier contract, for round ``k`` (stage ``s = k % S``, parity ``p = (k/S) & 1``
    negative).
 2. A sender waits ``empty[s]`` with parity ``p ^ 1`` before writing stage
    ``s`` of any CTA: that completes when every peer released round ``k - S``
-   (it passes at once for the first S rounds of a fresh barrier).
+   (it passes at once for the first S rounds of a fresh barrier). Only a
+   thread whose writes the peers wait for may wait here: the peers cannot
+   release round k before its data arrived, so it never sees ``empty[s]``
+   past that phase. A thread that sends nothing in round k (a reduce-scatter
+   owner keeping its own slice, which only it reads back) must not wait: if
+   it came late, after the peers released round k too, parity ``p ^ 1``
+   would name the phase of round k + S and the wait would never end (the
+   fused MLP hung this way, at random, in two-round reduce-scatters).
 3. Every thread waits ``full[s]`` with parity ``p``, then reads.
 4. Release: a named barrier over the T threads (all reads done), then thread
    ``j < C`` (``j != my_rank``) arrives remotely on CTA j's ``empty[s]``.
@@ -474,7 +481,14 @@ class ClusterReduce:
         is_owner = (tidx < A) & (owner == rank)
         # ---- reduce-scatter: slice p of every fragment to slot [my rank] of CTA p
         if tidx < A:
-            _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
+            if const_expr(bulk or gather):
+                _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
+            elif owner != rank:
+                # only a thread that writes into a peer waits (contract, point 2): our own
+                # slot is read back by this same thread alone, and a thread that sends
+                # nothing is no condition of the peers' release, so it could come here
+                # after they released round k as well and wait on a phase that never ends
+                _dsmem.wait_parity(bufs.empty + s, parity ^ 1)
             if owner == rank:
                 # our own slice never leaves: the same thread folds it below
                 self._put(frag, rs_own, lane, G)

@@ -62,3 +62,28 @@ def assert_replays_equal(graph, out, expect, times: int = 3):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, expect)
+
+
+def finish_or_exit(fn, seconds: float, what: str):
+    """Run ``fn()`` (GPU launches) on a side stream and wait for it at most ``seconds``.
+    A kernel that never finishes cannot be cancelled, and any later CUDA call of the
+    process would wait for it forever: report the hang and end the process (exit 3)."""
+    import os
+    import sys
+    import time
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+        done = torch.cuda.Event()
+        done.record()
+    t0 = time.time()
+    while not done.query():
+        if time.time() - t0 > seconds:
+            sys.stderr.write(f"\nHANG: {what} did not finish in {seconds:.0f} s; ending the test process\n")
+            sys.stderr.flush()
+            os._exit(3)
+        time.sleep(0.002)
+    torch.cuda.current_stream().wait_stream(side)
+    return out

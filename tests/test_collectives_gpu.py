@@ -4,6 +4,7 @@ determinism, and the global-memory baseline computing the same thing."""
 
 import pytest
 import torch
+from conftest import finish_or_exit
 
 from cf_cute.collective_kernels import GatherHarnessConfig, GlobalExchangeConfig, ReduceHarnessConfig
 from cf_cute.collectives import (
@@ -61,6 +62,20 @@ def test_reduce_scatter(cluster, n, op, transport):
     cfg = ReduceHarnessConfig(num_elems=n, cluster_size=cluster, op=op, scatter=True, transport=transport)
     x = _int_data(cfg.grid, n)
     _assert_exact(reduce_rounds(x, cfg, ROUNDS), expected_reduce(x, cfg, ROUNDS))
+
+
+@pytest.mark.parametrize("cluster", [2, 4])
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("transport", ["st_async", "bulk"])
+def test_reduce_scatter_with_a_late_warp(cluster, stages, transport):
+    """Warp 0 of rank 0 (threads that keep their own slice and send nothing) comes to
+    every round ~50 µs late, after the peers finished the round: it must neither hang
+    nor read a wrong round (it did hang before the owner-side fix, see cluster_reduce)."""
+    cfg = ReduceHarnessConfig(num_elems=512, cluster_size=cluster, scatter=True, stages=stages,
+                              transport=transport, skew_cycles=100_000)
+    x = _int_data(cfg.grid, cfg.num_elems)
+    out = finish_or_exit(lambda: reduce_rounds(x, cfg, 12), 30, f"reduce-scatter, late warp, {cfg}")
+    _assert_exact(out, expected_reduce(x, cfg, 12))
 
 
 @pytest.mark.parametrize("stages", [1, 4])

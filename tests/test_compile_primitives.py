@@ -72,6 +72,14 @@ def test_reduce_variants_compile(cluster, n, alg, scatter, op, transport):
         assert ST_ASYNC + ".v4" in ptx
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+def test_late_warp_harness_compiles(stages):
+    """The harness of test_collectives_gpu's late-warp test: a clock64 spin before each round."""
+    ptx, plan = _reduce_ptx(ReduceHarnessConfig(num_elems=512, cluster_size=2, scatter=True, stages=stages,
+                                                skew_cycles=100_000))
+    assert "%clock64" in ptx and ST_ASYNC + ".v4" in ptx and plan.algorithm == "split"
+
+
 @pytest.mark.parametrize("cluster", [1, 2, 3, 4, 8, 16])
 @pytest.mark.parametrize("dtype,elems", [("float32", 1), ("bfloat16", 2), ("bfloat16", 512),
                                          ("float32", 4096), ("int32", 100)])
