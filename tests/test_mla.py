@@ -247,9 +247,9 @@ def test_every_batch_has_a_plan(S):
 
 
 def test_splits_fill_the_gpu_without_tiny_ranges():
-    assert mla_splits(1, 32769) == 132 and mla_splits(16, 32769) == 8
-    assert mla_splits(1, 64) == 1 and mla_splits(3, 100) == 2
-    assert all(B * mla_splits(B, 10**6) <= 132 for B in range(1, 17))
+    assert mla_splits(1, 32769) == 264 and mla_splits(16, 32769) == 16
+    assert mla_splits(1, 64) == 1 and mla_splits(3, 100) == 2 and mla_splits(1, 4097) == 65
+    assert all(B * mla_splits(B, 10**6) <= 2 * 132 for B in range(1, 17))
 
 
 def _lite_case(B, L, paged, dtype, device="cpu", S=LITE, P=16):
