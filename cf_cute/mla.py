@@ -4,11 +4,10 @@ against.
 
 STATUS: ``mla_decode_torch`` is tested on the CPU against the fp32 references of
 :mod:`cf_cute.reference_mla` (which match transformers' DeepseekV2Attention).
-``mla_decode`` (the fused path, five launches, below) compiles for sm_90a and its
-input checks are CPU-tested. Its first GPU run (H200, session 5) stalled in the first
-test: MLAAbsorb's block sum called ``warp_idx()`` (a full-mask ``shfl.sync``) inside a
-lane-0 branch, a deadlock, since fixed; nothing has run on a GPU since. Treat its
-results as unverified until tests/test_mla.py ``-m gpu`` passes.
+``mla_decode`` (the fused path, five launches, below) compiles for sm_90a, its
+input checks are CPU-tested, and it is GPU-tested on an H200 (tests/test_mla.py
+``-m gpu``, session 6: batch 1-16, contiguous and paged, fp16/bf16, context up to
+32768; 2.4-3.4x the torch CUDA-graph step, benchmarks/RESULTS.md).
 
 Fused path (``mla_decode``), five launches on the current stream, no host sync::
 

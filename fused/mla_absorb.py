@@ -1,7 +1,7 @@
 """MLA absorb (issue 6, launch 2 of 5): ``q_lat = W_UK q_nope`` per head, the
 latent RMSNorm, RoPE of q_pe and k_pe, and the latent-cache append.
 
-STATUS: compiles for sm_90a (tests/test_mla.py); GPU tests written, not yet run.
+STATUS: compiles for sm_90a; GPU-tested on an H200 (tests/test_mla.py, session 6).
 
 Inputs: ``y [B, heads * (nope + rope) + rank + rope]`` from ``MLAFront`` (activation
 dtype). Output: the attention query ``qf [B, heads, rank + rope] = [q_lat | rope(q_pe)]``

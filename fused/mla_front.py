@@ -1,7 +1,7 @@
 """MLA front (issue 6, launch 1 of 5): (residual add) + RMSNorm + the whole
 ``[q | ckv]`` projection of DeepSeek-V2 in one weight stream.
 
-STATUS: compiles for sm_90a (tests/test_mla.py); GPU tests written, not yet run.
+STATUS: compiles for sm_90a; GPU-tested on an H200 (tests/test_mla.py, session 6).
 
 ``y = rmsnorm(hidden (+ residual)) * norm  @  w_front.T`` with ``w_front [rows,
 hidden]`` = [q_proj rows (heads * (nope + rope)) | kv_a rows (rank + rope)]
