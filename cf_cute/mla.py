@@ -185,16 +185,15 @@ def mla_decode_torch(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # The fused path
 
-_SMS = 132          # SMs of an H100 SXM / H200
 _WAVES = 2          # attention CTAs per SM the split count aims at (two fit at once)
 
 
-def mla_splits(batch: int, capacity: int) -> int:
+def mla_splits(batch: int, capacity: int, sm_count: int = 132) -> int:
     """CTAs per request of the latent attention: about two CTAs per SM over the batch
     (H200, bf16, step time with splits of one wave / two / three: batch 16 at 32K 586 /
     512 / 566 µs, batch 1 at 32K 78.7 / 73.3 / 93.3 µs), but no CTA with fewer than 64
     cache slots to read (batch 1 at 4K: 65 splits 51.4 µs, 132 54.0)."""
-    return max(1, min(_WAVES * _SMS // batch, -(-capacity // 64)))
+    return max(1, min(_WAVES * sm_count // batch, -(-capacity // 64)))
 
 
 @dataclass(frozen=True)
@@ -217,6 +216,7 @@ class MLAPlanKey:
     max_pages: int                # paged: page_table.shape[1]; 0 when contiguous
     max_positions: int            # rows of the cos/sin tables
     tuning: MLATuning = MLATuning()
+    sm_count: int = 132           # SMs of the device (the split plan)
 
     @property
     def paged(self) -> bool:
@@ -230,15 +230,16 @@ class MLAPlanKey:
     def splits(self) -> int:
         if self.tuning.splits is not None:
             return self.tuning.splits
-        return mla_splits(self.batch, self.max_len)
+        return mla_splits(self.batch, self.max_len, self.sm_count)
 
 
 def mla_plan_key(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tensor, cos: torch.Tensor, *,
                  residual: bool, page_table: torch.Tensor | None, tuning: MLATuning | None = None) -> MLAPlanKey:
+    from cf_cute.decode_attention import sm_count as device_sms
     return MLAPlanKey(batch=hidden.shape[0], dtype=dtype_name(hidden.dtype), shape=packed.shape,
                       eps=float(packed.eps), scale=float(packed.scale), has_residual=residual,
                       cache_shape=tuple(cache.shape), max_pages=0 if page_table is None else page_table.shape[1],
-                      max_positions=cos.shape[0], tuning=tuning or MLATuning())
+                      max_positions=cos.shape[0], tuning=tuning or MLATuning(), sm_count=device_sms(hidden.device))
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,6 +5,7 @@ with the instructions the design relies on (CPU), bad inputs raise before any
 launch (CPU), and on a GPU it matches the torch step and the fp32 reference,
 appends the right cache rows, is deterministic and replays in a CUDA graph."""
 
+import dataclasses
 import math
 import re
 
@@ -250,6 +251,8 @@ def test_splits_fill_the_gpu_without_tiny_ranges():
     assert mla_splits(1, 32769) == 264 and mla_splits(16, 32769) == 16
     assert mla_splits(1, 64) == 1 and mla_splits(3, 100) == 2 and mla_splits(1, 4097) == 65
     assert all(B * mla_splits(B, 10**6) <= 2 * 132 for B in range(1, 17))
+    assert mla_splits(16, 32769, sm_count=114) == 14           # another Hopper (H100 PCIe): its own SMs
+    assert dataclasses.replace(_plan_key(*GPU_CASES[4]), sm_count=114).splits == 114
 
 
 def _lite_case(B, L, paged, dtype, device="cpu", S=LITE, P=16):
