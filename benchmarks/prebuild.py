@@ -6,6 +6,7 @@ specs) is the same on the GPU machine, so shipping the cache folder there
 turns each compile (5-30 s of device time) into a load of a few ms.
 
     CF_CUTE_CACHE_DIR=.device/cfcache python benchmarks/prebuild.py [--jobs 2] [--context 1024,4096]
+        [--only attn,qkv,mlp,mla]
 """
 
 from __future__ import annotations
@@ -148,24 +149,16 @@ def _mla_items(contexts, batches):
     """``(KernelCls, cfg, arg_specs)`` of every launch tests/test_mla.py and benchmarks/bench_mla.py compile."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_mla import mla_prebuild_configs
-    return [(cls, cfg, tuple(specs))
-            for cls, cfg, specs in mla_prebuild_configs(bench_contexts=tuple(contexts), bench_batches=tuple(batches))]
+    return mla_prebuild_configs(bench_contexts=tuple(contexts), bench_batches=tuple(batches))
 
 
-GROUPS = ("attn", "qkv", "mlp", "mla")
+# kernel groups for --only: each a function of (contexts, batches)
+GROUPS = {"attn": _attn_configs, "qkv": lambda contexts, batches: _qkv_test_configs(),
+          "mlp": lambda contexts, batches: _mlp_configs(batches), "mla": _mla_items}
 
 
 def _select(groups, contexts, batches) -> list:
-    out = []
-    if "attn" in groups:
-        out += _attn_configs(contexts, batches)
-    if "qkv" in groups:
-        out += _qkv_test_configs()
-    if "mlp" in groups:
-        out += _mlp_configs(batches)
-    if "mla" in groups:
-        out += _mla_items(contexts, batches)
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(c for g in GROUPS if g in groups for c in GROUPS[g](contexts, batches)))
 
 
 def _build(cfg):

@@ -184,8 +184,8 @@ def _plan_key(S, B, L, paged, dtype, residual, P=16, tuning=None) -> MLAPlanKey:
 
 
 def mla_prebuild_configs(bench_contexts=(1024, 4096, 16384, 32768), bench_batches=(1, 16)) -> list:
-    """``[(KernelCls, cfg, arg_specs)]`` of every kernel the GPU tests and
-    benchmarks/bench_mla.py compile (for benchmarks/prebuild.py)."""
+    """``[(KernelCls, cfg, arg_specs)]`` (specs as a tuple: hashable) of every kernel the
+    GPU tests and benchmarks/bench_mla.py compile, once each (for benchmarks/prebuild.py)."""
     keys = [_plan_key(*case) for case in GPU_CASES] + [_plan_key(*TUNING_CASE, tuning=t) for t in TUNINGS]
     if bench_contexts:
         import sys
@@ -193,14 +193,7 @@ def mla_prebuild_configs(bench_contexts=(1024, 4096, 16384, 32768), bench_batche
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
         from bench_mla import bench_plan_key
         keys += [bench_plan_key(B, ctx) for B in bench_batches for ctx in bench_contexts]
-    seen, out = set(), []
-    for k in keys:
-        for item in mla_kernels(k):
-            sig = (item[0], item[1], tuple(item[2]))
-            if sig not in seen:
-                seen.add(sig)
-                out.append(item)
-    return out
+    return list(dict.fromkeys((cls, cfg, tuple(specs)) for k in keys for cls, cfg, specs in mla_kernels(k)))
 
 
 _FLOAT_ATOMIC = re.compile(r"^\s*(@%p\d+\s+)?(atom|red)\.[^;]*\.f(16|32|64)", re.M)
