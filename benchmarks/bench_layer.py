@@ -17,6 +17,7 @@ Floors: MLP = (gate + up + down weights) / measured read bandwidth; layer = MLP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 
@@ -48,7 +49,7 @@ def mlp_sets(n: int, batch: int, H: int, I: int):
                        w_gate=(torch.randn(I, H, device=dev) / math.sqrt(H)).to(dt),
                        w_up=(torch.randn(I, H, device=dev) / math.sqrt(H)).to(dt),
                        w_down=(torch.randn(H, I, device=dev) / math.sqrt(I)).to(dt))
-        out.append((pack_mlp(w), torch.randn(batch, H, device=dev, dtype=dt)))
+        out.append((pack_mlp(w), torch.randn(batch, H, device=dev, dtype=dt), pack_mlp(w, layout="linear")))
     return out
 
 
@@ -64,17 +65,37 @@ def _time(fns, eager: bool) -> float | None:
         step = lambda: [g.replay() for g in graphs]      # noqa: E731
     return time_ms(step) * 1e3 / len(fns)
 
+# weight-order variants the benchmark is run with (prebuild.py compiles them ahead)
+LINEAR_VARIANTS = ("linear",)
+
+
+def variant_tuning(name: str) -> tuple[bool, MLPTuning]:
+    """``name`` = variants joined by ``+`` (e.g. ``linear+unroll4``): (nn.Linear-order
+    weights instead of the default tiled ones?, the MLPTuning with every named
+    variant's non-default knobs)."""
+    parts = name.split("+")
+    linear = "linear" in parts
+    knobs = {}
+    for v in (p for p in parts if p != "linear"):
+        t = MLP_VARIANTS[v]
+        knobs.update({f.name: getattr(t, f.name) for f in dataclasses.fields(t)
+                      if getattr(t, f.name) != f.default})
+    return linear, MLPTuning(**knobs)
+
 
 def bench_mlp(batch: int, H: int, I: int, sets: int, variants) -> dict:
-    items = mlp_sets(sets, batch, H, I)
-    res = {"torch eager": _time([lambda p=p, h=h: mlp_block_torch(h, p) for p, h in items], True),
-           "torch graph": _time([lambda p=p, h=h: mlp_block_torch(h, p) for p, h in items], False)}
+    sets3 = mlp_sets(sets, batch, H, I)
+    items = [(p, h) for p, h, _ in sets3]                 # tiled weights (pack_mlp's default)
+    linear_items = [(pl, h) for _, h, pl in sets3]        # the same weights in nn.Linear order
+    res = {"torch eager": _time([lambda p=p, h=h: mlp_block_torch(h, p) for p, h in linear_items], True),
+           "torch graph": _time([lambda p=p, h=h: mlp_block_torch(h, p) for p, h in linear_items], False)}
     cfg = planned_config(items[0][1], items[0][0])
     res[f"cf_cute ({cfg.num_clusters}x{cfg.cluster_size})"] = _time(
         [lambda p=p, h=h: mlp_block(h, p) for p, h in items], False)
     for v in variants:
-        t = MLP_VARIANTS[v]
-        res[f"cf_cute {v}"] = _time([lambda p=p, h=h, t=t: mlp_block(h, p, tuning=t) for p, h in items], False)
+        linear, t = variant_tuning(v)
+        res[f"cf_cute {v}"] = _time([lambda p=p, h=h, t=t: mlp_block(h, p, tuning=t)
+                                     for p, h in (linear_items if linear else items)], False)
     return res
 
 
@@ -85,22 +106,23 @@ def bench_layer(batch: int, ctx: int, H: int, I: int, heads: int, kv_heads: int,
     positions = torch.full((batch,), ctx - 1, dtype=torch.int32, device=dev)
     attn = attention_sets(sets, batch, ctx, heads=heads, kv_heads=kv_heads, hidden=H, head_dim=hd)
     mlps = mlp_sets(sets, batch, H, I)
-    items = [(w, DecoderLayerWeights(attn=pa, mlp=pm), kc, vc, h) for (w, pa, kc, vc, h), (pm, _) in zip(attn, mlps)]
+    items = [(w, DecoderLayerWeights(attn=pa, mlp=pm), kc, vc, h, pl)
+             for (w, pa, kc, vc, h), (pm, _, pl) in zip(attn, mlps)]
 
-    def torch_layer(w, layer, kc, vc, h):
+    def torch_layer(w, layer, kc, vc, h, linear_mlp):
         blk = TorchBlock(w, heads, kv_heads, cos, sin, ctx)
-        return lambda: mlp_block_torch(blk(h, kc, vc, positions), layer.mlp)
+        return lambda: mlp_block_torch(blk(h, kc, vc, positions), linear_mlp)
 
     res = {"torch eager": _time([torch_layer(*it) for it in items], True),
            "torch graph": _time([torch_layer(*it) for it in items], False),
            "cf_cute layer": _time([lambda l=layer, kc=kc, vc=vc, h=h: decoder_layer(h, l, kc, vc, positions, cos, sin)
-                                   for _, layer, kc, vc, h in items], False),
+                                   for _, layer, kc, vc, h, _ in items], False),
            "cf_cute layer, PDL": _time([lambda l=layer, kc=kc, vc=vc, h=h: decoder_layer(
                h, l, kc, vc, positions, cos, sin, attn_tuning=AttentionTuning(pdl=True),
-               mlp_tuning=MLPTuning(pdl=True)) for _, layer, kc, vc, h in items], False),
+               mlp_tuning=MLPTuning(pdl=True)) for _, layer, kc, vc, h, _ in items], False),
            "cf_cute attention only": _time([lambda l=layer, kc=kc, vc=vc, h=h:
                                             attention_block(h, l.attn, kc, vc, positions, cos, sin)
-                                            for _, layer, kc, vc, h in items], False)}
+                                            for _, layer, kc, vc, h, _ in items], False)}
     return res
 
 

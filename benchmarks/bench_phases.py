@@ -50,6 +50,27 @@ def record(barrier: torch.Tensor, per: dict, spans: list, names) -> None:
     spans.append(float(t[:, 5].max() - t[:, 0].min()))
 
 
+def placement(barrier: torch.Tensor, place: list) -> None:
+    """Add one launch's CTA placement to ``place``: (SMs used, SMs holding two or more
+    CTAs, median first-phase time of CTAs sharing an SM, of CTAs alone on theirs), from
+    the ``%smid`` that stamp 0 writes (``GridBarrier.SMID_WORD``)."""
+    w = barrier[GridBarrier.STATE_WORDS:].view(-1, GridBarrier.STAMP_WORDS).to(torch.int64).cpu()
+    sm = w[:, GridBarrier.SMID_WORD]
+    d = (w[:, 1] - w[:, 0]) % 2**32
+    ids, inverse, counts = torch.unique(sm, return_inverse=True, return_counts=True)
+    shared = counts[inverse] > 1
+    med = lambda m: float(d[m].float().median()) if bool(m.any()) else float("nan")  # noqa: E731
+    place.append((len(ids), int((counts > 1).sum()), med(shared), med(~shared)))
+
+
+def placement_row(key: list, place: list) -> list:
+    cols = list(zip(*place))
+    row = key + [f"{statistics.median(cols[0]):.0f}", f"{statistics.median(cols[1]):.0f}",
+                 f"{statistics.median(cols[2]) / 1e3:.1f}", f"{statistics.median(cols[3]) / 1e3:.1f}"]
+    print("placement:", " | ".join(map(str, row)), flush=True)
+    return row
+
+
 def summary(key: list, per: dict, spans: list, names) -> list:
     row = key + [f"{statistics.median(per[n][0]) / 1e3:.1f} / {statistics.median(per[n][1]) / 1e3:.1f}"
                  for n in names] + [f"{statistics.median(spans) / 1e3:.1f}"]
@@ -70,7 +91,7 @@ def mlp_main(a) -> int:
         per = {p: ([], []) for p in MLP_PHASES}
         spans = []
         for i in range(a.launches + 3):
-            p, hidden = sets[i % len(sets)]
+            p, hidden, _ = sets[i % len(sets)]
             mlp_block(hidden, p, tuning=tuning, workspace=ws)
             torch.cuda.synchronize()
             if i >= 3:
@@ -88,6 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", type=int, default=8)
     ap.add_argument("--launches", type=int, default=40)
     ap.add_argument("--threads", type=int, default=256, help="threads per CTA (AttentionTuning.num_threads)")
+    ap.add_argument("--cluster-size", type=int, default=None, help="attention only (default: the planner's)")
     ap.add_argument("--block", choices=["attention", "mlp"], default="attention")
     ap.add_argument("--heads", type=int, default=32, help="attention only (GQA: --kv-heads 8)")
     ap.add_argument("--kv-heads", type=int, default=32)
@@ -101,7 +123,7 @@ def main(argv=None) -> int:
         return mlp_main(a)
     dev, dt, H, heads, kv_heads, hd = "cuda", torch.bfloat16, a.hidden, a.heads, a.kv_heads, 128
     tuning = AttentionTuning(phase_timer=True, num_threads=a.threads)
-    rows = []
+    rows, places = [], []
     print(f"threads per CTA: {a.threads}", flush=True)
     for batch in (int(b) for b in a.batch.split(",")):
         for ctx in (int(c) for c in a.context.split(",")):
@@ -112,23 +134,30 @@ def main(argv=None) -> int:
                                                     head_dim=hd)]
             ws = None
             per = {p: ([], []) for p in PHASES}
-            spans = []
+            spans, place = [], []
             for i in range(a.launches + 3):
                 p, kc, vc, hidden = sets[i % len(sets)]
                 if ws is None:
-                    attention_block(hidden, p, kc, vc, positions, cos, sin, tuning=tuning)   # builds the workspace
+                    attention_block(hidden, p, kc, vc, positions, cos, sin, tuning=tuning,
+                                    cluster_size=a.cluster_size)   # builds the workspace
                     from cf_cute.attention import _workspaces
                     ws = next(v for k, v in _workspaces.items()
                               if k[0].phase_timer and k[0].num_threads == a.threads and k[0].max_len == L)
-                attention_block(hidden, p, kc, vc, positions, cos, sin, tuning=tuning, workspace=ws)
+                attention_block(hidden, p, kc, vc, positions, cos, sin, tuning=tuning, workspace=ws,
+                                cluster_size=a.cluster_size)
                 torch.cuda.synchronize()
                 if i < 3:
                     continue
                 record(ws.barrier, per, spans, PHASES)
+                placement(ws.barrier, place)
             rows.append(summary([batch, ctx], per, spans, PHASES))
+            places.append(placement_row([batch, ctx], place))
     print(f"\nFused attention block phases, µs (median / max over CTAs), H={H}, {heads}/{kv_heads} heads x {hd}, "
           f"bf16 ({stamp()}):\n")
     print(markdown_table(["batch", "context"] + list(PHASES) + ["span"], rows))
+    print("\nPlacement (median over launches): SMs holding a CTA, SMs holding two or more, median qkv µs of "
+          "CTAs sharing an SM / alone:\n")
+    print(markdown_table(["batch", "context", "SMs", "shared SMs", "qkv shared", "qkv alone"], places))
     return 0
 
 

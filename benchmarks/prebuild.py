@@ -56,20 +56,21 @@ def _mlp_configs(batches):
     from cf_cute import mlp
     from cf_cute.fused.attention_block import AttentionBlockConfig
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_mlp_block import SHAPES
+    from test_mlp_block import LAYOUT_CASES, SHAPES
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_layer import MLP_VARIANTS
+    from bench_layer import LINEAR_VARIANTS, MLP_VARIANTS, variant_tuning
 
-    def plan(B, H, I, dt=torch.bfloat16, residual=False, tuning=None):
+    def plan(B, H, I, dt=torch.bfloat16, residual=False, tuning=None, layout="tiled"):
         packed = mlp.PackedMLP(norm=torch.empty(H, dtype=dt, device="meta"),
                                w_gate_up=torch.empty(2 * I, H, dtype=dt, device="meta"),
-                               w_down=torch.empty(H, I, dtype=dt, device="meta"))
+                               w_down=torch.empty(H, I, dtype=dt, device="meta"), layout=layout)
         try:
             return [mlp._plan(torch.empty(B, H, dtype=dt, device="meta"), packed, residual, tuning, 0)]
         except ValueError:              # a forced grid that does not fit: the caller skips it too
             return []
 
     out = [c for H, I in SHAPES for b in (1, 3, 16) for c in plan(b, H, I, residual=b != 3)]
+    out += [c for H, I, b in LAYOUT_CASES for lay in ("tiled", "linear") for c in plan(b, H, I, layout=lay)]
     for t in (mlp.MLPTuning(cluster_size=1), mlp.MLPTuning(cluster_size=4, k_parts=2),
               mlp.MLPTuning(k_parts=1, l2_prefetch=False), mlp.MLPTuning(cluster_size=2, num_clusters=40),
               mlp.MLPTuning(pipeline=False), mlp.MLPTuning(early_loads=True),
@@ -81,6 +82,10 @@ def _mlp_configs(batches):
         out += plan(b, 4096, 11008)
         for t in MLP_VARIANTS.values():
             out += plan(b, 4096, 11008, tuning=t)
+        for H, I in ((4096, 11008), (4096, 14336)):
+            out += plan(b, H, I)
+            for v in LINEAR_VARIANTS:
+                out += plan(b, H, I, tuning=variant_tuning(v)[1], layout="linear")
     for b, paged in ((1, False), (4, True)):       # test_decoder_layer_matches_transformers
         out.append(AttentionBlockConfig(batch=b, hidden=2048, num_heads=32, num_kv_heads=8, head_dim=64,
                                         max_len=256, max_positions=256, cluster_size=16, paged=paged,

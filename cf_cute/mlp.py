@@ -9,11 +9,14 @@ gate/up projections split over clusters, a DSMEM reduce-scatter and SiLU into an
 L2 scratch; a grid barrier; phase B: the down projection plus h).
 
 ``pack_mlp`` concatenates gate and up into one ``[2I, H]`` weight (vLLM's
-merged layout; pass ``w_gate_up`` directly if you have it). The launch needs its
+merged layout; pass ``w_gate_up`` directly if you have it) and, by default,
+reorders both weights into the GEMV core's tiled order (:mod:`cf_cute.tiles`:
+the same results bit for bit, 8-11% faster on an H200; ``layout="linear"``
+keeps nn.Linear order, which the kernel reads too). The launch needs its
 grid resident at once (sized from the GPU on first use) and a small workspace
 per (shape, device): the activation ``[B, I]`` and the grid barrier's state.
 Calls sharing a workspace must not run concurrently on different streams.
-``torch.ops.cf_cute.mlp_block(hidden, norm, w_gate_up, w_down, residual, eps)``
+``torch.ops.cf_cute.mlp_block(hidden, norm, w_gate_up, w_down, residual, eps, layout)``
 is the same call as a custom op (fake implementation included) for torch.compile.
 """
 
@@ -30,6 +33,7 @@ from cf_cute.fused.mlp_block import MLPBlock, MLPBlockConfig
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.primitives import GridBarrier
 from cf_cute.reference import MLPWeights
+from cf_cute.tiles import WEIGHT_LAYOUTS, linear_weight, tile_weight
 from cf_cute.validate import check_operands, check_tensor, dtype_name
 
 __all__ = ["PackedMLP", "pack_mlp", "mlp_block", "mlp_block_torch", "mlp_block_config", "MLPWorkspace", "MLPTuning",
@@ -66,16 +70,22 @@ class PackedMLP:
     w_gate_up: torch.Tensor   # [2I, H]: gate rows then up rows
     w_down: torch.Tensor      # [H, I]
     eps: float = 1e-5
+    layout: str = "linear"    # memory order of both weights: "linear" (nn.Linear) or "tiled" (cf_cute.tiles)
 
     @property
     def intermediate(self) -> int:
         return self.w_down.shape[1]
 
 
-def pack_mlp(weights: MLPWeights, *, eps: float = 1e-5) -> PackedMLP:
-    """One-time packing of nn.Linear-layout weights (same dtype and device)."""
-    return PackedMLP(norm=weights.norm.contiguous(), w_gate_up=torch.cat([weights.w_gate, weights.w_up]),
-                     w_down=weights.w_down.contiguous(), eps=eps)
+def pack_mlp(weights: MLPWeights, *, eps: float = 1e-5, layout: str = "tiled") -> PackedMLP:
+    """One-time packing of nn.Linear-layout weights (same dtype and device);
+    ``layout="tiled"`` (default) also reorders them for the GEMV core (:mod:`cf_cute.tiles`)."""
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+    w_gate_up, w_down = torch.cat([weights.w_gate, weights.w_up]), weights.w_down.contiguous()
+    if layout == "tiled":
+        w_gate_up, w_down = tile_weight(w_gate_up), tile_weight(w_down)
+    return PackedMLP(norm=weights.norm.contiguous(), w_gate_up=w_gate_up, w_down=w_down, eps=eps, layout=layout)
 
 
 def mlp_block_torch(hidden: torch.Tensor, packed: PackedMLP) -> torch.Tensor:
@@ -83,8 +93,8 @@ def mlp_block_torch(hidden: torch.Tensor, packed: PackedMLP) -> torch.Tensor:
     runner's torch paths): RMSNorm, one gate+up matmul over ``w_gate_up``, SiLU * up,
     down + residual, in the activation dtype."""
     x = torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), packed.norm, packed.eps)
-    g, u = (x @ packed.w_gate_up.T).chunk(2, dim=-1)
-    return hidden + (torch.nn.functional.silu(g) * u) @ packed.w_down.T
+    g, u = (x @ linear_weight(packed.w_gate_up, packed.layout).T).chunk(2, dim=-1)
+    return hidden + (torch.nn.functional.silu(g) * u) @ linear_weight(packed.w_down, packed.layout).T
 
 
 def grid_plan(units: int, resident: dict) -> tuple[int, int]:
@@ -123,7 +133,8 @@ def mlp_block_config(hidden: torch.Tensor, packed: PackedMLP, *, cluster_size: i
     if knobs["shared_x"] is None:       # H200, Llama-2-7B: batch 1 88.6 vs 90.8 µs, batch 16 115.8 vs 110.9 µs
         knobs["shared_x"] = B <= 8
     cfg = MLPBlockConfig(batch=B, hidden=H, intermediate=I, num_clusters=num_clusters, cluster_size=cluster_size,
-                         eps=packed.eps, has_residual=has_residual, dtype=dtype_name(hidden.dtype), **knobs)
+                         eps=packed.eps, has_residual=has_residual, dtype=dtype_name(hidden.dtype),
+                         w_layout=packed.layout, **knobs)
     cfg.validate()
     return cfg
 
@@ -218,7 +229,7 @@ def planned_config(hidden: torch.Tensor, packed: PackedMLP, *, has_residual: boo
     and checked on the first call for their shapes, then cached)."""
     dev = hidden.device.index if hidden.device.index is not None else 0
     key = (hidden.shape, hidden.dtype, hidden.device, packed.w_gate_up.shape, packed.w_down.shape,
-           packed.w_gate_up.dtype, packed.w_down.dtype, packed.eps, has_residual, tuning)
+           packed.w_gate_up.dtype, packed.w_down.dtype, packed.eps, packed.layout, has_residual, tuning)
     cfg = _launch.get(key)
     if cfg is None:                     # first call for these shapes: plan and full checks
         cfg = _launch.setdefault(key, _plan(hidden, packed, has_residual, tuning, dev))
@@ -265,10 +276,10 @@ def mlp_block(hidden: torch.Tensor, packed: PackedMLP, *, residual: torch.Tensor
 
 @torch.library.custom_op("cf_cute::mlp_block", mutates_args=())
 def _mlp_block_op(hidden: torch.Tensor, norm: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                  residual: torch.Tensor | None, eps: float) -> torch.Tensor:
-    return mlp_block(hidden, PackedMLP(norm, w_gate_up, w_down, eps), residual=residual)
+                  residual: torch.Tensor | None, eps: float, layout: str = "linear") -> torch.Tensor:
+    return mlp_block(hidden, PackedMLP(norm, w_gate_up, w_down, eps, layout), residual=residual)
 
 
 @_mlp_block_op.register_fake
-def _(hidden, norm, w_gate_up, w_down, residual, eps):
+def _(hidden, norm, w_gate_up, w_down, residual, eps, layout="linear"):
     return torch.empty_like(hidden)

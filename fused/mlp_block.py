@@ -3,7 +3,9 @@
     out = h + W_down (silu(W_gate x) * (W_up x)),   x = rmsnorm(h),  h = hidden (+ residual)
 
 Weights: ``w_gate_up [2I, H]`` is ``torch.cat([w_gate, w_up])`` (vLLM's merged
-layout, nn.Linear rows) and ``w_down [H, I]`` as given. Grid: ``num_clusters``
+layout, nn.Linear rows) and ``w_down [H, I]`` as given, both in nn.Linear order
+(``w_layout="linear"``) or both in the GEMV core's tiled order (``"tiled"``,
+``cf_cute.tiles.tile_weight``; faster to stream, see ``mma_gemv``). Grid: ``num_clusters``
 clusters of C CTAs, all resident at once (the host checks; the grid barrier
 needs it). The intermediate rows come in *units* of 16 (unit u: gate rows
 16u.. and up rows I + 16u..); cluster c owns units c, c + NC, c + 2 NC, ...::
@@ -42,7 +44,8 @@ from cf_cute.primitives import GridBarrier, cluster_sync
 from cf_cute.primitives.plan import check_smem
 
 from .paired_splitk import PairedGrid, paired_reduce, reduce_pairs
-from .mma_gemv import mma_atom, prefetch_rows_l2, store_acc, warp_gemv_each, warp_gemv_tiles
+from .mma_gemv import (WEIGHT_LAYOUTS, mma_atom, prefetch_rows_l2, store_acc, warp_gemv_each, warp_gemv_tiles,
+                       weight_view)
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
@@ -71,6 +74,7 @@ class MLPBlockConfig(PairedGrid):
     shared_x: bool = False        # phase B: the CTA's W_down tiles in lock-step (act read once, tile 2 from HBM early)
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     early_loads: bool = False     # phase A's first block of W loads issued before the norm front
+    w_layout: str = "linear"      # memory order of W_gate_up and W_down (mma_gemv.WEIGHT_LAYOUTS)
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 norm done, 2 gate/up
                                   # GEMV done, 3 reduce + SiLU done, 4 grid barrier passed, 5 end)
 
@@ -118,6 +122,8 @@ class MLPBlockConfig(PairedGrid):
                              f"{self.num_warps} warps)")
         if self.num_clusters < 1:
             raise ValueError(f"num_clusters must be positive, got {self.num_clusters}")
+        if self.w_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"w_layout must be one of {WEIGHT_LAYOUTS}, got {self.w_layout!r}")
 
 
 class MLPBlock:
@@ -147,6 +153,8 @@ class MLPBlock:
     @cute.jit
     def __call__(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mWgu: cute.Tensor,
                  mWd: cute.Tensor, mAct: cute.Tensor, mBar: cute.Tensor, mOut: cute.Tensor, stream):
+        mWgu = weight_view(mWgu, self.cfg.w_layout)
+        mWd = weight_view(mWd, self.cfg.w_layout)
         self.kernel(mHidden, mResidual, mNormW, mWgu, mWd, mAct, mBar, mOut).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
             cluster=[self.cfg.cluster_size, 1, 1], stream=stream, preferred_smem_carveout=100,

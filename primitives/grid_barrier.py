@@ -29,8 +29,10 @@ Only integer atomics, for synchronisation; results stay atomic-free.
 
 Phase stamps (diagnostics, ``GridBarrier(n, stamps=True)``): the state grows to
 ``2 + 8 * num_ctas`` words and ``stamp(state, cta, k)`` has thread 0 write
-``%globaltimer_lo`` to ``state[2 + 8 * cta + k]`` (k < 8); without stamps it
-compiles to nothing. ``state_words`` gives the size for the host.
+``%globaltimer_lo`` to ``state[2 + 8 * cta + k]`` (k < 7); stamp 0 also writes
+the CTA's ``%smid`` to word 7 (``SMID_WORD``), so a reader can see how the
+launch was placed (two CTAs on one SM stream at half speed each). Without
+stamps it compiles to nothing. ``state_words`` gives the size for the host.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def max_resident_clusters(cluster_size: int, smem_bytes: int | None = None, num_
 class GridBarrier:
     STATE_WORDS = 2       # [count, generation]
     STAMP_WORDS = 8       # per CTA, after the state, with stamps
+    SMID_WORD = 7         # of a CTA's stamp words: its %smid (written with stamp 0)
 
     def __init__(self, num_ctas: int, stamps: bool = False):
         if not isinstance(num_ctas, int) or num_ctas <= 0:
@@ -104,6 +107,8 @@ class GridBarrier:
         if const_expr(self.stamps):
             if cute.arch.thread_idx()[0] == 0:
                 mState[self.STATE_WORDS + cta * self.STAMP_WORDS + k] = cute.arch.globaltimer_lo()
+                if const_expr(k == 0):
+                    mState[self.STATE_WORDS + cta * self.STAMP_WORDS + self.SMID_WORD] = Int32(cute.arch.smid())
 
     @cute.jit
     def sync(self, mState: cute.Tensor):

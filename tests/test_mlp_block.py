@@ -44,6 +44,19 @@ def test_compiles_with_dsmem_and_grid_barrier(cluster, clusters, batch):
     assert "griddepcontrol.launch_dependents" in ptx
 
 
+@pytest.mark.parametrize("batch", [1, 16])
+def test_tiled_weights_compile_to_the_same_loads(batch):
+    """The tiled order (cf_cute.tiles) changes addresses only: the same 16-byte loads,
+    MMAs and L2 prefetches as nn.Linear order."""
+    counts = {}
+    for layout in ("linear", "tiled"):
+        cfg = MLPBlockConfig(batch=batch, hidden=4096, intermediate=11008, num_clusters=66, cluster_size=2,
+                             w_layout=layout)
+        ptx = compile_for_inspection(MLPBlock, cfg, arg_specs(cfg)).__ptx__
+        counts[layout] = [ptx.count(s) for s in ("ld.global.v4", "mma.sync", "cp.async.bulk.prefetch.L2")]
+    assert counts["tiled"] == counts["linear"] and min(counts["tiled"]) > 0
+
+
 def test_fp16_and_small_shape_compile():
     cfg = MLPBlockConfig(batch=5, hidden=2048, intermediate=8192, num_clusters=33, cluster_size=2,
                          dtype="float16", k_parts=2)
@@ -83,7 +96,8 @@ def test_config_errors():
     MLPBlockConfig(**ok).validate()
     for bad, msg in ((dict(intermediate=11000), "multiple of 16"), (dict(intermediate=11024), "down projection"),
                      (dict(batch=17), "batch"), (dict(hidden=4000), "hidden"), (dict(k_parts=3), "k_parts"),
-                     (dict(dtype="float32"), "dtype"), (dict(cluster_size=3), "cluster_size")):
+                     (dict(dtype="float32"), "dtype"), (dict(cluster_size=3), "cluster_size"),
+                     (dict(w_layout="blocked"), "w_layout")):
         with pytest.raises(ValueError, match=msg):
             MLPBlockConfig(**{**ok, **bad}).validate()
 
@@ -121,6 +135,26 @@ def test_matches_reference(H, I, batch):
     cpu = MLPWeights(*(t.float().cpu() for t in (w.norm, w.w_gate, w.w_up, w.w_down)))
     ref = reference_mlp(hidden.cpu(), cpu, residual=None if residual is None else residual.cpu())
     _check(out, ref)
+
+
+# (hidden, intermediate, batch) run in both weight orders
+LAYOUT_CASES = [(4096, 11008, 1), (4096, 11008, 16), (2048, 8192, 3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,I,batch", LAYOUT_CASES)
+def test_tiled_and_linear_weights_give_the_same_bits(H, I, batch):
+    """Only the addresses differ: every lane multiplies the same values in the same order."""
+    w = _weights(H, I, "cuda", torch.bfloat16)
+    hidden = torch.randn(batch, H, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for layout in ("tiled", "linear"):
+        packed = pack_mlp(w, layout=layout)
+        assert packed.layout == layout
+        out = torch.full_like(hidden, float("nan"))
+        mlp_block(hidden, packed, out=out)
+        outs.append(out)
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.gpu
@@ -301,7 +335,8 @@ def test_mlp_block_under_torch_compile():
     H, I = 2048, 8192
     w = pack_mlp(_weights(H, I, "cuda", torch.bfloat16))
     x = torch.randn(3, H, device="cuda", dtype=torch.bfloat16)
-    f = torch.compile(lambda a: torch.ops.cf_cute.mlp_block(a, w.norm, w.w_gate_up, w.w_down, None, w.eps) * 2,
+    f = torch.compile(lambda a: torch.ops.cf_cute.mlp_block(a, w.norm, w.w_gate_up, w.w_down, None, w.eps,
+                                                                 w.layout) * 2,
                       fullgraph=True)
     torch.testing.assert_close(f(x), mlp_block(x, w) * 2, rtol=0, atol=0)
 

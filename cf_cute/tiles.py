@@ -1,0 +1,53 @@
+"""The ``"tiled"`` weight order that the GEMV core streams fastest (see
+``cf_cute.fused.mma_gemv``), packed once from nn.Linear's row-major ``[M, K]``.
+
+Same shape, dtype and device as the input; only the memory order changes::
+
+    element (row, k), row = 16 t + 8 h + r, k = 32 s + 8 c + e
+    offset = ((t * K/32 + s) * 2 + h) * 256 + (4 r + c) * 8 + e
+
+i.e. the weight as ``[M/16, K/32, 2, 8, 4, 8]`` = ``(t, s, h, r, c, e)``: every
+MMA step of a warp (16 rows x 32 columns, 1 KB in bf16) is one contiguous run,
+with lane ``4 r + c`` reading bytes ``16 (4 r + c)`` of each 512-byte half.
+A tiled tensor is not a usable ``[M, K]`` matrix for torch: :func:`untile_weight`
+gives the nn.Linear order back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cf_cute.fused.mma_gemv import WEIGHT_LAYOUTS
+
+__all__ = ["WEIGHT_LAYOUTS", "tile_weight", "untile_weight", "linear_weight"]
+
+
+def _check(w: torch.Tensor) -> tuple[int, int]:
+    if w.dim() != 2:
+        raise ValueError(f"a weight must be 2-D [M, K], got shape {tuple(w.shape)}")
+    m, k = w.shape
+    if m % 16 or k % 32:
+        raise ValueError(f"a tiled weight needs M % 16 == 0 and K % 32 == 0, got {m} x {k}")
+    return m, k
+
+
+def tile_weight(w: torch.Tensor) -> torch.Tensor:
+    """nn.Linear ``[M, K]`` -> the tiled order (a new contiguous ``[M, K]`` tensor)."""
+    m, k = _check(w)
+    return w.reshape(m // 16, 2, 8, k // 32, 4, 8).permute(0, 3, 1, 2, 4, 5).contiguous().view(m, k)
+
+
+def untile_weight(w: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`tile_weight`."""
+    m, k = _check(w)
+    if not w.is_contiguous():
+        raise ValueError("a tiled weight must be contiguous")
+    return w.view(m // 16, k // 32, 2, 8, 4, 8).permute(0, 2, 3, 1, 4, 5).contiguous().view(m, k)
+
+
+def linear_weight(w: torch.Tensor, layout: str) -> torch.Tensor:
+    """``w`` in nn.Linear order, whichever of :data:`WEIGHT_LAYOUTS` it is stored in
+    (a copy for ``"tiled"``)."""
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+    return untile_weight(w) if layout == "tiled" else w
