@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _unfused(batch, heads, kv_heads, hd, H, L, paged, residual, cluster=None):
+def _unfused(batch, heads, kv_heads, hd, H, L, paged, residual, cluster=None, layout="tiled"):
     """The three kernels of attention_block_unfused for these shapes (meta tensors: no memory),
     at the sizes ``unfused_plan`` gives a 132-SM GPU (or ``cluster`` for all three)."""
     import torch
@@ -37,14 +37,15 @@ def _unfused(batch, heads, kv_heads, hd, H, L, paged, residual, cluster=None):
     kv = (batch * L // 16 + 5, 16, kv_heads, hd) if paged else (batch, L, kv_heads, hd)
     table = torch.empty(batch, L // 16, dtype=torch.int32, device="meta") if paged else None
     k = torch.empty(*kv, **m)
-    front = dict(num_heads=heads, num_kv_heads=kv_heads, rope_style="neox", eps=1e-5, has_residual=residual)
+    front = dict(num_heads=heads, num_kv_heads=kv_heads, rope_style="neox", eps=1e-5, has_residual=residual,
+                 layout=layout)
     qkv_args = (torch.empty(batch, H, **m), torch.empty(kv_heads, (G + 2) * hd, H, **m),
                 torch.empty(L, hd // 2, dtype=torch.float32, device="meta"), k, table)
     out = [qkv_project_config(*qkv_args, **front) if plan.qkv is None
            else qkv_rope_config(*qkv_args, cluster_size=plan.qkv, **front),
            decode_attention_config(torch.empty(batch, heads, hd, **m), k, k, table, plan.attn),
            splitk_gemv_config(torch.empty(batch, heads * hd, **m), torch.empty(H, heads * hd, **m), plan.wo,
-                              plan.wo_block_m, True)]
+                              plan.wo_block_m, True, layout)]
     return out
 
 
@@ -89,12 +90,12 @@ def _mlp_configs(batches):
     for b, paged in ((1, False), (4, True)):       # test_decoder_layer_matches_transformers
         out.append(AttentionBlockConfig(batch=b, hidden=2048, num_heads=32, num_kv_heads=8, head_dim=64,
                                         max_len=256, max_positions=256, cluster_size=16, paged=paged,
-                                        num_pages=b * 256 // 16 + 5 if paged else 0))
+                                        num_pages=b * 256 // 16 + 5 if paged else 0, w_layout="tiled"))
     # tests/test_runner.py's small Llama (hidden 512, 8/2 heads of 64, intermediate 1024, cache 256)
     for b in (1, 3):
         out += plan(b, 512, 1024)
         out.append(AttentionBlockConfig(batch=b, hidden=512, num_heads=8, num_kv_heads=2, head_dim=64,
-                                        max_len=256, max_positions=256, cluster_size=16))
+                                        max_len=256, max_positions=256, cluster_size=16, w_layout="tiled"))
     return list(dict.fromkeys(out))
 
 
@@ -122,9 +123,15 @@ def _qkv_test_configs():
 def _attn_configs(contexts, batches):
     """The attention-block kernels: tests/test_attention_block.py and benchmarks/bench_attention.py."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_attention_block import FUSED_CASES, fused_config
+    from test_attention_block import FUSED_CASES, LAYOUT_CASES, LAYOUT_UNFUSED_CASE, fused_config
     from cf_cute.fused.attention_block import AttentionBlockConfig
     out = [fused_config(*c) for c in FUSED_CASES if c[5] is not None]
+    for path, i in LAYOUT_CASES:            # test_tiled_and_linear_weights_give_the_same_bits
+        if path == "fused":
+            out.append(fused_config(*FUSED_CASES[i], layout="linear"))
+        else:
+            heads, kv, hd, H, b, _, paged, res, _ = LAYOUT_UNFUSED_CASE
+            out += _unfused(b, heads, kv, hd, H, 1024, paged, res, layout="linear")
     # cluster None: the automatic choice, clusters of 2 on a 132-SM Hopper where clusters of 4 do not fit
     out += [fused_config(*c[:5], 2, *c[6:]) for c in FUSED_CASES if c[5] is None]
     c1 = FUSED_CASES[1]
@@ -138,11 +145,11 @@ def _attn_configs(contexts, batches):
                             (2, dict(num_threads=512, phase_timer=True))) if b == 1 else ():
                 out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
                                                 head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
-                                                cluster_size=c, **tune))
+                                                cluster_size=c, w_layout="tiled", **tune))
             if b == 16:
                 out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
                                                 head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
-                                                cluster_size=2))
+                                                cluster_size=2, w_layout="tiled"))
                 try:
                     out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False)
                 except ValueError:          # over the 32-bit index limit: the benchmark skips it too

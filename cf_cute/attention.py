@@ -18,7 +18,12 @@ on first use) and a small workspace per (shape, device): the attention output
 that share a workspace must not run concurrently on different streams; pass
 ``workspace=AttentionWorkspace(...)`` of your own for that.
 ``torch.ops.cf_cute.attention_block`` is the fused call as a custom op (it
-mutates the caches; fake implementation included) for torch.compile.
+mutates the caches; fake implementation included) for torch.compile; its last
+argument is the weights' memory order (``PackedAttention.layout``).
+
+``pack_attention`` stores both weights in the GEMV core's tiled order by default
+(:mod:`cf_cute.tiles`); ``layout="linear"`` keeps nn.Linear order, which every
+kernel reads too, bit for bit the same results.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.primitives import GridBarrier
 from cf_cute.qkv_rope import pack_qkv, qkv_project, qkv_rope
 from cf_cute.reference import AttentionWeights
+from cf_cute.tiles import WEIGHT_LAYOUTS, linear_weight, tile_weight
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
-__all__ = ["PackedAttention", "pack_attention", "attention_block", "attention_block_unfused",
+__all__ = ["PackedAttention", "pack_attention", "linear_attention_weights", "attention_block", "attention_block_unfused",
            "attention_block_config", "default_cluster_size", "FUSED_MAX_BATCH", "AttentionWorkspace",
            "AttentionTuning", "UnfusedPlan", "unfused_plan", "arg_specs"]
 
@@ -76,15 +82,27 @@ class PackedAttention:
     num_kv_heads: int
     eps: float = 1e-5
     rope_style: str = "neox"
+    layout: str = "linear"    # memory order of w_qkv and wo: "linear" (nn.Linear) or "tiled" (cf_cute.tiles)
 
 
 def pack_attention(weights: AttentionWeights, *, num_heads: int, num_kv_heads: int, eps: float = 1e-5,
-                   rope_style: str = "neox") -> PackedAttention:
-    """One-time packing of nn.Linear-layout weights (same dtype and device as given)."""
-    return PackedAttention(norm=weights.norm.contiguous(),
-                           w_qkv=pack_qkv(weights.wq, weights.wk, weights.wv, num_heads, num_kv_heads),
-                           wo=weights.wo.contiguous(), num_heads=num_heads, num_kv_heads=num_kv_heads,
-                           eps=eps, rope_style=rope_style)
+                   rope_style: str = "neox", layout: str = "tiled") -> PackedAttention:
+    """One-time packing of nn.Linear-layout weights (same dtype and device as given):
+    q/k/v rows grouped per KV head (:func:`cf_cute.qkv_rope.pack_qkv`) and, with
+    ``layout="tiled"`` (default), both weights in the GEMV core's tiled order
+    (:mod:`cf_cute.tiles`; the same results bit for bit)."""
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+    w_qkv, wo = pack_qkv(weights.wq, weights.wk, weights.wv, num_heads, num_kv_heads), weights.wo.contiguous()
+    if layout == "tiled":
+        w_qkv, wo = tile_weight(w_qkv), tile_weight(wo)
+    return PackedAttention(norm=weights.norm.contiguous(), w_qkv=w_qkv, wo=wo, num_heads=num_heads,
+                           num_kv_heads=num_kv_heads, eps=eps, rope_style=rope_style, layout=layout)
+
+
+def linear_attention_weights(packed: PackedAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w_qkv, wo)`` in nn.Linear order (copies when ``packed`` is tiled), for torch paths."""
+    return linear_weight(packed.w_qkv, packed.layout), linear_weight(packed.wo, packed.layout)
 
 
 @dataclass(frozen=True)
@@ -130,7 +148,7 @@ def attention_block_unfused(hidden: torch.Tensor, packed: PackedAttention, k_cac
     else:
         plan = UnfusedPlan(cluster_size, cluster_size, cluster_size)
     front = dict(num_heads=packed.num_heads, num_kv_heads=packed.num_kv_heads, residual=residual,
-                 page_table=page_table, rope_style=packed.rope_style, eps=packed.eps)
+                 page_table=page_table, rope_style=packed.rope_style, eps=packed.eps, layout=packed.layout)
     args = (hidden, packed.norm, packed.w_qkv, cos, sin, positions, k_cache, v_cache)
     if plan.qkv is None:
         q, h = qkv_project(*args, **front)
@@ -141,7 +159,7 @@ def attention_block_unfused(hidden: torch.Tensor, packed: PackedAttention, k_cac
         page_table = page_table.to(hidden.device, non_blocking=True)
     o = decode_attention(q, k_cache, v_cache, lengths, page_table=page_table, cluster_size=plan.attn)
     return splitk_gemv(o.view(o.shape[0], -1), packed.wo, residual=h, cluster_size=plan.wo,
-                       block_m=plan.wo_block_m, out=out)
+                       block_m=plan.wo_block_m, out=out, layout=packed.layout)
 
 
 def _cluster_sizes(num_kv_heads: int, hidden: int, sm_count: int = 132) -> list:
@@ -169,7 +187,7 @@ def attention_block_config(hidden, packed: PackedAttention, k_cache, cos, page_t
     check_tensor("k_cache", k_cache, dtype=hidden.dtype, shape=(None, None, nkv, hd), cuda=False)
     common = dict(batch=B, hidden=H, num_heads=nh, num_kv_heads=nkv, head_dim=hd, max_positions=cos.shape[0],
                   cluster_size=cluster_size, rope_style=packed.rope_style, eps=packed.eps,
-                  has_residual=has_residual, dtype=dtype_name(hidden.dtype),
+                  has_residual=has_residual, dtype=dtype_name(hidden.dtype), w_layout=packed.layout,
                   **dataclasses.asdict(tuning or AttentionTuning()))
     cfg = AttentionBlockConfig(**kv_cache_layout(k_cache, page_table, B), **common)
     cfg.validate()
@@ -251,7 +269,7 @@ def _planned(hidden, packed: PackedAttention, k_cache, cos, page_table, has_resi
     looked up (eager callers skip rebuilding and validating the config)."""
     key = (hidden.shape, hidden.dtype, hidden.device, packed.w_qkv.shape, packed.w_qkv.dtype, packed.wo.shape,
            packed.wo.dtype, packed.norm.shape, packed.norm.dtype, packed.num_heads, packed.num_kv_heads,
-           packed.eps, packed.rope_style, k_cache.shape, k_cache.dtype, cos.shape, cos.dtype,
+           packed.eps, packed.rope_style, packed.layout, k_cache.shape, k_cache.dtype, cos.shape, cos.dtype,
            None if page_table is None else page_table.shape, has_residual, cluster_size, tuning)
     if key in _plans:
         return _plans[key]
@@ -338,13 +356,14 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
 def _attention_block_op(hidden: torch.Tensor, norm: torch.Tensor, w_qkv: torch.Tensor, wo: torch.Tensor,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                         sin: torch.Tensor, residual: torch.Tensor | None, page_table: torch.Tensor | None,
-                        num_heads: int, num_kv_heads: int, eps: float, rope_style: str) -> torch.Tensor:
-    packed = PackedAttention(norm, w_qkv, wo, num_heads, num_kv_heads, eps, rope_style)
+                        num_heads: int, num_kv_heads: int, eps: float, rope_style: str,
+                        layout: str = "linear") -> torch.Tensor:
+    packed = PackedAttention(norm, w_qkv, wo, num_heads, num_kv_heads, eps, rope_style, layout)
     return attention_block(hidden, packed, k_cache, v_cache, positions, cos, sin, residual=residual,
                            page_table=page_table)
 
 
 @_attention_block_op.register_fake
 def _(hidden, norm, w_qkv, wo, k_cache, v_cache, positions, cos, sin, residual, page_table, num_heads,
-      num_kv_heads, eps, rope_style):
+      num_kv_heads, eps, rope_style, layout="linear"):
     return torch.empty_like(hidden)

@@ -20,12 +20,13 @@ __all__ = ["splitk_gemv", "splitk_gemv_config", "arg_specs"]
 
 
 def splitk_gemv_config(x: torch.Tensor, w: torch.Tensor, cluster_size: int = 4,
-                       block_m: int = 128, residual: bool = False) -> SplitKGemvConfig:
-    """The static configuration for these operands (checks dtypes and shapes)."""
+                       block_m: int = 128, residual: bool = False, layout: str = "linear") -> SplitKGemvConfig:
+    """The static configuration for these operands (checks dtypes and shapes);
+    ``layout`` is ``w``'s memory order (``"tiled"``: :func:`cf_cute.tiles.tile_weight`)."""
     check_tensor("w", w, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
     check_tensor("x", x, dtype=w.dtype, shape=(None, w.shape[1]), cuda=False)
     cfg = SplitKGemvConfig(m=w.shape[0], k=w.shape[1], batch=x.shape[0], cluster_size=cluster_size,
-                           block_m=block_m, dtype=dtype_name(w.dtype), residual=residual)
+                           block_m=block_m, dtype=dtype_name(w.dtype), residual=residual, w_layout=layout)
     cfg.validate()
     return cfg
 
@@ -46,15 +47,17 @@ _NAMES = ("w", "x", "residual", "out")
 
 
 def splitk_gemv(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = None,
-                cluster_size: int = 4, block_m: int = 128, out: torch.Tensor | None = None) -> torch.Tensor:
+                cluster_size: int = 4, block_m: int = 128, out: torch.Tensor | None = None,
+                layout: str = "linear") -> torch.Tensor:
     """``x [B, K] @ w [M, K].T (+ residual [B, M]) -> [B, M]`` (bf16/fp16, fp32
     accumulation), K split over a cluster of ``cluster_size`` CTAs and reduced
-    over DSMEM. Launches on the current stream; no host synchronisation."""
+    over DSMEM. ``layout``: ``w`` in nn.Linear order or tiled (:mod:`cf_cute.tiles`).
+    Launches on the current stream; no host synchronisation."""
     has_res = residual is not None
-    key = (x.shape, w.shape, x.dtype, w.dtype, cluster_size, block_m, has_res)
+    key = (x.shape, w.shape, x.dtype, w.dtype, cluster_size, block_m, has_res, layout)
     entry = _launch_cache.get(key)
     if entry is None:                      # first call for these shapes: full checks
-        cfg = splitk_gemv_config(x, w, cluster_size, block_m, has_res)
+        cfg = splitk_gemv_config(x, w, cluster_size, block_m, has_res, layout)
         entry = _launch_cache.setdefault(key, (cfg, _kernel(cfg)))
     cfg, fn = entry
     if out is None:
@@ -72,10 +75,11 @@ def splitk_gemv(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | No
 
 
 @torch.library.custom_op("cf_cute::splitk_gemv", mutates_args=())
-def _splitk_gemv_op(x: torch.Tensor, w: torch.Tensor, cluster_size: int, block_m: int) -> torch.Tensor:
-    return splitk_gemv(x, w, cluster_size=cluster_size, block_m=block_m)
+def _splitk_gemv_op(x: torch.Tensor, w: torch.Tensor, cluster_size: int, block_m: int,
+                    layout: str = "linear") -> torch.Tensor:
+    return splitk_gemv(x, w, cluster_size=cluster_size, block_m=block_m, layout=layout)
 
 
 @_splitk_gemv_op.register_fake
-def _(x, w, cluster_size, block_m):
+def _(x, w, cluster_size, block_m, layout="linear"):
     return x.new_empty(x.shape[0], w.shape[0])

@@ -41,7 +41,10 @@ def pack_qkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, num_heads: in
 
 
 def qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: int, num_kv_heads: int,
-                    cluster_size: int, rope_style: str, eps: float, has_residual: bool) -> QKVRopeConfig:
+                    cluster_size: int, rope_style: str, eps: float, has_residual: bool,
+                    layout: str = "linear") -> QKVRopeConfig:
+    """``layout``: ``w_qkv``'s memory order, nn.Linear rows (``"linear"``) or the tiled
+    order of the flattened ``[kv_heads * rows, H]`` matrix (``"tiled"``, :func:`tile_qkv`)."""
     check_tensor("hidden", hidden, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
     B, H = hidden.shape
     G = num_heads // max(num_kv_heads, 1)
@@ -54,7 +57,7 @@ def qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: int, 
     check_tensor("k_cache", k_cache, dtype=hidden.dtype, shape=(None, None, num_kv_heads, hd), cuda=False)
     common = dict(batch=B, hidden=H, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hd,
                   max_positions=cos.shape[0], cluster_size=cluster_size, rope_style=rope_style, eps=eps,
-                  has_residual=has_residual, dtype=dtype_name(hidden.dtype))
+                  has_residual=has_residual, dtype=dtype_name(hidden.dtype), w_layout=layout)
     cfg = QKVRopeConfig(**kv_cache_layout(k_cache, page_table, B), **common)
     cfg.validate()
     if w_qkv.shape[1] != cfg.rows:
@@ -86,7 +89,8 @@ def project_grid(units: int, hidden: int, sm_count: int = 132, num_warps: int = 
 
 def qkv_project_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: int, num_kv_heads: int,
                        rope_style: str, eps: float, has_residual: bool, sm_count: int = 132,
-                       pipeline: bool | None = None, early_loads: bool | None = None) -> QKVProjectConfig:
+                       pipeline: bool | None = None, early_loads: bool | None = None,
+                       layout: str = "linear") -> QKVProjectConfig:
     """:class:`QKVProjectConfig` for these operands (the same checks as :func:`qkv_rope_config`),
     its grid from :func:`project_grid`. ``pipeline=None``: one load pipeline across a
     warp's tiles up to batch 8, as the MLP block (H200, Llama-2-7B shape: batch 1 35.9
@@ -94,7 +98,7 @@ def qkv_project_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: in
     norm front above batch 8 (batch 16 43.9 vs 55.4 µs, batch 1 37.2 vs 36.6)."""
     base = qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, num_heads=num_heads,
                            num_kv_heads=num_kv_heads, cluster_size=1, rope_style=rope_style, eps=eps,
-                           has_residual=has_residual)
+                           has_residual=has_residual, layout=layout)
     fields = dataclasses.asdict(base)
     fields.pop("smem_budget")
     c, kp, nc = project_grid(num_kv_heads * base.rows // 32, base.hidden, sm_count)
@@ -129,22 +133,23 @@ def _kernel(cfg: QKVRopeConfig | QKVProjectConfig):
 
 def qkv_rope(hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, *, num_heads: int,
              num_kv_heads: int, residual=None, page_table=None, cluster_size: int = 4,
-             rope_style: str = "neox", eps: float = 1e-5):
+             rope_style: str = "neox", eps: float = 1e-5, layout: str = "linear"):
     """One cluster of ``cluster_size`` CTAs per KV head (:mod:`cf_cute.fused.qkv_rope`)."""
     cfg = qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, num_heads=num_heads,
                           num_kv_heads=num_kv_heads, cluster_size=cluster_size, rope_style=rope_style,
-                          eps=eps, has_residual=residual is not None)
+                          eps=eps, has_residual=residual is not None, layout=layout)
     return _launch(cfg, hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, residual, page_table)
 
 
 def qkv_project(hidden, norm_w, w_qkv, cos, sin, positions, k_cache, v_cache, *, num_heads: int,
-                num_kv_heads: int, residual=None, page_table=None, rope_style: str = "neox", eps: float = 1e-5):
+                num_kv_heads: int, residual=None, page_table=None, rope_style: str = "neox", eps: float = 1e-5,
+                layout: str = "linear"):
     """The same result as :func:`qkv_rope` from the grid-wide kernel
     (:mod:`cf_cute.fused.qkv_project`: every head's rows spread over all SMs), the
     faster one at large batches."""
     cfg = qkv_project_config(hidden, w_qkv, cos, k_cache, page_table, num_heads=num_heads,
                              num_kv_heads=num_kv_heads, rope_style=rope_style, eps=eps,
-                             has_residual=residual is not None, sm_count=sm_count(hidden.device))
+                             has_residual=residual is not None, sm_count=sm_count(hidden.device), layout=layout)
     return _launch(cfg, hidden, norm_w, w_qkv.view(-1, w_qkv.shape[-1]), cos, sin, positions, k_cache, v_cache,
                    residual, page_table)
 

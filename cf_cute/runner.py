@@ -8,17 +8,18 @@ and writes the contiguous KV caches ``[max_batch, max_len, kv_heads, head_dim]``
 that the fused kernels read. Each decode step is ``num_layers`` fused decoder
 layers (two launches each: ``cf_cute.decoder.decoder_layer``), the final RMSNorm
 and the LM head, captured once per batch size as one CUDA graph with static
-token / position buffers and replayed. The MLP weights are held in the GEMV
+token / position buffers and replayed. The weights are held in the GEMV
 core's tiled order (``weight_layout="tiled"``, :mod:`cf_cute.tiles`; H200:
-the MLP block 8-11% faster than on nn.Linear order).
+the MLP block 8-11% faster than on nn.Linear order), the attention weights too.
 
 :meth:`LlamaModel.torch_step` is the same decode step in plain torch on the same
-weights (the MLP's in nn.Linear order: a copy made on its first call) and caches
+weights (in nn.Linear order: a copy made on its first call) and caches
 (the baseline of ``python -m cf_cute bench``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cf_cute.attention import pack_attention
+from cf_cute.attention import linear_attention_weights, pack_attention
 from cf_cute.decoder import DecoderLayerWeights, decoder_layer
-from cf_cute.mlp import PackedMLP, mlp_block_torch, pack_mlp
-from cf_cute.tiles import untile_weight
+from cf_cute.mlp import mlp_block_torch, pack_mlp
+from cf_cute.tiles import linear_weight
 from cf_cute.models import BUILTIN_CONFIGS, ModelConfig, load_checkpoint, model_config, random_weights
 from cf_cute.reference import AttentionWeights, MLPWeights, rope_tables
 from cf_cute.timing import capture_graph
@@ -91,7 +92,8 @@ class LlamaModel:
             mw = MLPWeights(norm=t[p + "post_attention_layernorm.weight"], w_gate=t[p + "mlp.gate_proj.weight"],
                             w_up=t[p + "mlp.up_proj.weight"], w_down=t[p + "mlp.down_proj.weight"])
             self.layers.append(DecoderLayerWeights(
-                attn=pack_attention(aw, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, eps=cfg.rms_eps),
+                attn=pack_attention(aw, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, eps=cfg.rms_eps,
+                                    layout=weight_layout),
                 mlp=pack_mlp(mw, eps=cfg.rms_eps, layout=weight_layout)))
             for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
                 del t[p + name + ".weight"]          # packed copies only: the torch paths use them too
@@ -102,7 +104,7 @@ class LlamaModel:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         self._graphs: dict = {}
-        self._linear_mlp: list | None = None      # nn.Linear-order MLP weights for torch_step, built on first use
+        self._linear_layers: list | None = None   # nn.Linear-order weights for torch_step, built on first use
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
@@ -139,29 +141,35 @@ class LlamaModel:
         pos = torch.arange(T, device=self.device)
         h = self.embed[torch.tensor(ids, device=self.device)]
         nq = cfg.num_heads
-        for i, layer in enumerate(self.layers):
+        for i in range(cfg.num_layers):
+            layer = self._torch_layer(i, keep=False)
             q, k, v = self._qkv(h, layer, pos)
             self.k_cache[i][slot, :T] = k
             self.v_cache[i][slot, :T] = v
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                                is_causal=True, enable_gqa=nq != cfg.num_kv_heads)
-            h = mlp_block_torch(h + o.transpose(0, 1).reshape(T, -1) @ layer.attn.wo.T, self._torch_mlp(i, False))
+            h = mlp_block_torch(h + o.transpose(0, 1).reshape(T, -1) @ layer.attn.wo.T, layer.mlp)
         return self._logits(h[-1:])[0]
 
-    def _torch_mlp(self, i: int, keep: bool) -> PackedMLP:
-        """Layer i's MLP weights in nn.Linear order for the torch paths. The fused kernels
-        read them tiled (``cf_cute.tiles``): prefill untiles a layer at a time
-        (``keep=False``, transient); the timed torch baseline keeps linear copies of every
-        layer once it first runs (``keep=True``), so that it streams them as cuBLAS wants."""
-        p = self.layers[i].mlp
-        if p.layout == "linear":
-            return p
-        if self._linear_mlp is not None:
-            return self._linear_mlp[i]
-        if not keep:
-            return PackedMLP(p.norm, untile_weight(p.w_gate_up), untile_weight(p.w_down), p.eps, "linear")
-        self._linear_mlp = [self._torch_mlp(j, False) for j in range(len(self.layers))]
-        return self._linear_mlp[i]
+    def _torch_layer(self, i: int, keep: bool) -> DecoderLayerWeights:
+        """Layer i's weights in nn.Linear order for the torch paths. The fused kernels read
+        them tiled (``cf_cute.tiles``): prefill untiles one layer at a time (``keep=False``,
+        transient copies); the timed torch baseline keeps nn.Linear copies of every layer
+        from its first run on (``keep=True``), so that it streams what cuBLAS expects."""
+        layer = self.layers[i]
+        if layer.attn.layout == "linear" and layer.mlp.layout == "linear":
+            return layer
+        if self._linear_layers is not None:
+            return self._linear_layers[i]
+        if keep:
+            self._linear_layers = [self._torch_layer(j, keep=False) for j in range(len(self.layers))]
+            return self._linear_layers[i]
+        a, m = layer.attn, layer.mlp
+        w_qkv, wo = linear_attention_weights(a)
+        return DecoderLayerWeights(
+            attn=dataclasses.replace(a, w_qkv=w_qkv, wo=wo, layout="linear"),
+            mlp=dataclasses.replace(m, w_gate_up=linear_weight(m.w_gate_up, m.layout),
+                                    w_down=linear_weight(m.w_down, m.layout), layout="linear"))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final RMSNorm and LM head: fp32 logits ``[rows, vocab]``."""
@@ -169,8 +177,8 @@ class LlamaModel:
         return (x @ self.lm_head.T).float()
 
     def _qkv(self, h: torch.Tensor, layer: DecoderLayerWeights, pos: torch.Tensor):
-        """RMSNorm, one matmul over the packed ``w_qkv``, RoPE: q ``[T, heads, hd]``,
-        k and v ``[T, kv_heads, hd]``."""
+        """RMSNorm, one matmul over the packed ``w_qkv`` (nn.Linear order: ``layer`` from
+        :meth:`_torch_layer`), RoPE: q ``[T, heads, hd]``, k and v ``[T, kv_heads, hd]``."""
         cfg = self.cfg
         T, hd, nkv = h.shape[0], cfg.head_dim, cfg.num_kv_heads
         G = cfg.num_heads // nkv
@@ -235,14 +243,15 @@ class LlamaModel:
         pos = positions.long()
         mask = torch.arange(L, device=self.device)[None, :] <= pos[:, None]                # [B, L]
         mask = mask[:, None, None, :]
-        for i, layer in enumerate(self.layers):
+        for i in range(cfg.num_layers):
+            layer = self._torch_layer(i, keep=True)
             q, k, v = self._qkv(h, layer, pos)
             kc, vc = self.k_cache[i][:B, :L], self.v_cache[i][:B, :L]
             kc[rows, pos] = k
             vc[rows, pos] = v
             o = F.scaled_dot_product_attention(q.unsqueeze(2), kc.transpose(1, 2), vc.transpose(1, 2),
                                                attn_mask=mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)
-            h = mlp_block_torch(h + o.reshape(B, -1) @ layer.attn.wo.T, self._torch_mlp(i, True))
+            h = mlp_block_torch(h + o.reshape(B, -1) @ layer.attn.wo.T, layer.mlp)
         return self._logits(h)
 
     # ------------------------------------------------------------------ generate

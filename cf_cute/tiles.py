@@ -10,7 +10,8 @@ i.e. the weight as ``[M/16, K/32, 2, 8, 4, 8]`` = ``(t, s, h, r, c, e)``: every
 MMA step of a warp (16 rows x 32 columns, 1 KB in bf16) is one contiguous run,
 with lane ``4 r + c`` reading bytes ``16 (4 r + c)`` of each 512-byte half.
 A tiled tensor is not a usable ``[M, K]`` matrix for torch: :func:`untile_weight`
-gives the nn.Linear order back.
+gives the nn.Linear order back. A ``[G, M, K]`` stack (the QKV weight per KV
+head) is tiled as the ``[G * M, K]`` matrix, which is each group tiled in turn.
 """
 
 from __future__ import annotations
@@ -23,18 +24,20 @@ __all__ = ["WEIGHT_LAYOUTS", "tile_weight", "untile_weight", "linear_weight"]
 
 
 def _check(w: torch.Tensor) -> tuple[int, int]:
-    if w.dim() != 2:
-        raise ValueError(f"a weight must be 2-D [M, K], got shape {tuple(w.shape)}")
-    m, k = w.shape
+    """(rows of all groups, K) of a ``[M, K]`` or ``[G, M, K]`` weight."""
+    if w.dim() not in (2, 3):
+        raise ValueError(f"a weight must be [M, K] or [G, M, K], got shape {tuple(w.shape)}")
+    m, k = w.shape[-2:]
     if m % 16 or k % 32:
         raise ValueError(f"a tiled weight needs M % 16 == 0 and K % 32 == 0, got {m} x {k}")
-    return m, k
+    return w.numel() // k, k
 
 
 def tile_weight(w: torch.Tensor) -> torch.Tensor:
-    """nn.Linear ``[M, K]`` -> the tiled order (a new contiguous ``[M, K]`` tensor)."""
+    """nn.Linear ``[M, K]`` (or ``[G, M, K]``) -> the tiled order (a new contiguous
+    tensor of the same shape)."""
     m, k = _check(w)
-    return w.reshape(m // 16, 2, 8, k // 32, 4, 8).permute(0, 3, 1, 2, 4, 5).contiguous().view(m, k)
+    return w.reshape(m // 16, 2, 8, k // 32, 4, 8).permute(0, 3, 1, 2, 4, 5).contiguous().view(w.shape)
 
 
 def untile_weight(w: torch.Tensor) -> torch.Tensor:
@@ -42,7 +45,7 @@ def untile_weight(w: torch.Tensor) -> torch.Tensor:
     m, k = _check(w)
     if not w.is_contiguous():
         raise ValueError("a tiled weight must be contiguous")
-    return w.view(m // 16, k // 32, 2, 8, 4, 8).permute(0, 2, 3, 1, 4, 5).contiguous().view(m, k)
+    return w.view(m // 16, k // 32, 2, 8, 4, 8).permute(0, 2, 3, 1, 4, 5).contiguous().view(w.shape)
 
 
 def linear_weight(w: torch.Tensor, layout: str) -> torch.Tensor:

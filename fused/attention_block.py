@@ -48,6 +48,7 @@ from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluste
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from .decode_attention import DecodeAttention, DecodeAttentionConfig
+from .mma_gemv import weight_view
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .qkv_rope import QKVFields, QKVRope, QKVRopeConfig
 
@@ -60,8 +61,9 @@ _STEP = 32
 @dataclasses.dataclass(frozen=True)
 class AttentionBlockConfig(QKVFields):
     """The QKV stage's fields (:class:`~.qkv_rope.QKVFields`; ``l2_prefetch`` also asks
-    L2 for the W_o rows before the grid barrier; ``pipeline_tiles`` covers the QKV stage only),
-    plus the attention's and the block's own."""
+    L2 for the W_o rows before the grid barrier; ``pipeline_tiles`` covers the QKV stage only;
+    ``w_layout`` is the memory order of both w_qkv and W_o), plus the attention's and the
+    block's own."""
     attn_unroll: int = 4          # tokens per token group loaded together
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
@@ -136,6 +138,8 @@ class AttentionBlock:
                  mWo: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor,
                  mV: cute.Tensor, mTable: cute.Tensor, mAttn: cute.Tensor, mHOut: cute.Tensor,
                  mBar: cute.Tensor, mOut: cute.Tensor, stream):
+        mWqkv = weight_view(mWqkv, self.cfg.w_layout)
+        mWo = weight_view(mWo, self.cfg.w_layout)
         self.kernel(mHidden, mResidual, mNormW, mWqkv, mWo, mCos, mSin, mPos, mK, mV, mTable, mAttn, mHOut,
                     mBar, mOut).launch(grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
                                        cluster=[self.cfg.cluster_size, 1, 1], stream=stream,

@@ -44,7 +44,7 @@ from cf_cute.primitives import GridBarrier, cluster_sync
 from cf_cute.primitives.plan import check_smem
 
 from .paired_splitk import PairedGrid, paired_reduce, reduce_pairs
-from .mma_gemv import (WEIGHT_LAYOUTS, mma_atom, prefetch_rows_l2, store_acc, warp_gemv_each, warp_gemv_tiles,
+from .mma_gemv import (check_weight_layout, mma_atom, prefetch_rows_l2, store_acc, warp_gemv_each, warp_gemv_tiles,
                        weight_view)
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .rmsnorm_slice import NormSlice, NormSliceConfig
@@ -122,8 +122,7 @@ class MLPBlockConfig(PairedGrid):
                              f"{self.num_warps} warps)")
         if self.num_clusters < 1:
             raise ValueError(f"num_clusters must be positive, got {self.num_clusters}")
-        if self.w_layout not in WEIGHT_LAYOUTS:
-            raise ValueError(f"w_layout must be one of {WEIGHT_LAYOUTS}, got {self.w_layout!r}")
+        check_weight_layout(self.w_layout)
 
 
 class MLPBlock:

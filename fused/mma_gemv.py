@@ -52,7 +52,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
-__all__ = ["X_PAD", "WEIGHT_LAYOUTS", "tiled_layout", "weight_view", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles",
+__all__ = ["X_PAD", "WEIGHT_LAYOUTS", "check_weight_layout", "tiled_layout", "weight_view", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles",
            "warp_gemv_each", "warp_gemv_rows", "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
@@ -63,24 +63,36 @@ X_PAD = 32          # elements of row padding in the x buffer (64 bytes)
 WEIGHT_LAYOUTS = ("linear", "tiled")
 
 
-def tiled_layout(m: int, k: int):
+def tiled_layout(m: int, k: int, groups: int = 0):
     """``(row, k)`` -> offset of the ``"tiled"`` weight order (module docstring);
-    ``m`` a multiple of 16, ``k`` of 32."""
+    ``m`` a multiple of 16, ``k`` of 32. ``groups > 0``: ``(group, row, k)`` over
+    ``groups`` such matrices one after the other (e.g. the QKV weight per KV head,
+    the same memory as tiling the ``[groups * m, k]`` matrix)."""
     if m % 16 or k % 32:
         raise ValueError(f"a tiled weight needs M % 16 == 0 and K % 32 == 0, got {m} x {k}")
-    return cute.make_layout(((8, 2, m // 16), (8, 4, k // 32)), stride=((32, 256, 16 * k), (1, 8, 512)))
+    rows, cols = ((8, 2, m // 16), (32, 256, 16 * k)), ((8, 4, k // 32), (1, 8, 512))
+    if groups:
+        return cute.make_layout((groups, rows[0], cols[0]), stride=(m * k, rows[1], cols[1]))
+    return cute.make_layout((rows[0], cols[0]), stride=(rows[1], cols[1]))
 
 
 def weight_view(mW: cute.Tensor, layout: str) -> cute.Tensor:
-    """``mW`` (a ``[M, K]`` tensor over the weight's memory) as the GEMV core indexes
-    it: itself for ``"linear"``, the same memory through :func:`tiled_layout` for
-    ``"tiled"``. Call it in the host ``@cute.jit`` before the launch."""
-    if layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"weight layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+    """``mW`` (a row-major ``[M, K]`` or ``[G, M, K]`` tensor over the weight's memory)
+    as the GEMV core indexes it: itself for ``"linear"``, the same memory through
+    :func:`tiled_layout` for ``"tiled"``. Call it in the host ``@cute.jit`` before the
+    launch."""
+    check_weight_layout(layout)
     if layout == "linear":
         return mW
-    m, k = cute.size(mW, mode=[0]), cute.size(mW, mode=[1])
-    return cute.make_tensor(mW.iterator, tiled_layout(m, k))
+    r = cute.rank(mW)
+    m, k = cute.size(mW, mode=[r - 2]), cute.size(mW, mode=[r - 1])
+    return cute.make_tensor(mW.iterator, tiled_layout(m, k, cute.size(mW, mode=[0]) if r == 3 else 0))
+
+
+def check_weight_layout(layout: str) -> None:
+    """Config validation: ``layout`` names one of :data:`WEIGHT_LAYOUTS`."""
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"w_layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
 
 
 def _is_tiled(mW: cute.Tensor) -> bool:

@@ -46,7 +46,8 @@ from cf_cute.primitives import cluster_sync
 from cf_cute.primitives.plan import check_smem
 
 from .paired_splitk import PairedGrid, paired_reduce, reduce_pairs
-from .mma_gemv import mma_atom, prefetch_rows_l2, store_acc, warp_gemv_each, warp_gemv_rows
+from .mma_gemv import (check_weight_layout, mma_atom, prefetch_rows_l2, store_acc, warp_gemv_each, warp_gemv_rows,
+                       weight_view)
 from .qkv_rope import QKVFields, RopeAppend
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
@@ -83,6 +84,7 @@ class QKVProjectConfig(PairedGrid, QKVFields):
                              f"{step}: use a smaller cluster or fewer k_parts")
         if self.num_clusters < 1:
             raise ValueError(f"num_clusters must be positive, got {self.num_clusters}")
+        check_weight_layout(self.w_layout)
 
 
 class QKVProject(RopeAppend):
@@ -107,6 +109,7 @@ class QKVProject(RopeAppend):
     def __call__(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
                  mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
                  mTable: cute.Tensor, mQ: cute.Tensor, mHOut: cute.Tensor, stream):
+        mW = weight_view(mW, self.cfg.w_layout)
         self.kernel(mHidden, mResidual, mNormW, mW, mCos, mSin, mPos, mK, mV, mTable, mQ, mHOut).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
             cluster=[self.cfg.cluster_size, 1, 1], stream=stream)

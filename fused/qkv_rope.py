@@ -36,7 +36,8 @@ from cf_cute.primitives import ClusterReduce, cluster_sync
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from ._attn_shape import AttnShape
-from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles
+from .mma_gemv import (check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile,
+                       warp_gemv_tiles, weight_view)
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
 __all__ = ["QKVFields", "QKVRopeConfig", "QKVRope", "QKVBuffers", "RopeAppend"]
@@ -68,6 +69,7 @@ class QKVFields(AttnShape):
     unroll: int = 8               # MMA steps of weight loads in flight per warp
     l2_prefetch: bool = True      # each warp's first weight tile is requested before the norm
     pipeline_tiles: bool = False  # one load pipeline across a warp's row tiles (slower: docs/NOTES.md)
+    w_layout: str = "linear"      # memory order of the weights (mma_gemv.WEIGHT_LAYOUTS)
 
     @property
     def n_tiles(self) -> int:
@@ -100,6 +102,7 @@ class QKVRopeConfig(QKVFields):
                              f"use a smaller cluster")
         if self.head_dim % 16:
             raise ValueError(f"head_dim = {self.head_dim} must be a multiple of 16")
+        check_weight_layout(self.w_layout)
 
 
 class QKVBuffers:
@@ -193,6 +196,7 @@ class QKVRope(RopeAppend):
     def __call__(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
                  mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
                  mTable: cute.Tensor, mQ: cute.Tensor, mHOut: cute.Tensor, stream):
+        mW = weight_view(mW, self.cfg.w_layout)
         self.kernel(mHidden, mResidual, mNormW, mW, mCos, mSin, mPos, mK, mV, mTable, mQ, mHOut).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
             cluster=[self.cfg.cluster_size, 1, 1], stream=stream)

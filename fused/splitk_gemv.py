@@ -33,7 +33,7 @@ from cutlass import Float32, Int32, const_expr
 from cf_cute.primitives import ClusterReduce
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
-from .mma_gemv import mma_atom, new_acc, store_acc, warp_gemv_tile, x_smem_layout
+from .mma_gemv import check_weight_layout, mma_atom, new_acc, store_acc, warp_gemv_tile, weight_view, x_smem_layout
 
 __all__ = ["SplitKGemvConfig", "SplitKGemv"]
 
@@ -53,6 +53,7 @@ class SplitKGemvConfig:
     unroll: int = 8               # MMA steps of W loads issued ahead per warp
     dtype: str = "bfloat16"
     residual: bool = False        # y = x @ W.T + r (the residual stream), added in fp32
+    w_layout: str = "linear"      # memory order of W (mma_gemv.WEIGHT_LAYOUTS; "tiled": cf_cute.tiles)
 
     def validate(self) -> None:
         check_cluster_size(self.cluster_size)
@@ -63,6 +64,7 @@ class SplitKGemvConfig:
         step = self.cluster_size * _STEP
         if self.k % step:
             raise ValueError(f"K = {self.k} must be a multiple of cluster_size * {_STEP} = {step}")
+        check_weight_layout(self.w_layout)
         if self.block_m % 16 or self.m % self.block_m:
             raise ValueError(f"M = {self.m} must be a multiple of block_m = {self.block_m}, "
                              f"itself a multiple of 16")
@@ -93,6 +95,7 @@ class SplitKGemv:
 
     @cute.jit
     def __call__(self, mX: cute.Tensor, mW: cute.Tensor, mR: cute.Tensor, mY: cute.Tensor, stream):
+        mW = weight_view(mW, self.cfg.w_layout)
         self.kernel(mX, mW, mR, mY).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
             cluster=[self.cfg.cluster_size, 1, 1], stream=stream)

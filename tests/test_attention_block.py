@@ -10,6 +10,7 @@ import torch
 from conftest import assert_replays_equal, make_kv_cache
 
 from cf_cute.attention import arg_specs, attention_block, attention_block_unfused, pack_attention
+from cf_cute.tiles import linear_weight
 from cf_cute.fused.attention_block import AttentionBlock, AttentionBlockConfig
 from cf_cute.jit import compile_for_inspection
 from cf_cute.reference import AttentionWeights, ContiguousKV, PagedKV, rope_tables
@@ -51,11 +52,12 @@ FUSED_CASES = [
 ]
 
 
-def fused_config(heads, kv_heads, hd, H, batch, cluster, paged, residual, rope, L=1024):
+def fused_config(heads, kv_heads, hd, H, batch, cluster, paged, residual, rope, L=1024, layout="tiled"):
+    """The config ``attention_block`` plans for these operands (weights as pack_attention gives them)."""
     return AttentionBlockConfig(batch=batch, hidden=H, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
                                 max_len=L, max_positions=L, cluster_size=cluster or 4, paged=paged,
                                 num_pages=batch * L // 16 + 5 if paged else 0, rope_style=rope,
-                                has_residual=residual)
+                                has_residual=residual, w_layout=layout)
 
 
 @pytest.mark.parametrize("case", FUSED_CASES[:2] + FUSED_CASES[3:4])
@@ -68,6 +70,16 @@ def test_fused_compiles_with_dsmem_and_grid_barrier(case):
     assert "atom.global.add.f" not in ptx and "red.global.add.f" not in ptx
     assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")   # PDL: wait before any read
     assert "griddepcontrol.launch_dependents" in ptx
+
+
+def test_tiled_weights_compile_to_the_same_loads():
+    """The tiled order changes addresses only: the same 16-byte loads, MMAs and L2 prefetches."""
+    counts = {}
+    for layout in ("linear", "tiled"):
+        cfg = fused_config(*FUSED_CASES[0], layout=layout)
+        ptx = compile_for_inspection(AttentionBlock, cfg, arg_specs(cfg)).__ptx__
+        counts[layout] = [ptx.count(s) for s in ("ld.global.v4", "mma.sync", "cp.async.bulk.prefetch.L2")]
+    assert counts["tiled"] == counts["linear"] and min(counts["tiled"]) > 0
 
 
 def test_phase_timer_compiles_to_globaltimer_stamps():
@@ -136,6 +148,39 @@ def test_fused_is_deterministic_graph_capturable_and_writes_every_output():
     static_out = torch.full_like(out, float("nan"))
     g, _ = capture_graph(lambda: attention_block(hidden, packed, k2, v2, positions, cos, sin, out=static_out, **kw))
     assert_replays_equal(g, static_out, out)
+
+
+# (function, case) run with the weights in both memory orders (cf_cute.tiles)
+LAYOUT_CASES = [("fused", 1), ("unfused", None)]
+LAYOUT_UNFUSED_CASE = (32, 8, 128, 4096, 16, None, True, True, "neox")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path,case_index", LAYOUT_CASES)
+def test_tiled_and_linear_weights_give_the_same_bits(path, case_index):
+    """Only the addresses of the weights differ: the same outputs and cache appends, bit for bit."""
+    case = FUSED_CASES[case_index] if case_index is not None else LAYOUT_UNFUSED_CASE
+    fn = attention_block if path == "fused" else attention_block_unfused
+    out, _, kc, vc, _, args, kw = _run_case(case, fn)
+    hidden, packed, k0, v0, positions, cos, sin = args
+    assert packed.layout == "tiled"
+    wq, wk, wv = (w.cuda() for w in _split_qkv(packed))
+    linear = pack_attention(AttentionWeights(packed.norm, wq, wk, wv, linear_weight(packed.wo, "tiled")),
+                            num_heads=packed.num_heads, num_kv_heads=packed.num_kv_heads,
+                            rope_style=packed.rope_style, layout="linear")
+    k2, v2 = kc.clone(), vc.clone()                    # the append rewrites the same slots
+    again = fn(hidden, linear, k2, v2, positions, cos, sin, out=torch.full_like(out, float("nan")), **kw)
+    assert torch.isfinite(out).all() and torch.equal(again, out) and torch.equal(k2, kc) and torch.equal(v2, vc)
+
+
+def _split_qkv(packed):
+    """nn.Linear wq, wk, wv back from a packed (tiled) w_qkv."""
+    w = linear_weight(packed.w_qkv, packed.layout)
+    G = packed.num_heads // packed.num_kv_heads
+    hd = w.shape[1] // (G + 2)
+    H = w.shape[2]
+    return (w[:, :G * hd].reshape(-1, H), w[:, G * hd:(G + 1) * hd].reshape(-1, H),
+            w[:, (G + 1) * hd:].reshape(-1, H))
 
 
 @pytest.mark.gpu

@@ -6,12 +6,14 @@ import torch
 from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
 from cf_cute.gemv import arg_specs, splitk_gemv
 from cf_cute.jit import compile_for_inspection
+from cf_cute.tiles import tile_weight
 
 
 @pytest.mark.parametrize("cluster", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_gemv_compiles(cluster, batch):
-    cfg = SplitKGemvConfig(m=256, k=4096, batch=batch, cluster_size=cluster)
+@pytest.mark.parametrize("layout", ["linear", "tiled"])
+def test_gemv_compiles(cluster, batch, layout):
+    cfg = SplitKGemvConfig(m=256, k=4096, batch=batch, cluster_size=cluster, w_layout=layout)
     c = compile_for_inspection(SplitKGemv, cfg, arg_specs(cfg))
     assert "ld.global.v4" in c.__ptx__ or "ld.global.nc.v4" in c.__ptx__
     if cluster > 1:
@@ -37,6 +39,18 @@ def test_gemv_rejects_bad_input_before_launch():
 
 def _ref(x, w):
     return (x.double() @ w.double().T).float()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cluster,batch", [(1, 1), (4, 5), (8, 16)])
+def test_tiled_weight_gives_the_same_bits(cluster, batch):
+    w = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(batch, 512, device="cuda", dtype=torch.bfloat16)
+    y = splitk_gemv(x, w, residual=r, cluster_size=cluster)
+    out = torch.full_like(y, float("nan"))
+    splitk_gemv(x, tile_weight(w), residual=r, cluster_size=cluster, out=out, layout="tiled")
+    assert torch.isfinite(y).all() and torch.equal(out, y)
 
 
 @pytest.mark.gpu

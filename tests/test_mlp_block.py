@@ -15,6 +15,7 @@ from cf_cute.jit import compile_for_inspection
 from cf_cute.mlp import MLPTuning, arg_specs, grid_plan, mlp_block, pack_mlp
 from cf_cute.reference import MLPWeights
 from cf_cute.reference import mlp_block as reference_mlp
+from cf_cute.tiles import linear_weight
 from cf_cute.timing import capture_graph
 
 # (hidden, intermediate): Llama-2-7B, Llama-3-8B, Llama-3.2-1B, Llama-3.2-3B
@@ -237,8 +238,9 @@ def test_chained_launches_overlap_safely():
     x = x0.cpu()
     for k in range(n):
         w = ws[k % 2]
-        cpu = MLPWeights(norm=w.norm.float().cpu(), w_gate=w.w_gate_up[:I].float().cpu(),
-                         w_up=w.w_gate_up[I:].float().cpu(), w_down=w.w_down.float().cpu())
+        gu, down = linear_weight(w.w_gate_up, w.layout), linear_weight(w.w_down, w.layout)
+        cpu = MLPWeights(norm=w.norm.float().cpu(), w_gate=gu[:I].float().cpu(),
+                         w_up=gu[I:].float().cpu(), w_down=down.float().cpu())
         x = reference_mlp(x.float(), cpu)
         _check(pdl[k], x)
         x = pdl[k].cpu()

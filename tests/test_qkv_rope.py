@@ -10,7 +10,8 @@ from conftest import make_kv_cache
 from cf_cute.fused.qkv_project import QKVProject
 from cf_cute.fused.qkv_rope import QKVRope, QKVRopeConfig
 from cf_cute.jit import compile_for_inspection
-from cf_cute.qkv_rope import arg_specs, pack_qkv, project_grid, qkv_project, qkv_project_config, qkv_rope
+from cf_cute.qkv_rope import (arg_specs, pack_qkv, project_grid, qkv_project, qkv_project_config, qkv_rope,
+                              qkv_rope_config)
 from cf_cute.reference import apply_rope, rms_norm, rope_tables
 
 
@@ -51,6 +52,22 @@ def test_project_compiles(heads, kv_heads, hd, H, batch, style, paged):
     assert "mma.sync.aligned.m16n8k16" in ptx
     if cfg.cluster_size > 1:
         assert "st.async.shared::cluster" in ptx and "barrier.cluster" in ptx
+
+
+@pytest.mark.parametrize("grid_wide", [False, True])
+def test_tiled_weights_compile_to_the_same_loads(grid_wide):
+    """The tiled order (cf_cute.tiles) changes addresses only, for both QKV kernels."""
+    m = dict(device="meta", dtype=torch.bfloat16)
+    counts = {}
+    for layout in ("linear", "tiled"):
+        args = (torch.empty(1, 4096, **m), torch.empty(8, 6 * 128, 4096, **m),
+                torch.empty(512, 64, dtype=torch.float32, device="meta"), torch.empty(1, 512, 8, 128, **m), None)
+        kw = dict(num_heads=32, num_kv_heads=8, rope_style="neox", eps=1e-5, has_residual=False, layout=layout)
+        cfg = qkv_project_config(*args, **kw) if grid_wide else qkv_rope_config(*args, cluster_size=4, **kw)
+        assert cfg.w_layout == layout
+        ptx = compile_for_inspection(QKVProject if grid_wide else QKVRope, cfg, arg_specs(cfg)).__ptx__
+        counts[layout] = [ptx.count(s) for s in ("ld.global.v4", "mma.sync", "cp.async.bulk.prefetch.L2")]
+    assert counts["tiled"] == counts["linear"] and min(counts["tiled"]) > 0
 
 
 def test_project_grid_balances_the_units():

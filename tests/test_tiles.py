@@ -28,6 +28,12 @@ def test_tile_weight_follows_the_documented_order(m, k):
     assert torch.equal(linear_weight(tile_weight(w), "tiled"), w)
 
 
+def test_a_stack_is_tiled_as_its_flattened_matrix():
+    w = torch.randn(3, 48, 64)
+    assert torch.equal(tile_weight(w), tile_weight(w.view(-1, 64)).view(3, 48, 64))
+    assert torch.equal(untile_weight(tile_weight(w)), w)
+
+
 _traced = {}
 
 
@@ -52,7 +58,9 @@ def test_bad_shapes_are_refused():
         tile_weight(torch.empty(24, 64))
     with pytest.raises(ValueError, match="K % 32"):
         tile_weight(torch.empty(32, 48))
-    with pytest.raises(ValueError, match="2-D"):
-        tile_weight(torch.empty(2, 16, 64))
+    with pytest.raises(ValueError, match=r"\[M, K\]"):
+        tile_weight(torch.empty(16 * 64))
+    with pytest.raises(ValueError, match="M % 16"):
+        tile_weight(torch.empty(2, 24, 64))
     with pytest.raises(ValueError, match="layout"):
         linear_weight(torch.empty(16, 32), "blocked")
