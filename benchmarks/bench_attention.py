@@ -16,12 +16,13 @@ Floor = (QKV + O weights + the KV cache read) / measured read bandwidth.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from cf_cute.attention import AttentionTuning, attention_block, attention_block_unfused
+from cf_cute.attention import AttentionTuning, attention_block, attention_block_unfused, linear_attention_weights
 
 # tuning variants timed with --variants (name -> AttentionTuning), at the auto cluster size
 VARIANTS = {"unroll4": AttentionTuning(unroll=4), "no-prefetch": AttentionTuning(l2_prefetch=False),
@@ -92,6 +93,11 @@ def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: 
                 c = int(name.split("=")[1]) if "=" in name else None
                 fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc, c=c:
                            attention_block(h, p, kc, vc, positions, cos, sin, cluster_size=c))
+            elif name == "auto linear":          # the same weights in nn.Linear order (pack_attention tiles them)
+                w_qkv, wo = linear_attention_weights(packed)
+                lin = dataclasses.replace(packed, w_qkv=w_qkv, wo=wo, layout="linear")
+                fns.append(lambda p=lin, h=hidden, kc=kc, vc=vc:
+                           attention_block(h, p, kc, vc, positions, cos, sin))
             elif name.startswith("auto "):
                 t = VARIANTS[name[5:]]
                 fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc, t=t:
@@ -125,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-gb", type=float, default=40.0, help="device memory for the rotating sets")
     ap.add_argument("--clusters", default="", help="cluster sizes of the fused kernel (default: its heuristic)")
     ap.add_argument("--unfused", action="store_true", help="also time the three-launch composition")
-    ap.add_argument("--variants", default="", help=f"tuning variants, from {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default="", help=f"tuning variants, from {sorted(VARIANTS) + ['linear']} "
+                                                   f"(linear: the weights in nn.Linear order)")
     a = ap.parse_args(argv)
     clusters = [int(c) for c in a.clusters.split(",")] if a.clusters else []
     bw = read_bandwidth_gbs()

@@ -142,16 +142,17 @@ def _attn_configs(contexts, batches):
     for b in batches:                       # benchmarks/bench_attention.py, Llama-2-7B shape
         for ctx in contexts:
             for c, tune in ((4, {}), (4, dict(phase_timer=True)), (2, dict(num_threads=512)),
-                            (2, dict(num_threads=512, phase_timer=True))) if b == 1 else ():
+                            (2, dict(num_threads=512, phase_timer=True)), (4, dict(w_layout="linear"))) if b == 1 else ():
                 out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
                                                 head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
-                                                cluster_size=c, w_layout="tiled", **tune))
+                                                cluster_size=c, **{"w_layout": "tiled", **tune}))
             if b == 16:
                 out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
                                                 head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
                                                 cluster_size=2, w_layout="tiled"))
                 try:
                     out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False)
+                    out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False, layout="linear")
                 except ValueError:          # over the 32-bit index limit: the benchmark skips it too
                     pass
     return out
