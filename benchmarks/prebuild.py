@@ -124,6 +124,8 @@ def _attn_configs(contexts, batches):
     """The attention-block kernels: tests/test_attention_block.py and benchmarks/bench_attention.py."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_attention_block import FUSED_CASES, LAYOUT_CASES, LAYOUT_UNFUSED_CASE, fused_config
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_attention import VARIANTS as ATTN_VARIANTS
     from cf_cute.fused.attention_block import AttentionBlockConfig
     out = [fused_config(*c) for c in FUSED_CASES if c[5] is not None]
     for path, i in LAYOUT_CASES:            # test_tiled_and_linear_weights_give_the_same_bits
@@ -141,8 +143,11 @@ def _attn_configs(contexts, batches):
     out += _unfused(16, 32, 8, 128, 4096, 1024, True, True)              # test_unfused_planned_matches_reference
     for b in batches:                       # benchmarks/bench_attention.py, Llama-2-7B shape
         for ctx in contexts:
+            variants = [(4, {k: v for k, v in dataclasses.asdict(t).items() if k != "num_threads"})
+                        for t in ATTN_VARIANTS.values() if t.num_threads == 256]
             for c, tune in ((4, {}), (4, dict(phase_timer=True)), (2, dict(num_threads=512)),
-                            (2, dict(num_threads=512, phase_timer=True)), (4, dict(w_layout="linear"))) if b == 1 else ():
+                            (2, dict(num_threads=512, phase_timer=True)), (4, dict(w_layout="linear")),
+                            *variants) if b == 1 else ():
                 out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
                                                 head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
                                                 cluster_size=c, **{"w_layout": "tiled", **tune}))
