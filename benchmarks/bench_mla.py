@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import markdown_table, read_bandwidth_gbs, stamp, time_ms, capture_graph  # noqa: E402
 
-from cf_cute.mla import MLAPlanKey, mla_decode, mla_decode_torch, pack_mla  # noqa: E402
+from cf_cute.mla import MLAPlanKey, linear_mla, mla_decode, mla_decode_torch, pack_mla  # noqa: E402
 from cf_cute.reference_mla import MLAShape, MLAWeights, mla_rope_tables, mla_softmax_scale  # noqa: E402
 
 YARN = dict(type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
@@ -34,7 +34,7 @@ def bench_plan_key(batch: int, ctx: int) -> MLAPlanKey:
     S = MLAShape()
     return MLAPlanKey(batch=batch, dtype="bfloat16", shape=S, eps=1e-6, scale=mla_softmax_scale(S, YARN),
                       has_residual=False, cache_shape=(batch, ctx + 1, S.latent_dim), max_pages=0,
-                      max_positions=ctx + 1)
+                      max_positions=ctx + 1, layout="tiled")
 
 
 def _set(S: MLAShape, batch: int, ctx: int, scale: float):
@@ -47,7 +47,10 @@ def _set(S: MLAShape, batch: int, ctx: int, scale: float):
                           / math.sqrt(r)).to(dt),
                    wo=(torch.randn(H, S.num_heads * S.v_head_dim, device=dev) / math.sqrt(2048)).to(dt))
     cache = torch.randn(batch, ctx + 1, S.latent_dim, device=dev, dtype=dt)
-    return pack_mla(w, S, scale=scale), cache, torch.randn(batch, H, device=dev, dtype=dt)
+    # the fused path reads the tiled pack (pack_mla's default), the torch step the same weights in
+    # nn.Linear order (no per-call copies in the baseline)
+    return pack_mla(w, S, scale=scale), cache, torch.randn(batch, H, device=dev, dtype=dt), linear_mla(
+        pack_mla(w, S, scale=scale))
 
 
 def main(argv=None) -> int:
@@ -71,14 +74,14 @@ def main(argv=None) -> int:
             n = max(2, min(8, int(a.budget_gb * 1e9 // nbytes)))
             sets = [probe] + [_set(S, batch, ctx, scale) for _ in range(n - 1)]
             # sanity check on the first set (both steps append the same row at the same slot)
-            expect = mla_decode_torch(probe[2], probe[0], probe[1], positions, cos, sin)
+            expect = mla_decode_torch(probe[2], probe[3], probe[1], positions, cos, sin)
             got = mla_decode(probe[2], probe[0], probe[1], positions, cos, sin)
             err = ((got.float() - expect.float()).norm() / expect.float().norm()).item()
-            fns = [lambda p=p, c=c, h=h: mla_decode_torch(h, p, c, positions, cos, sin) for p, c, h in sets]
+            fns = [lambda p=p, c=c, h=h: mla_decode_torch(h, p, c, positions, cos, sin) for _, c, h, p in sets]
             eager = time_ms(lambda: [f() for f in fns]) * 1e3 / n
             graphs = [capture_graph(f)[0] for f in fns]
             graph = time_ms(lambda: [g.replay() for g in graphs]) * 1e3 / n
-            fused_fns = [lambda p=p, c=c, h=h: mla_decode(h, p, c, positions, cos, sin) for p, c, h in sets]
+            fused_fns = [lambda p=p, c=c, h=h: mla_decode(h, p, c, positions, cos, sin) for p, c, h, _ in sets]
             fused_graphs = [capture_graph(f)[0] for f in fused_fns]
             fused = time_ms(lambda: [g.replay() for g in fused_graphs]) * 1e3 / n
             floor = nbytes / (bw * 1e3)

@@ -34,6 +34,9 @@ reduction dimension contiguous, the layout of the tensor-core GEMV core)::
     w_uv    [heads, v, rank]       W_UV[h]:   o[h]     = W_UV[h] @ o_lat[h]      (absorbed into o)
     wo      [hidden, heads * v]    o_proj as given
 
+    layout="tiled" (pack_mla's default): the same shapes, each stored in the GEMV core's
+    tiled order (cf_cute.tiles; w_uk and w_uv as their [heads * rows, K] matrices)
+
     latent cache: contiguous [B, max_len, rank + rope] or paged [pages, page_size, rank + rope]
                   with page_table [B, max_pages] (int32), a token's row = [normalised c, rotated k_pe]
 
@@ -49,6 +52,7 @@ One decode step (``mla_decode_torch``; the kernel computes the same)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -56,9 +60,10 @@ import torch
 
 from cf_cute.reference import apply_rope
 from cf_cute.reference_mla import MLAShape, MLAWeights
+from cf_cute.tiles import WEIGHT_LAYOUTS, tile_weight, untile_weight
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked
 
-__all__ = ["PackedMLA", "pack_mla", "check_mla_operands", "mla_decode_torch", "mla_decode", "MLATuning",
+__all__ = ["PackedMLA", "pack_mla", "linear_mla", "check_mla_operands", "mla_decode_torch", "mla_decode", "MLATuning",
            "MLAPlanKey", "mla_plan_key", "mla_kernels", "mla_splits"]
 
 
@@ -73,11 +78,16 @@ class PackedMLA:
     shape: MLAShape
     scale: float              # softmax scale (mla_softmax_scale: YaRN's mscale included)
     eps: float = 1e-6
+    layout: str = "linear"    # memory order of w_front, w_uk, w_uv, wo: "linear" or "tiled" (cf_cute.tiles)
 
 
-def pack_mla(w: MLAWeights, shape: MLAShape, *, scale: float, eps: float = 1e-6) -> PackedMLA:
+def pack_mla(w: MLAWeights, shape: MLAShape, *, scale: float, eps: float = 1e-6,
+             layout: str = "tiled") -> PackedMLA:
     """One-time repacking of nn.Linear-layout weights (module docstring); dtype and
-    device are kept."""
+    device are kept. ``layout="tiled"`` (default) also puts the four GEMV weights in the
+    GEMV core's tiled order (:mod:`cf_cute.tiles`; the same results bit for bit)."""
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
     S = shape
     nq = S.num_heads * S.qk_head_dim
     check_tensor("wq", w.wq, shape=(nq, S.hidden), cuda=False)
@@ -89,11 +99,22 @@ def pack_mla(w: MLAWeights, shape: MLAShape, *, scale: float, eps: float = 1e-6)
     check_tensor("norm", w.norm, dtype=dt, shape=(S.hidden,), cuda=False)
     check_tensor("kv_norm", w.kv_norm, dtype=dt, shape=(S.kv_lora_rank,), cuda=False)
     wkv_b = w.wkv_b.view(S.num_heads, S.qk_nope_head_dim + S.v_head_dim, S.kv_lora_rank)
-    return PackedMLA(norm=w.norm.contiguous(), w_front=torch.cat([w.wq, w.wkv_a]).contiguous(),
-                     kv_norm=w.kv_norm.contiguous(),
-                     w_uk=wkv_b[:, : S.qk_nope_head_dim].transpose(1, 2).contiguous(),
-                     w_uv=wkv_b[:, S.qk_nope_head_dim:].contiguous(), wo=w.wo.contiguous(),
-                     shape=S, scale=scale, eps=eps)
+    mats = dict(w_front=torch.cat([w.wq, w.wkv_a]).contiguous(),
+                w_uk=wkv_b[:, : S.qk_nope_head_dim].transpose(1, 2).contiguous(),
+                w_uv=wkv_b[:, S.qk_nope_head_dim:].contiguous(), wo=w.wo.contiguous())
+    if layout == "tiled":
+        mats = {k: tile_weight(v) for k, v in mats.items()}
+    return PackedMLA(norm=w.norm.contiguous(), kv_norm=w.kv_norm.contiguous(), shape=S, scale=scale, eps=eps,
+                     layout=layout, **mats)
+
+
+def linear_mla(packed: PackedMLA) -> PackedMLA:
+    """``packed`` with its GEMV weights in nn.Linear order (copies when tiled): what the
+    torch step :func:`mla_decode_torch` computes with."""
+    if packed.layout == "linear":
+        return packed
+    return dataclasses.replace(packed, layout="linear", **{k: untile_weight(getattr(packed, k))
+                                                           for k in ("w_front", "w_uk", "w_uv", "wo")})
 
 
 def check_mla_operands(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tensor, positions: torch.Tensor,
@@ -150,6 +171,7 @@ def mla_decode_torch(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tenso
     dtype, norms and softmax in fp32 (what an unfused serving stack does)."""
     positions, page_table = check_mla_operands(hidden, packed, cache, positions, cos, sin, residual=residual,
                                                page_table=page_table)
+    packed = linear_mla(packed)       # tiled weights: copies (benchmarks pass a linear pack)
     S = packed.shape
     B, dt = hidden.shape[0], hidden.dtype
     rank, nope = S.kv_lora_rank, S.qk_nope_head_dim
@@ -217,6 +239,7 @@ class MLAPlanKey:
     max_positions: int            # rows of the cos/sin tables
     tuning: MLATuning = MLATuning()
     sm_count: int = 132           # SMs of the device (the split plan)
+    layout: str = "linear"        # memory order of the GEMV weights (PackedMLA.layout)
 
     @property
     def paged(self) -> bool:
@@ -239,7 +262,8 @@ def mla_plan_key(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tensor, c
     return MLAPlanKey(batch=hidden.shape[0], dtype=dtype_name(hidden.dtype), shape=packed.shape,
                       eps=float(packed.eps), scale=float(packed.scale), has_residual=residual,
                       cache_shape=tuple(cache.shape), max_pages=0 if page_table is None else page_table.shape[1],
-                      max_positions=cos.shape[0], tuning=tuning or MLATuning(), sm_count=device_sms(hidden.device))
+                      max_positions=cos.shape[0], tuning=tuning or MLATuning(), sm_count=device_sms(hidden.device),
+                      layout=packed.layout)
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,18 +299,22 @@ def mla_kernels(key: MLAPlanKey) -> list:
     part_o = TensorSpec("float32", (B, Sp, heads, rank))
     part_ml = TensorSpec("float32", (B, Sp, 2, heads))
 
-    front = MLAFrontConfig(batch=B, hidden=H, rows=rows, eps=key.eps, has_residual=key.has_residual, dtype=dt)
+    lay = key.layout
+    front = MLAFrontConfig(batch=B, hidden=H, rows=rows, eps=key.eps, has_residual=key.has_residual, dtype=dt,
+                           w_layout=lay)
     absorb = MLAAbsorbConfig(batch=B, num_heads=heads, kv_lora_rank=rank, qk_nope_head_dim=nope,
                              qk_rope_head_dim=rope, max_len=key.max_len, max_positions=key.max_positions,
-                             eps=key.eps, paged=paged, page_size=page_size, num_pages=num_pages, dtype=dt)
+                             eps=key.eps, paged=paged, page_size=page_size, num_pages=num_pages, dtype=dt,
+                             w_layout=lay)
     attn = MLAAttentionConfig(batch=B, num_heads=heads, kv_lora_rank=rank, qk_rope_head_dim=rope,
                               max_len=key.max_len, splits=Sp, scale=key.scale, paged=paged, page_size=page_size,
                               num_pages=num_pages, dtype=dt, tensor_core_pv=key.tuning.pv_tensor_cores)
-    out = MLAOutConfig(batch=B, num_heads=heads, kv_lora_rank=rank, v_head_dim=v, splits=Sp, dtype=dt)
+    out = MLAOutConfig(batch=B, num_heads=heads, kv_lora_rank=rank, v_head_dim=v, splits=Sp, dtype=dt, w_layout=lay)
     # 128-row blocks (8 tiles: every warp busy) unless B x 128 partial sums do not lay over the
     # threads of the cluster reduce (odd batches above 8): then 64-row blocks
     block_m = 128 if B <= 8 or B % 2 == 0 else 64
-    wo = SplitKGemvConfig(m=H, k=heads * v, batch=B, cluster_size=4, block_m=block_m, dtype=dt, residual=True)
+    wo = SplitKGemvConfig(m=H, k=heads * v, batch=B, cluster_size=4, block_m=block_m, dtype=dt, residual=True,
+                          w_layout=lay)
     for cfg in (front, absorb, attn, out, wo):
         cfg.validate()
     # the collectives' layouts (a ValueError here, not at compile time)

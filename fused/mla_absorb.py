@@ -32,7 +32,8 @@ from cutlass import Float32, Int32, const_expr
 
 from cf_cute.primitives.plan import check_smem
 
-from .mma_gemv import X_PAD, acc_coords, mma_atom, new_acc, warp_gemv_tile, x_smem_layout
+from .mma_gemv import (X_PAD, acc_coords, check_weight_layout, mma_atom, new_acc, warp_gemv_tile, weight_view,
+                       x_smem_layout)
 
 __all__ = ["MLAAbsorbConfig", "MLAAbsorb"]
 
@@ -57,6 +58,7 @@ class MLAAbsorbConfig:
     dtype: str = "bfloat16"
     num_threads: int = 256
     unroll: int = 4
+    w_layout: str = "linear"      # memory order of w_uk viewed as [heads * rank, nope] (mma_gemv.WEIGHT_LAYOUTS)
 
     @property
     def n_tiles(self) -> int:
@@ -83,6 +85,7 @@ class MLAAbsorbConfig:
         return self.gemv_ctas + self.batch
 
     def validate(self) -> None:
+        check_weight_layout(self.w_layout)
         if self.dtype not in ("bfloat16", "float16"):
             raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype!r}")
         if not 1 <= self.batch <= 16:
@@ -109,6 +112,7 @@ class MLAAbsorb:
     def __call__(self, mY: cute.Tensor, mWuk: cute.Tensor, mKvNorm: cute.Tensor, mCos: cute.Tensor,
                  mSin: cute.Tensor, mPos: cute.Tensor, mTable: cute.Tensor, mCache: cute.Tensor,
                  mQf: cute.Tensor, stream):
+        mWuk = weight_view(mWuk, self.cfg.w_layout)
         self.kernel(mY, mWuk, mKvNorm, mCos, mSin, mPos, mTable, mCache, mQf).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1], stream=stream)
 

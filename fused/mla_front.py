@@ -35,7 +35,7 @@ from cutlass import Float32, Int32, const_expr
 from cf_cute.primitives import ClusterReduce
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
-from .mma_gemv import mma_atom, new_acc, store_acc, warp_gemv_tile
+from .mma_gemv import check_weight_layout, mma_atom, new_acc, store_acc, warp_gemv_tile, weight_view
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
 __all__ = ["MLAFrontConfig", "MLAFront"]
@@ -56,6 +56,7 @@ class MLAFrontConfig:
     block_m: int = 64             # rows a cluster owns
     num_threads: int = 256
     unroll: int = 8               # MMA steps of weight loads in flight per warp
+    w_layout: str = "linear"      # memory order of w_front (mma_gemv.WEIGHT_LAYOUTS)
 
     @property
     def n_tiles(self) -> int:
@@ -75,6 +76,7 @@ class MLAFrontConfig:
 
     def validate(self) -> None:
         check_cluster_size(self.cluster_size)
+        check_weight_layout(self.w_layout)
         if self.dtype not in ("bfloat16", "float16"):
             raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype!r}")
         if not 1 <= self.batch <= 16:
@@ -110,6 +112,7 @@ class MLAFront:
     @cute.jit
     def __call__(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mW: cute.Tensor,
                  mY: cute.Tensor, mHOut: cute.Tensor, stream):
+        mW = weight_view(mW, self.cfg.w_layout)
         self.kernel(mHidden, mResidual, mNormW, mW, mY, mHOut).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
             cluster=[self.cfg.cluster_size, 1, 1], stream=stream)

@@ -31,7 +31,8 @@ from cutlass import Float32, Int32, const_expr
 from cf_cute.primitives import ClusterReduce
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
-from .mma_gemv import X_PAD, mma_atom, new_acc, store_acc, warp_gemv_tile, x_smem_layout
+from .mma_gemv import (X_PAD, check_weight_layout, mma_atom, new_acc, store_acc, warp_gemv_tile, weight_view,
+                       x_smem_layout)
 
 __all__ = ["MLAOutConfig", "MLAOut"]
 
@@ -50,6 +51,7 @@ class MLAOutConfig:
     cluster_size: int = 4
     num_threads: int = 256
     unroll: int = 4
+    w_layout: str = "linear"      # memory order of w_uv viewed as [heads * v, rank] (mma_gemv.WEIGHT_LAYOUTS)
     merge_unroll: int = 32        # split loads in flight per thread in the merge (L2 latency chain: splits / this)
 
     @property
@@ -66,6 +68,7 @@ class MLAOutConfig:
 
     def validate(self) -> None:
         check_cluster_size(self.cluster_size)
+        check_weight_layout(self.w_layout)
         if self.dtype not in ("bfloat16", "float16"):
             raise ValueError(f"dtype must be bfloat16 or float16, got {self.dtype!r}")
         if not 1 <= self.batch <= 16:
@@ -100,6 +103,7 @@ class MLAOut:
 
     @cute.jit
     def __call__(self, mPartO: cute.Tensor, mPartML: cute.Tensor, mWuv: cute.Tensor, mO: cute.Tensor, stream):
+        mWuv = weight_view(mWuv, self.cfg.w_layout)
         self.kernel(mPartO, mPartML, mWuv, mO).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
             cluster=[self.cfg.cluster_size, 1, 1], stream=stream)

@@ -15,8 +15,9 @@ import torch
 from conftest import assert_replays_equal
 
 from cf_cute.jit import compile_for_inspection
-from cf_cute.mla import (MLAPlanKey, MLATuning, check_mla_operands, mla_decode, mla_decode_torch, mla_kernels,
-                         mla_splits, pack_mla)
+from cf_cute.mla import (MLAPlanKey, MLATuning, check_mla_operands, linear_mla, mla_decode, mla_decode_torch,
+                         mla_kernels, mla_splits, pack_mla)
+from cf_cute.tiles import tile_weight
 from cf_cute.reference_mla import (LatentCache, MLAShape, MLAWeights, PagedLatentCache, mla_attention_block,
                                    mla_attention_block_absorbed, mla_rope_tables, mla_softmax_scale)
 
@@ -53,7 +54,12 @@ def _case(S, B, L, paged, dtype=torch.float32, device="cpu", P=16):
 def test_pack_mla_layout():
     S = SHAPE
     w = _weights(S)
-    p = pack_mla(w, S, scale=0.1)
+    p = pack_mla(w, S, scale=0.1, layout="linear")
+    tiled = pack_mla(w, S, scale=0.1)
+    assert tiled.layout == "tiled" and p.layout == "linear"
+    for name in ("w_front", "w_uk", "w_uv", "wo"):
+        assert torch.equal(getattr(tiled, name), tile_weight(getattr(p, name)))
+        assert torch.equal(getattr(linear_mla(tiled), name), getattr(p, name))
     wkv_b = w.wkv_b.view(S.num_heads, S.qk_nope_head_dim + S.v_head_dim, S.kv_lora_rank)
     assert p.w_front.shape == (S.num_heads * S.qk_head_dim + S.latent_dim, S.hidden)
     assert torch.equal(p.w_front[: S.num_heads * S.qk_head_dim], w.wq)
@@ -176,17 +182,20 @@ TUNING_CASE = GPU_CASES[3]
 TUNINGS = [MLATuning(pv_tensor_cores=False), MLATuning(splits=1), MLATuning(splits=7)]
 
 
-def _plan_key(S, B, L, paged, dtype, residual, P=16, tuning=None) -> MLAPlanKey:
+def _plan_key(S, B, L, paged, dtype, residual, P=16, tuning=None, layout="tiled") -> MLAPlanKey:
+    """The plan ``mla_decode`` makes for a GPU case (weights as pack_mla gives them)."""
     cache_shape = (B * L // P + 3, P, S.latent_dim) if paged else (B, L, S.latent_dim)
     return MLAPlanKey(batch=B, dtype=str(dtype).replace("torch.", ""), shape=S, eps=1e-6,
                       scale=mla_softmax_scale(S, LITE_YARN), has_residual=residual, cache_shape=cache_shape,
-                      max_pages=L // P if paged else 0, max_positions=_ROPE_ROWS, tuning=tuning or MLATuning())
+                      max_pages=L // P if paged else 0, max_positions=_ROPE_ROWS, tuning=tuning or MLATuning(),
+                      layout=layout)
 
 
 def mla_prebuild_configs(bench_contexts=(1024, 4096, 16384, 32768), bench_batches=(1, 16)) -> list:
     """``[(KernelCls, cfg, arg_specs)]`` (specs as a tuple: hashable) of every kernel the
     GPU tests and benchmarks/bench_mla.py compile, once each (for benchmarks/prebuild.py)."""
-    keys = [_plan_key(*case) for case in GPU_CASES] + [_plan_key(*TUNING_CASE, tuning=t) for t in TUNINGS]
+    keys = ([_plan_key(*case) for case in GPU_CASES] + [_plan_key(*TUNING_CASE, tuning=t) for t in TUNINGS]
+            + [_plan_key(*GPU_CASES[1], layout="linear")])    # test_tiled_and_linear_weights_give_the_same_bits
     if bench_contexts:
         import sys
         from pathlib import Path
@@ -427,6 +436,20 @@ def test_fused_tunings_agree(tuning):
 
 
 @pytest.mark.gpu
+def test_tiled_and_linear_weights_give_the_same_bits():
+    """pack_mla's tiled order changes addresses only: the same output and cache, bit for bit."""
+    case = GPU_CASES[1]
+    w, packed, hidden, res, data, table, positions, cos, sin = _gpu_inputs(*case)
+    tbl = None if table is None else table.cuda()
+    outs, caches = [], []
+    for p in (packed, pack_mla(w, case[0], scale=packed.scale, layout="linear")):
+        cache = data.clone()
+        outs.append(mla_decode(hidden, p, cache, positions, cos, sin, residual=res, page_table=tbl))
+        caches.append(cache)
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1]) and torch.equal(*caches)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", [GPU_CASES[1], GPU_CASES[2]], ids=_case_id)
 def test_fused_stages_match_torch(case):
     """Each launch against torch on the kernel's own inputs (the workspace after one
@@ -441,6 +464,7 @@ def test_fused_stages_match_torch(case):
     torch.cuda.synchronize()
     key = mla.mla_plan_key(hidden, packed, cache, cos, residual=res is not None, page_table=tbl)
     ws = mla._workspaces[(key, hidden.device)]
+    packed = linear_mla(packed)             # torch below needs the weights in nn.Linear order
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     nq, nope, rank = S.num_heads * S.qk_head_dim, S.qk_nope_head_dim, S.kv_lora_rank
     # 1 front: y = rmsnorm(h) @ w_front.T (and h)
