@@ -70,7 +70,8 @@ def _gather(cfg: GatherHarnessConfig) -> Entry:
 def _gemv(cfg: SplitKGemvConfig) -> Entry:
     from cf_cute.gemv import arg_specs
     return Entry(f"splitk_gemv {cfg.m}x{cfg.k} b={cfg.batch} C={cfg.cluster_size} {cfg.dtype}"
-                 f"{' +residual' if cfg.residual else ''}", SplitKGemv, cfg, arg_specs(cfg),
+                 f"{' +residual' if cfg.residual else ''}{' tiled' if cfg.w_layout == 'tiled' else ''}",
+                 SplitKGemv, cfg, arg_specs(cfg),
                  "st_async" if cfg.cluster_size > 1 else None)
 
 
@@ -109,7 +110,7 @@ def _qkv_project(batch: int, heads: int, kv_heads: int) -> Entry:
     cfg = qkv_project_config(torch.empty(batch, 4096, **m), torch.empty(kv_heads, (heads // kv_heads + 2) * 128, 4096, **m),
                              torch.empty(4096, 64, dtype=torch.float32, device="meta"),
                              torch.empty(batch, 4096, kv_heads, 128, **m), None, num_heads=heads,
-                             num_kv_heads=kv_heads, rope_style="neox", eps=1e-5, has_residual=True)
+                             num_kv_heads=kv_heads, rope_style="neox", eps=1e-5, has_residual=True, layout="tiled")
     return _attn_entry(f"qkv_project {cfg.num_clusters}x", QKVProject, cfg, arg_specs, "st_async")
 
 
@@ -119,13 +120,16 @@ def _mla(batch: int) -> Iterator[Entry]:
     from cf_cute.reference_mla import MLAShape, mla_softmax_scale
     S = MLAShape()
     key = MLAPlanKey(batch=batch, dtype="bfloat16", shape=S, eps=1e-6, scale=mla_softmax_scale(S), has_residual=True,
-                     cache_shape=(batch, 4096, S.latent_dim), max_pages=0, max_positions=4096)
+                     cache_shape=(batch, 4096, S.latent_dim), max_pages=0, max_positions=4096, layout="tiled")
     for cls, cfg, args in mla_kernels(key):
         c = getattr(cfg, "cluster_size", 1)
         yield Entry(f"mla {cls.__name__} b={batch} C={c}", cls, cfg, args, "st_async" if c > 1 else None)
 
 
 def entries() -> Iterator[Entry]:
+    """Every shipped configuration. The blocks, the grid-wide QKV kernel and the MLA step take
+    their weights in the tiled order (what pack_attention / pack_mlp / pack_mla produce); the
+    generic split-K GEMV is listed in both orders."""
     from cf_cute.attention import default_cluster_size
     from cf_cute.models import BUILTIN_CONFIGS
     # the fused attention block for each distinct attention shape of the built-in Llama configs, cache 4096
@@ -135,13 +139,13 @@ def entries() -> Iterator[Entry]:
             c = default_cluster_size(kv_heads, hidden)
             yield _block(AttentionBlockConfig(batch=batch, hidden=hidden, num_heads=heads, num_kv_heads=kv_heads,
                                               head_dim=hd, max_len=4096, max_positions=4096, cluster_size=c,
-                                              has_residual=True))
+                                              has_residual=True, w_layout="tiled"))
     # the fused MLP block for each distinct MLP shape, on the grid a 132-SM Hopper gets
     # (66 clusters of 2: cf_cute.mlp.grid_plan with the measured residency)
     for hidden, inter in dict.fromkeys((m.hidden, m.intermediate) for m in BUILTIN_CONFIGS.values()):
         for batch in (1, 16):
             yield _mlp(MLPBlockConfig(batch=batch, hidden=hidden, intermediate=inter, num_clusters=66,
-                                      cluster_size=2, has_residual=batch == 1))
+                                      cluster_size=2, has_residual=batch == 1, w_layout="tiled"))
     for c in range(1, 17):
         yield _reduce(ReduceHarnessConfig(num_elems=256, cluster_size=c))
     for c in (2, 4, 8, 16):
@@ -168,6 +172,8 @@ def entries() -> Iterator[Entry]:
             yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=batch, cluster_size=c))
     yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=1, cluster_size=4, dtype="float16"))
     yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=1, cluster_size=4, residual=True))
+    for batch in (1, 16):          # the three-launch attention block's output projection
+        yield _gemv(SplitKGemvConfig(m=4096, k=4096, batch=batch, cluster_size=8, residual=True, w_layout="tiled"))
     for c in (1, 4, 16):
         for heads, kv_heads in ((32, 32), (32, 8)):
             yield _attention(DecodeAttentionConfig(batch=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=128,

@@ -41,8 +41,7 @@ so the same code streams two memory orders (:func:`weight_view`):
   tile's K range is one contiguous run, so an L2 prefetch of it is too.
   Measured (H200, a 12288 x 4096 GEMV over 128 CTAs, one load pipeline a
   warp): 86% of the read bandwidth against 58-72% for ``"linear"``, and
-  4 steps in flight a warp are as fast as 8 (``.device``-probe numbers in
-  docs/NOTES.md).
+  4 steps in flight a warp are as fast as 8 (benchmarks/RESULTS.md, session 7).
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
-__all__ = ["X_PAD", "WEIGHT_LAYOUTS", "check_weight_layout", "tiled_layout", "weight_view", "x_smem_layout", "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles",
-           "warp_gemv_each", "warp_gemv_rows", "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
+__all__ = ["X_PAD", "WEIGHT_LAYOUTS", "check_weight_layout", "tiled_layout", "weight_view", "x_smem_layout",
+           "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles", "warp_gemv_each", "warp_gemv_rows", "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
 # read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,

@@ -11,6 +11,9 @@ def test_catalog_covers_every_cluster_size_and_kind():
     assert any(e.name.startswith('qkv_project') for e in es) and any(e.name.startswith('mla ') for e in es)
     assert {e.ptx_kind for e in es} >= {"st_async", "bulk", "global", "grid", None}
     assert len({e.name for e in es}) == len(es)
+    # the blocks and the MLA step are listed as the torch API launches them: tiled weights
+    blocks = [e for e in es if e.name.startswith(("attention_block", "mlp_block", "qkv_project", "mla "))]
+    assert blocks and all(getattr(e.cfg, "w_layout", "tiled") == "tiled" for e in blocks)
 
 
 def test_compile_all_passes(capsys):
