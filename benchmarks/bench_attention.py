@@ -16,13 +16,12 @@ Floor = (QKV + O weights + the KV cache read) / measured read bandwidth.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from cf_cute.attention import AttentionTuning, attention_block, attention_block_unfused, linear_attention_weights
+from cf_cute.attention import AttentionTuning, attention_block, attention_block_unfused, linear_attention
 
 # tuning variants timed with --variants (name -> AttentionTuning), at the auto cluster size
 VARIANTS = {"unroll4": AttentionTuning(unroll=4), "no-prefetch": AttentionTuning(l2_prefetch=False),
@@ -94,9 +93,7 @@ def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: 
                 fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc, c=c:
                            attention_block(h, p, kc, vc, positions, cos, sin, cluster_size=c))
             elif name == "auto linear":          # the same weights in nn.Linear order (pack_attention tiles them)
-                w_qkv, wo = linear_attention_weights(packed)
-                lin = dataclasses.replace(packed, w_qkv=w_qkv, wo=wo, layout="linear")
-                fns.append(lambda p=lin, h=hidden, kc=kc, vc=vc:
+                fns.append(lambda p=linear_attention(packed), h=hidden, kc=kc, vc=vc:
                            attention_block(h, p, kc, vc, positions, cos, sin))
             elif name.startswith("auto "):
                 t = VARIANTS[name[5:]]

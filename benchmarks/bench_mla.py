@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import markdown_table, read_bandwidth_gbs, stamp, time_ms, capture_graph  # noqa: E402
 
-from cf_cute.mla import MLAPlanKey, linear_mla, mla_decode, mla_decode_torch, pack_mla  # noqa: E402
+from cf_cute.mla import MLAPlanKey, mla_decode, mla_decode_torch, pack_mla  # noqa: E402
 from cf_cute.reference_mla import MLAShape, MLAWeights, mla_rope_tables, mla_softmax_scale  # noqa: E402
 
 YARN = dict(type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
@@ -49,8 +49,8 @@ def _set(S: MLAShape, batch: int, ctx: int, scale: float):
     cache = torch.randn(batch, ctx + 1, S.latent_dim, device=dev, dtype=dt)
     # the fused path reads the tiled pack (pack_mla's default), the torch step the same weights in
     # nn.Linear order (no per-call copies in the baseline)
-    return pack_mla(w, S, scale=scale), cache, torch.randn(batch, H, device=dev, dtype=dt), linear_mla(
-        pack_mla(w, S, scale=scale))
+    return (pack_mla(w, S, scale=scale), cache, torch.randn(batch, H, device=dev, dtype=dt),
+            pack_mla(w, S, scale=scale, layout="linear"))
 
 
 def main(argv=None) -> int:

@@ -42,10 +42,10 @@ from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.primitives import GridBarrier
 from cf_cute.qkv_rope import pack_qkv, qkv_project, qkv_rope
 from cf_cute.reference import AttentionWeights
-from cf_cute.tiles import WEIGHT_LAYOUTS, linear_weight, tile_weight
+from cf_cute.tiles import stored_weight, untile_weight
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
-__all__ = ["PackedAttention", "pack_attention", "linear_attention_weights", "attention_block", "attention_block_unfused",
+__all__ = ["PackedAttention", "pack_attention", "linear_attention", "attention_block", "attention_block_unfused",
            "attention_block_config", "default_cluster_size", "FUSED_MAX_BATCH", "AttentionWorkspace",
            "AttentionTuning", "UnfusedPlan", "unfused_plan", "arg_specs"]
 
@@ -91,18 +91,18 @@ def pack_attention(weights: AttentionWeights, *, num_heads: int, num_kv_heads: i
     q/k/v rows grouped per KV head (:func:`cf_cute.qkv_rope.pack_qkv`) and, with
     ``layout="tiled"`` (default), both weights in the GEMV core's tiled order
     (:mod:`cf_cute.tiles`; the same results bit for bit)."""
-    if layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
-    w_qkv, wo = pack_qkv(weights.wq, weights.wk, weights.wv, num_heads, num_kv_heads), weights.wo.contiguous()
-    if layout == "tiled":
-        w_qkv, wo = tile_weight(w_qkv), tile_weight(wo)
+    w_qkv = stored_weight(pack_qkv(weights.wq, weights.wk, weights.wv, num_heads, num_kv_heads), layout)
+    wo = stored_weight(weights.wo.contiguous(), layout)
     return PackedAttention(norm=weights.norm.contiguous(), w_qkv=w_qkv, wo=wo, num_heads=num_heads,
                            num_kv_heads=num_kv_heads, eps=eps, rope_style=rope_style, layout=layout)
 
 
-def linear_attention_weights(packed: PackedAttention) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w_qkv, wo)`` in nn.Linear order (copies when ``packed`` is tiled), for torch paths."""
-    return linear_weight(packed.w_qkv, packed.layout), linear_weight(packed.wo, packed.layout)
+def linear_attention(packed: PackedAttention) -> PackedAttention:
+    """``packed`` with both weights in nn.Linear order (copies when tiled), for torch paths."""
+    if packed.layout == "linear":
+        return packed
+    return dataclasses.replace(packed, w_qkv=untile_weight(packed.w_qkv), wo=untile_weight(packed.wo),
+                               layout="linear")
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ import torch
 
 from cf_cute.reference import apply_rope
 from cf_cute.reference_mla import MLAShape, MLAWeights
-from cf_cute.tiles import WEIGHT_LAYOUTS, tile_weight, untile_weight
+from cf_cute.tiles import stored_weight, untile_weight
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked
 
 __all__ = ["PackedMLA", "pack_mla", "linear_mla", "check_mla_operands", "mla_decode_torch", "mla_decode", "MLATuning",
@@ -86,8 +86,6 @@ def pack_mla(w: MLAWeights, shape: MLAShape, *, scale: float, eps: float = 1e-6,
     """One-time repacking of nn.Linear-layout weights (module docstring); dtype and
     device are kept. ``layout="tiled"`` (default) also puts the four GEMV weights in the
     GEMV core's tiled order (:mod:`cf_cute.tiles`; the same results bit for bit)."""
-    if layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
     S = shape
     nq = S.num_heads * S.qk_head_dim
     check_tensor("wq", w.wq, shape=(nq, S.hidden), cuda=False)
@@ -102,8 +100,7 @@ def pack_mla(w: MLAWeights, shape: MLAShape, *, scale: float, eps: float = 1e-6,
     mats = dict(w_front=torch.cat([w.wq, w.wkv_a]).contiguous(),
                 w_uk=wkv_b[:, : S.qk_nope_head_dim].transpose(1, 2).contiguous(),
                 w_uv=wkv_b[:, S.qk_nope_head_dim:].contiguous(), wo=w.wo.contiguous())
-    if layout == "tiled":
-        mats = {k: tile_weight(v) for k, v in mats.items()}
+    mats = {k: stored_weight(v, layout) for k, v in mats.items()}
     return PackedMLA(norm=w.norm.contiguous(), kv_norm=w.kv_norm.contiguous(), shape=S, scale=scale, eps=eps,
                      layout=layout, **mats)
 

@@ -33,11 +33,11 @@ from cf_cute.fused.mlp_block import MLPBlock, MLPBlockConfig
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.primitives import GridBarrier
 from cf_cute.reference import MLPWeights
-from cf_cute.tiles import WEIGHT_LAYOUTS, linear_weight, tile_weight
+from cf_cute.tiles import stored_weight, untile_weight
 from cf_cute.validate import check_operands, check_tensor, dtype_name
 
-__all__ = ["PackedMLP", "pack_mlp", "mlp_block", "mlp_block_torch", "mlp_block_config", "MLPWorkspace", "MLPTuning",
-           "arg_specs", "grid_plan", "planned_config"]
+__all__ = ["PackedMLP", "pack_mlp", "linear_mlp", "mlp_block", "mlp_block_torch", "mlp_block_config",
+           "MLPWorkspace", "MLPTuning", "arg_specs", "grid_plan", "planned_config"]
 
 # clusters of C resident at once at one CTA per SM on the H100 SXM (132 SMs) measured here
 # (cuOccupancyMaxActiveClusters; a cluster lives in one GPC of 14-18 SMs): the plan
@@ -80,21 +80,27 @@ class PackedMLP:
 def pack_mlp(weights: MLPWeights, *, eps: float = 1e-5, layout: str = "tiled") -> PackedMLP:
     """One-time packing of nn.Linear-layout weights (same dtype and device);
     ``layout="tiled"`` (default) also reorders them for the GEMV core (:mod:`cf_cute.tiles`)."""
-    if layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
-    w_gate_up, w_down = torch.cat([weights.w_gate, weights.w_up]), weights.w_down.contiguous()
-    if layout == "tiled":
-        w_gate_up, w_down = tile_weight(w_gate_up), tile_weight(w_down)
-    return PackedMLP(norm=weights.norm.contiguous(), w_gate_up=w_gate_up, w_down=w_down, eps=eps, layout=layout)
+    return PackedMLP(norm=weights.norm.contiguous(),
+                     w_gate_up=stored_weight(torch.cat([weights.w_gate, weights.w_up]), layout),
+                     w_down=stored_weight(weights.w_down.contiguous(), layout), eps=eps, layout=layout)
+
+
+def linear_mlp(packed: PackedMLP) -> PackedMLP:
+    """``packed`` with both weights in nn.Linear order (copies when tiled), for torch paths."""
+    if packed.layout == "linear":
+        return packed
+    return dataclasses.replace(packed, w_gate_up=untile_weight(packed.w_gate_up),
+                               w_down=untile_weight(packed.w_down), layout="linear")
 
 
 def mlp_block_torch(hidden: torch.Tensor, packed: PackedMLP) -> torch.Tensor:
     """The same block in plain torch, unfused (the baseline of the benchmarks and the
     runner's torch paths): RMSNorm, one gate+up matmul over ``w_gate_up``, SiLU * up,
     down + residual, in the activation dtype."""
+    packed = linear_mlp(packed)         # tiled weights: copies (benchmarks pass a linear pack)
     x = torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), packed.norm, packed.eps)
-    g, u = (x @ linear_weight(packed.w_gate_up, packed.layout).T).chunk(2, dim=-1)
-    return hidden + (torch.nn.functional.silu(g) * u) @ linear_weight(packed.w_down, packed.layout).T
+    g, u = (x @ packed.w_gate_up.T).chunk(2, dim=-1)
+    return hidden + (torch.nn.functional.silu(g) * u) @ packed.w_down.T
 
 
 def grid_plan(units: int, resident: dict) -> tuple[int, int]:

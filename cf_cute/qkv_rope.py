@@ -44,7 +44,7 @@ def qkv_rope_config(hidden, w_qkv, cos, k_cache, page_table, *, num_heads: int, 
                     cluster_size: int, rope_style: str, eps: float, has_residual: bool,
                     layout: str = "linear") -> QKVRopeConfig:
     """``layout``: ``w_qkv``'s memory order, nn.Linear rows (``"linear"``) or the tiled
-    order of the flattened ``[kv_heads * rows, H]`` matrix (``"tiled"``, :func:`tile_qkv`)."""
+    order of the flattened ``[kv_heads * rows, H]`` matrix (``"tiled"``, :func:`cf_cute.tiles.tile_weight`)."""
     check_tensor("hidden", hidden, dtype=(torch.bfloat16, torch.float16), shape=(None, None), cuda=False)
     B, H = hidden.shape
     G = num_heads // max(num_kv_heads, 1)

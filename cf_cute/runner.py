@@ -19,7 +19,6 @@ weights (in nn.Linear order: a copy made on its first call) and caches
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cf_cute.attention import linear_attention_weights, pack_attention
+from cf_cute.attention import linear_attention, pack_attention
 from cf_cute.decoder import DecoderLayerWeights, decoder_layer
-from cf_cute.mlp import mlp_block_torch, pack_mlp
-from cf_cute.tiles import linear_weight
+from cf_cute.mlp import linear_mlp, mlp_block_torch, pack_mlp
 from cf_cute.models import BUILTIN_CONFIGS, ModelConfig, load_checkpoint, model_config, random_weights
 from cf_cute.reference import AttentionWeights, MLPWeights, rope_tables
 from cf_cute.timing import capture_graph
@@ -164,12 +162,7 @@ class LlamaModel:
         if keep:
             self._linear_layers = [self._torch_layer(j, keep=False) for j in range(len(self.layers))]
             return self._linear_layers[i]
-        a, m = layer.attn, layer.mlp
-        w_qkv, wo = linear_attention_weights(a)
-        return DecoderLayerWeights(
-            attn=dataclasses.replace(a, w_qkv=w_qkv, wo=wo, layout="linear"),
-            mlp=dataclasses.replace(m, w_gate_up=linear_weight(m.w_gate_up, m.layout),
-                                    w_down=linear_weight(m.w_down, m.layout), layout="linear"))
+        return DecoderLayerWeights(attn=linear_attention(layer.attn), mlp=linear_mlp(layer.mlp))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final RMSNorm and LM head: fp32 logits ``[rows, vocab]``."""
@@ -230,9 +223,10 @@ class LlamaModel:
     def torch_step(self, tokens: torch.Tensor, positions: torch.Tensor, *, kv_len: int | None = None) -> torch.Tensor:
         """The same decode step in plain torch (cache append, SDPA over the first
         ``kv_len`` cache slots (default: all) with a length mask), on the same
-        weights (tiled MLP weights copied once to nn.Linear order) and caches. Every position must be below ``kv_len``: benchmarks pass
-        the context + 1 so that the baseline reads no more KV than the fused step
-        (a fixed shape, as a CUDA graph needs; unchecked on the device)."""
+        weights (copied once to nn.Linear order, :meth:`_torch_layer`) and caches. Every
+        position must be below ``kv_len``: benchmarks pass the context + 1 so that the
+        baseline reads no more KV than the fused step (a fixed shape, as a CUDA graph
+        needs; unchecked on the device)."""
         cfg = self.cfg
         B = tokens.shape[0]
         L = self.max_len if kv_len is None else kv_len

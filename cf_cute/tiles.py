@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from cf_cute.fused.mma_gemv import WEIGHT_LAYOUTS
+from cf_cute.fused.mma_gemv import WEIGHT_LAYOUTS, check_weight_layout
 
-__all__ = ["WEIGHT_LAYOUTS", "tile_weight", "untile_weight", "linear_weight"]
+__all__ = ["WEIGHT_LAYOUTS", "tile_weight", "untile_weight", "linear_weight", "stored_weight"]
 
 
 def _check(w: torch.Tensor) -> tuple[int, int]:
@@ -51,6 +51,12 @@ def untile_weight(w: torch.Tensor) -> torch.Tensor:
 def linear_weight(w: torch.Tensor, layout: str) -> torch.Tensor:
     """``w`` in nn.Linear order, whichever of :data:`WEIGHT_LAYOUTS` it is stored in
     (a copy for ``"tiled"``)."""
-    if layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"weight layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+    check_weight_layout(layout, "weight layout")
     return untile_weight(w) if layout == "tiled" else w
+
+
+def stored_weight(w: torch.Tensor, layout: str) -> torch.Tensor:
+    """nn.Linear-order ``w`` in the memory order ``layout`` (the inverse of
+    :func:`linear_weight`; a copy for ``"tiled"``): what the ``pack_*`` functions store."""
+    check_weight_layout(layout, "layout")
+    return tile_weight(w) if layout == "tiled" else w

@@ -52,7 +52,8 @@ from cutlass import Float32, Int32, const_expr
 from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
 __all__ = ["X_PAD", "WEIGHT_LAYOUTS", "check_weight_layout", "tiled_layout", "weight_view", "x_smem_layout",
-           "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles", "warp_gemv_each", "warp_gemv_rows", "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
+           "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles", "warp_gemv_each", "warp_gemv_rows",
+           "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
 # read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,
@@ -88,10 +89,10 @@ def weight_view(mW: cute.Tensor, layout: str) -> cute.Tensor:
     return cute.make_tensor(mW.iterator, tiled_layout(m, k, cute.size(mW, mode=[0]) if r == 3 else 0))
 
 
-def check_weight_layout(layout: str) -> None:
-    """Config validation: ``layout`` names one of :data:`WEIGHT_LAYOUTS`."""
+def check_weight_layout(layout: str, name: str = "w_layout") -> None:
+    """``layout`` (the argument or field called ``name``) names one of :data:`WEIGHT_LAYOUTS`."""
     if layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"w_layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+        raise ValueError(f"{name} must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
 
 
 def _is_tiled(mW: cute.Tensor) -> bool:
