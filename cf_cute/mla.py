@@ -14,7 +14,11 @@ Fused path (``mla_decode``), five launches on the current stream, no host sync::
     1 MLAFront     (fused/mla_front.py)      y = rmsnorm(h) @ w_front.T          [B, rows]   (+ h)
     2 MLAAbsorb    (fused/mla_absorb.py)     qf = [W_UK q_nope | rope(q_pe)]     [B, heads, rank + rope]
                                              latent norm + rope(k_pe), cache append
-    3 MLAAttention (fused/mla_attention.py)  per (request, split): fp32 partial (o, m, l)
+    3 MLAStagedAttention (fused/mla_attention_staged.py; the direct MLAAttention of
+                   fused/mla_attention.py with ``MLATuning(staged=False)``)
+                                             per (request, split): fp32 partial (o, m, l); the
+                                             staged kernel bulk-copies cache rows into a ring of
+                                             shared-memory stages ahead of the math
     4 MLAOut       (fused/mla_out.py)        merge the splits (split order), o = W_UV o_lat
     5 SplitKGemv   (fused/splitk_gemv.py)    out = h + o @ wo.T
 
@@ -204,15 +208,14 @@ def mla_decode_torch(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # The fused path
 
-_WAVES = 2          # attention CTAs per SM the split count aims at (two fit at once)
-
-
-def mla_splits(batch: int, capacity: int, sm_count: int = 132) -> int:
-    """CTAs per request of the latent attention: about two CTAs per SM over the batch
-    (H200, bf16, step time with splits of one wave / two / three: batch 16 at 32K 586 /
-    512 / 566 µs, batch 1 at 32K 78.7 / 73.3 / 93.3 µs), but no CTA with fewer than 64
-    cache slots to read (batch 1 at 4K: 65 splits 51.4 µs, 132 54.0)."""
-    return max(1, min(_WAVES * sm_count // batch, -(-capacity // 64)))
+def mla_splits(batch: int, capacity: int, sm_count: int = 132, waves: int = 2) -> int:
+    """CTAs per request of the latent attention: about ``waves`` CTAs per SM over the
+    batch, but no CTA with fewer than 64 cache slots to read (batch 1 at 4K: 65 splits
+    51.4 µs, 132 54.0). The direct kernel fits two CTAs an SM (H200, bf16, step time with
+    splits of one wave / two / three: batch 16 at 32K 586 / 512 / 566 µs, batch 1 at 32K
+    78.7 / 73.3 / 93.3 µs); so does the staged kernel with a 2-stage ring
+    (``MLAPlanKey.stages``)."""
+    return max(1, min(waves * sm_count // batch, -(-capacity // 64)))
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,10 @@ class MLATuning:
     """Knobs of the fused path that do not change its result beyond rounding."""
     pv_tensor_cores: bool = True      # the attention's P V on tensor cores (False: fp32 CUDA-core loop)
     splits: int | None = None         # attention CTAs per request (None: ``mla_splits``)
+    staged: bool = True               # the attention's cache rows staged in shared memory by bulk copies
+    stage_tokens: int = 32            # staged: tokens a step
+    stages: int = 0                   # staged: ring stages (0: ``MLAPlanKey.stages``)
+    waves: int = 2                    # attention CTAs per SM the split count aims at
 
 
 @dataclass(frozen=True)
@@ -250,7 +257,19 @@ class MLAPlanKey:
     def splits(self) -> int:
         if self.tuning.splits is not None:
             return self.tuning.splits
-        return mla_splits(self.batch, self.max_len, self.sm_count)
+        splits = mla_splits(self.batch, self.max_len, self.sm_count, waves=self.tuning.waves)
+        # staged: at most one wave a request (the merge grows with the splits: batch 1 at 32K,
+        # 132 splits 51.9 µs, 264 59.6); the direct kernel keeps its measured two waves
+        return min(splits, self.sm_count) if self.tuning.staged else splits
+
+    @property
+    def stages(self) -> int:
+        """Ring stages of the staged attention: a deep ring (as many as fit) when the grid
+        is one CTA an SM, two when it is two (so that two CTAs fit an SM: at batch 16 and
+        32K 209 µs against 271 for one CTA with five stages, H200)."""
+        if self.tuning.stages:
+            return self.tuning.stages
+        return 0 if self.batch * self.splits <= self.sm_count else 2
 
 
 def mla_plan_key(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tensor, cos: torch.Tensor, *,
@@ -269,6 +288,7 @@ def mla_kernels(key: MLAPlanKey) -> list:
     config validated (a ValueError names what is unsupported)."""
     from cf_cute.fused.mla_absorb import MLAAbsorb, MLAAbsorbConfig
     from cf_cute.fused.mla_attention import MLAAttention, MLAAttentionConfig
+    from cf_cute.fused.mla_attention_staged import MLAStagedAttention, MLAStagedAttentionConfig
     from cf_cute.fused.mla_front import MLAFront, MLAFrontConfig
     from cf_cute.fused.mla_out import MLAOut, MLAOutConfig
     from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
@@ -303,9 +323,15 @@ def mla_kernels(key: MLAPlanKey) -> list:
                              qk_rope_head_dim=rope, max_len=key.max_len, max_positions=key.max_positions,
                              eps=key.eps, paged=paged, page_size=page_size, num_pages=num_pages, dtype=dt,
                              w_layout=lay)
-    attn = MLAAttentionConfig(batch=B, num_heads=heads, kv_lora_rank=rank, qk_rope_head_dim=rope,
-                              max_len=key.max_len, splits=Sp, scale=key.scale, paged=paged, page_size=page_size,
-                              num_pages=num_pages, dtype=dt, tensor_core_pv=key.tuning.pv_tensor_cores)
+    t = key.tuning
+    attn_args = dict(batch=B, num_heads=heads, kv_lora_rank=rank, qk_rope_head_dim=rope, max_len=key.max_len,
+                     splits=Sp, scale=key.scale, paged=paged, page_size=page_size, num_pages=num_pages, dtype=dt,
+                     tensor_core_pv=t.pv_tensor_cores)
+    if t.staged:
+        attn_cls, attn = MLAStagedAttention, MLAStagedAttentionConfig(**attn_args, stage_tokens=t.stage_tokens,
+                                                                      stages=key.stages)
+    else:
+        attn_cls, attn = MLAAttention, MLAAttentionConfig(**attn_args)
     out = MLAOutConfig(batch=B, num_heads=heads, kv_lora_rank=rank, v_head_dim=v, splits=Sp, dtype=dt, w_layout=lay)
     # 128-row blocks (8 tiles: every warp busy) unless B x 128 partial sums do not lay over the
     # threads of the cluster reduce (odd batches above 8): then 64-row blocks
@@ -321,7 +347,7 @@ def mla_kernels(key: MLAPlanKey) -> list:
                            TensorSpec(dt, (rows, H)), TensorSpec(dt, (B, rows)), TensorSpec(dt, (B, H))]),
         (MLAAbsorb, absorb, [TensorSpec(dt, (B, rows)), TensorSpec(dt, (heads * rank, nope)),
                              TensorSpec(dt, (rank,)), cs, cs, pos, table, cache, TensorSpec(dt, (B, heads, lat))]),
-        (MLAAttention, attn, [TensorSpec(dt, (B, heads, lat)), cache_rows, table, pos, part_o, part_ml]),
+        (attn_cls, attn, [TensorSpec(dt, (B, heads, lat)), cache_rows, table, pos, part_o, part_ml]),
         (MLAOut, out, [part_o, part_ml, TensorSpec(dt, (heads * v, rank)), TensorSpec(dt, (B, heads * v))]),
         (SplitKGemv, wo, gemv_specs(wo)),
     ]

@@ -176,10 +176,13 @@ GPU_CASES = [
     (LITE, 9, 160, True, torch.bfloat16, False),             # odd batch above 8: padded cluster reduces
 ]
 _ROPE_ROWS = 32769 + 7                                        # the cos/sin table of every GPU case
-# other tunings of one case: the CUDA-core P V (the reference path of the tensor-core one),
-# one split a request (no merge), an odd split count (empty splits at short context)
+# other tunings of one case: the direct attention kernel (rows read from global memory) with
+# its tensor-core and CUDA-core P V (the reference path), one split a request (no merge), an
+# odd split count (empty splits at short context), a deeper stage of fewer ring slots
 TUNING_CASE = GPU_CASES[3]
-TUNINGS = [MLATuning(pv_tensor_cores=False), MLATuning(splits=1), MLATuning(splits=7)]
+TUNINGS = [MLATuning(staged=False), MLATuning(staged=False, pv_tensor_cores=False), MLATuning(splits=1),
+           MLATuning(splits=7), MLATuning(stage_tokens=64, stages=2)]
+TUNING_IDS = ["direct", "direct-cuda-core-pv", "splits-1", "splits-7", "stage-64x2"]
 
 
 def _plan_key(S, B, L, paged, dtype, residual, P=16, tuning=None, layout="tiled") -> MLAPlanKey:
@@ -200,8 +203,9 @@ def mla_prebuild_configs(bench_contexts=(1024, 4096, 16384, 32768), bench_batche
         import sys
         from pathlib import Path
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-        from bench_mla import bench_plan_key
-        keys += [bench_plan_key(B, ctx) for B in bench_batches for ctx in bench_contexts]
+        from bench_mla import VARIANTS, bench_plan_key
+        keys += [bench_plan_key(B, ctx, t) for B in bench_batches for ctx in bench_contexts
+                 for t in (MLATuning(), *VARIANTS.values())]
     return list(dict.fromkeys((cls, cfg, tuple(specs)) for k in keys for cls, cfg, specs in mla_kernels(k)))
 
 
@@ -213,12 +217,14 @@ def _case_id(c):
             f"{'res' if c[5] else 'nores'}")
 
 
-@pytest.mark.parametrize("case,tuning", [(c, None) for c in GPU_CASES] + [(TUNING_CASE, TUNINGS[0])],
-                         ids=[_case_id(c) for c in GPU_CASES] + ["cuda-core-pv"])
+@pytest.mark.parametrize("case,tuning", [(c, None) for c in GPU_CASES] + [(TUNING_CASE, t) for t in TUNINGS[:2]]
+                         + [(GPU_CASES[4], TUNINGS[4])],
+                         ids=[_case_id(c) for c in GPU_CASES] + TUNING_IDS[:2] + ["stage-64x2"])
 def test_fused_kernels_compile_for_sm90a(case, tuning):
     """Every launch of the plan compiles; the PTX holds what the design relies on:
     tensor-core MMAs everywhere, DSMEM (mapa + st.async) and mbarriers in the clustered
-    front / out kernels, base-2 exponentials in the attention, and no float atomics."""
+    front / out kernels, base-2 exponentials in the attention (bulk copies into shared
+    memory completing on mbarriers in the staged one), and no float atomics."""
     names = []
     for cls, cfg, specs in mla_kernels(_plan_key(*case, tuning=tuning)):
         ptx = compile_for_inspection(cls, cfg, specs).__ptx__
@@ -234,9 +240,19 @@ def test_fused_kernels_compile_for_sm90a(case, tuning):
             n_scores = 2 * (case[0].latent_dim // 32) * cfg.n_tiles
             n_pv = 2 * cfg.kv_lora_rank // (cfg.num_threads // 32) // 16 if cfg.tensor_core_pv else 0
             assert ptx.count("mma.sync.aligned.m16n8k16") == n_scores + n_pv
+        if cls.__name__ == "MLAStagedAttention":
+            assert "ex2.approx" in ptx and "mbarrier.try_wait.parity" in ptx
+            assert "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes" in ptx
+            assert "ld.global.v4" not in ptx          # every cache row travels by bulk copy
+            # scores: k16 steps of the warp's K slice x its token n-tiles; P V: 2 per 16 dims a chunk
+            ks = cfg.latent_dim // 16 // cfg.k_groups
+            n_scores = ks * cfg.stage_tokens // (8 // cfg.k_groups) // 8
+            n_pv = cfg.stage_tokens // 16 * 2 * (cfg.kv_lora_rank // 8 // 16)
+            assert ptx.count("mma.sync.aligned.m16n8k16") == n_scores + n_pv
         if cls.__name__ == "MLAAbsorb":
             assert "rsqrt" in ptx
-    assert names == ["MLAFront", "MLAAbsorb", "MLAAttention", "MLAOut", "SplitKGemv"]
+    attn = "MLAAttention" if tuning is not None and not tuning.staged else "MLAStagedAttention"
+    assert names == ["MLAFront", "MLAAbsorb", attn, "MLAOut", "SplitKGemv"]
 
 
 @pytest.mark.parametrize("S", [LITE, NARROW], ids=["16heads", "8heads"])
@@ -251,10 +267,19 @@ def test_every_batch_has_a_plan(S):
 
 def test_splits_fill_the_gpu_without_tiny_ranges():
     assert mla_splits(1, 32769) == 264 and mla_splits(16, 32769) == 16
+    assert mla_splits(1, 32769, waves=1) == 132 and mla_splits(16, 32769, waves=1) == 8
     assert mla_splits(1, 64) == 1 and mla_splits(3, 100) == 2 and mla_splits(1, 4097) == 65
     assert all(B * mla_splits(B, 10**6) <= 2 * 132 for B in range(1, 17))
     assert mla_splits(16, 32769, sm_count=114) == 14           # another Hopper (H100 PCIe): its own SMs
-    assert dataclasses.replace(_plan_key(*GPU_CASES[4]), sm_count=114).splits == 114
+    # the staged kernel (the default): two CTAs an SM with a 2-stage ring, at most one wave a
+    # request (batch 1, 2); one CTA an SM gets the deepest ring that fits
+    key = _plan_key(*GPU_CASES[4])                                # batch 2, 32K
+    assert (key.splits, key.stages) == (132, 2)
+    assert dataclasses.replace(key, sm_count=114).splits == 114
+    key = _plan_key(LITE, 1, 32769, False, torch.bfloat16, False)
+    assert (key.splits, key.stages) == (132, 0)
+    assert _plan_key(LITE, 16, 32769, False, torch.bfloat16, False).splits == 16
+    assert _plan_key(*GPU_CASES[4], tuning=MLATuning(staged=False)).splits == 132
 
 
 def _lite_case(B, L, paged, dtype, device="cpu", S=LITE, P=16):
@@ -417,10 +442,10 @@ def test_fused_replays_in_a_cuda_graph(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tuning", TUNINGS, ids=["cuda-core-pv", "splits-1", "splits-7"])
+@pytest.mark.parametrize("tuning", TUNINGS, ids=TUNING_IDS)
 def test_fused_tunings_agree(tuning):
     """Other tunings give the torch step's result too, and agree with the default
-    (tensor-core P V, ``mla_splits`` CTAs a request) up to rounding."""
+    (the staged attention, ``mla_splits`` CTAs a request) up to rounding."""
     S, B, L, paged, dtype, residual = TUNING_CASE
     w, packed, hidden, res, data, table, positions, cos, sin = _gpu_inputs(*TUNING_CASE)
     tbl = None if table is None else table.cuda()
