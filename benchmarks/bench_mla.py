@@ -35,6 +35,8 @@ VARIANTS = {
     "direct": MLATuning(staged=False),                       # warps read the cache rows from global memory
     "stage64x2": MLATuning(stage_tokens=64, stages=2),       # fewer, larger steps; one stage in flight
     "one-cta": MLATuning(waves=1, stages=5),                 # one CTA an SM with a deep ring
+    "front-late": MLATuning(front_early_loads=False),        # MLAFront's weight loads after its norm
+    "no-pdl": MLATuning(pdl=False),                          # plain launches (no programmatic dependence)
 }
 
 

@@ -59,6 +59,7 @@ class MLAAbsorbConfig:
     num_threads: int = 256
     unroll: int = 4
     w_layout: str = "linear"      # memory order of w_uk viewed as [heads * rank, nope] (mma_gemv.WEIGHT_LAYOUTS)
+    pdl: bool = False             # launch as a programmatic dependent of the previous kernel
 
     @property
     def n_tiles(self) -> int:
@@ -114,7 +115,7 @@ class MLAAbsorb:
                  mQf: cute.Tensor, stream):
         mWuk = weight_view(mWuk, self.cfg.w_layout)
         self.kernel(mY, mWuk, mKvNorm, mCos, mSin, mPos, mTable, mCache, mQf).launch(
-            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1], stream=stream)
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1], stream=stream, use_pdl=self.cfg.pdl)
 
     # ------------------------------------------------------------------ q_lat
     @cute.jit
@@ -227,6 +228,9 @@ class MLAAbsorb:
         sX = smem.allocate_tensor(mY.element_type, x_smem_layout(cfg.n_tiles, cfg.qk_nope_head_dim),
                                   byte_alignment=16)
         sRed = smem.allocate_tensor(Float32, cute.make_layout(_WARP), byte_alignment=16)
+        if const_expr(cfg.pdl):                  # let the next launch start; wait for the previous one's writes
+            cute.arch.griddepcontrol_launch_dependents()
+            cute.arch.griddepcontrol_wait()
         if bidx < cfg.gemv_ctas:
             self.absorb_tiles(mY, mWuk, mQf, sX, bidx)
         else:

@@ -72,6 +72,7 @@ class MLAAttentionConfig:
     unroll: int = 6               # MMA steps of cache loads in flight per warp
     tensor_core_pv: bool = True   # P V on tensor cores (False: the fp32 CUDA-core loop, the reference path)
     l2_prefetch: bool = True      # each warp asks L2 for its next step's tile before this step's scores
+    pdl: bool = False             # launch as a programmatic dependent of the previous kernel
 
     @property
     def latent_dim(self) -> int:
@@ -137,7 +138,7 @@ class MLAAttention:
     def __call__(self, mQf: cute.Tensor, mCache: cute.Tensor, mTable: cute.Tensor, mPos: cute.Tensor,
                  mPartO: cute.Tensor, mPartML: cute.Tensor, stream):
         self.kernel(mQf, mCache, mTable, mPos, mPartO, mPartML).launch(
-            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1], stream=stream)
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1], stream=stream, use_pdl=self.cfg.pdl)
 
     @cute.jit
     def token_row(self, mTable: cute.Tensor, b: Int32, t: Int32) -> Int32:
@@ -355,6 +356,9 @@ class MLAAttention:
         sM = smem.allocate_tensor(Float32, cute.make_layout(H), byte_alignment=16)
         sL = smem.allocate_tensor(Float32, cute.make_layout(H), byte_alignment=16)
         sCorr = smem.allocate_tensor(Float32, cute.make_layout(H), byte_alignment=16)
+        if const_expr(cfg.pdl):                  # let the next launch start; wait for the previous one's writes
+            cute.arch.griddepcontrol_launch_dependents()
+            cute.arch.griddepcontrol_wait()
 
         # the heads' queries [q_lat | q_pe] -> sQ (16-byte vectors, rows >= heads zero)
         nv = LAT // _VEC

@@ -313,6 +313,9 @@ class MLAStagedAttention(MLAAttention):
         sL = smem.allocate_tensor(Float32, cute.make_layout(16), byte_alignment=16)
         sCorr = smem.allocate_tensor(Float32, cute.make_layout((2, 16), stride=(16, 1)), byte_alignment=16)
         full = smem.allocate_array(Int64, NS, byte_alignment=8)
+        if const_expr(cfg.pdl):                  # let the next launch start; wait for the previous one's writes
+            cute.arch.griddepcontrol_launch_dependents()
+            cute.arch.griddepcontrol_wait()
 
         if tidx == 0:
             for i in cutlass.range_constexpr(NS):

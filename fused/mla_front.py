@@ -20,7 +20,9 @@ the whole batch. Cluster 0 also writes h = hidden + residual (activation dtype) 
 
 Barrier contract: thread 0 initialises both collectives' mbarriers, one relaxed
 cluster arrive, NormSlice waits on it before its first DSMEM transfer (it covers the
-GEMV's reduce too); ``teardown`` (a cluster barrier) before exit. Named barriers:
+GEMV's reduce too); ``teardown`` (a cluster barrier) before exit. ``early_loads``: each
+warp's first block of weight loads is issued before the norm (NormSlice starts with
+``griddepcontrol.wait``, so under ``pdl`` those loads also overlap the previous launch). Named barriers:
 1 = the norm collective, 2 = the GEMV reduce. Deterministic: fixed orders, no atomics.
 """
 
@@ -57,6 +59,8 @@ class MLAFrontConfig:
     num_threads: int = 256
     unroll: int = 8               # MMA steps of weight loads in flight per warp
     w_layout: str = "linear"      # memory order of w_front (mma_gemv.WEIGHT_LAYOUTS)
+    early_loads: bool = False     # each warp's first block of w_front loads issued before the norm front
+    pdl: bool = False             # launch as a programmatic dependent (NormSlice waits before reading h)
 
     @property
     def n_tiles(self) -> int:
@@ -115,11 +119,13 @@ class MLAFront:
         mW = weight_view(mW, self.cfg.w_layout)
         self.kernel(mHidden, mResidual, mNormW, mW, mY, mHOut).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
-            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream, use_pdl=self.cfg.pdl)
 
     @cute.jit
-    def gemv_part(self, mW: cute.Tensor, sX: cute.Tensor, sPart: cute.Tensor, m_base: Int32, k0: Int32):
-        """Warp w: ``sPart[kp, b, tile*16 + row] = x_b . W[m_base + tile*16 + row, K part kp]``."""
+    def gemv_part(self, mW: cute.Tensor, sX: cute.Tensor, sPart: cute.Tensor, m_base: Int32, k0: Int32,
+                  front=None):
+        """Warp w: ``sPart[kp, b, tile*16 + row] = x_b . W[m_base + tile*16 + row, K part kp]``
+        (``front``: traced between the first block of weight loads and the first MMA)."""
         cfg = self.cfg
         TB, NT = cfg.tiles_per_block, cfg.n_tiles
         kpl = cfg.hidden // cfg.cluster_size // cfg.k_parts
@@ -131,7 +137,7 @@ class MLAFront:
         sXk = cute.local_tile(sX, (NT * 8, kpl), (0, kp))
         acc = new_acc(NT)
         warp_gemv_tile(mma_atom(mW.element_type), mW, m_base + mt * 16, k0 + kp * kpl, sXk, acc, lane,
-                       kpl // _STEP, NT, cfg.unroll)
+                       kpl // _STEP, NT, cfg.unroll, front=front)
         store_acc(acc, sPart[kp, None, None], mt * 16, lane, NT, cfg.batch)
 
     @cute.kernel
@@ -153,10 +159,18 @@ class MLAFront:
         self.norm.init(nbufs)
         self.red.init(rbufs)
         cute.arch.cluster_arrive_relaxed()
+        if const_expr(cfg.pdl):
+            cute.arch.griddepcontrol_launch_dependents()
 
         # x slice -> nbufs.sX (waits on the cluster barrier above); cluster 0 writes h
-        self.norm(nbufs, mHidden, mResidual, mNormW, mHOut, bidx < C)
-        self.gemv_part(mW, nbufs.sX, sPart, m_base, k0)
+        def front():
+            self.norm(nbufs, mHidden, mResidual, mNormW, mHOut, bidx < C)
+
+        if const_expr(cfg.early_loads):      # the norm runs while the first weight loads are in flight
+            self.gemv_part(mW, nbufs.sX, sPart, m_base, k0, front=front)
+        else:
+            front()
+            self.gemv_part(mW, nbufs.sX, sPart, m_base, k0)
         cute.arch.barrier()
 
         # fragment position p = b * BM + row; the K parts summed in a fixed order

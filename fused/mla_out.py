@@ -52,6 +52,7 @@ class MLAOutConfig:
     num_threads: int = 256
     unroll: int = 4
     w_layout: str = "linear"      # memory order of w_uv viewed as [heads * v, rank] (mma_gemv.WEIGHT_LAYOUTS)
+    pdl: bool = False             # launch as a programmatic dependent of the previous kernel
     merge_unroll: int = 32        # split loads in flight per thread in the merge (L2 latency chain: splits / this)
 
     @property
@@ -106,7 +107,7 @@ class MLAOut:
         mWuv = weight_view(mWuv, self.cfg.w_layout)
         self.kernel(mPartO, mPartML, mWuv, mO).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
-            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream, use_pdl=self.cfg.pdl)
 
     @cute.jit
     def split_weights(self, mPartML: cute.Tensor, sW: cute.Tensor, sInvL: cute.Tensor, h: Int32):
@@ -179,6 +180,9 @@ class MLAOut:
         sInvL = smem.allocate_tensor(Float32, cute.make_layout(B), byte_alignment=16)
         self.red.init(bufs)
         cute.arch.cluster_arrive_relaxed()
+        if const_expr(cfg.pdl):                  # let the next launch start; wait for the previous one's writes
+            cute.arch.griddepcontrol_launch_dependents()
+            cute.arch.griddepcontrol_wait()
 
         self.split_weights(mPartML, sW, sInvL, h)
         cute.arch.barrier()

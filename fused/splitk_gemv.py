@@ -54,6 +54,7 @@ class SplitKGemvConfig:
     dtype: str = "bfloat16"
     residual: bool = False        # y = x @ W.T + r (the residual stream), added in fp32
     w_layout: str = "linear"      # memory order of W (mma_gemv.WEIGHT_LAYOUTS; "tiled": cf_cute.tiles)
+    pdl: bool = False             # launch as a programmatic dependent of the previous kernel
 
     def validate(self) -> None:
         check_cluster_size(self.cluster_size)
@@ -98,7 +99,7 @@ class SplitKGemv:
         mW = weight_view(mW, self.cfg.w_layout)
         self.kernel(mX, mW, mR, mY).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
-            cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+            cluster=[self.cfg.cluster_size, 1, 1], stream=stream, use_pdl=self.cfg.pdl)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mR: cute.Tensor, mY: cute.Tensor):
@@ -121,6 +122,9 @@ class SplitKGemv:
         sPart = smem.allocate_tensor(Float32, cute.make_layout((B, BM)), byte_alignment=16)
         self.red.init(bufs)
         cute.arch.cluster_arrive_relaxed()
+        if const_expr(cfg.pdl):                  # let the next launch start; wait for the previous one's writes
+            cute.arch.griddepcontrol_launch_dependents()
+            cute.arch.griddepcontrol_wait()
 
         # x slice -> shared memory (rows past the batch are zero)
         for i in cutlass.range(tidx, NT * 8 * (kc // _VEC), cfg.num_threads, unroll=1):

@@ -181,8 +181,9 @@ _ROPE_ROWS = 32769 + 7                                        # the cos/sin tabl
 # odd split count (empty splits at short context), a deeper stage of fewer ring slots
 TUNING_CASE = GPU_CASES[3]
 TUNINGS = [MLATuning(staged=False), MLATuning(staged=False, pv_tensor_cores=False), MLATuning(splits=1),
-           MLATuning(splits=7), MLATuning(stage_tokens=64, stages=2)]
-TUNING_IDS = ["direct", "direct-cuda-core-pv", "splits-1", "splits-7", "stage-64x2"]
+           MLATuning(splits=7), MLATuning(stage_tokens=64, stages=2), MLATuning(pdl=False),
+           MLATuning(front_early_loads=False)]
+TUNING_IDS = ["direct", "direct-cuda-core-pv", "splits-1", "splits-7", "stage-64x2", "no-pdl", "front-late"]
 
 
 def _plan_key(S, B, L, paged, dtype, residual, P=16, tuning=None, layout="tiled") -> MLAPlanKey:
@@ -198,7 +199,8 @@ def mla_prebuild_configs(bench_contexts=(1024, 4096, 16384, 32768), bench_batche
     """``[(KernelCls, cfg, arg_specs)]`` (specs as a tuple: hashable) of every kernel the
     GPU tests and benchmarks/bench_mla.py compile, once each (for benchmarks/prebuild.py)."""
     keys = ([_plan_key(*case) for case in GPU_CASES] + [_plan_key(*TUNING_CASE, tuning=t) for t in TUNINGS]
-            + [_plan_key(*GPU_CASES[1], layout="linear")])    # test_tiled_and_linear_weights_give_the_same_bits
+            + [_plan_key(*GPU_CASES[1], layout="linear")]     # test_tiled_and_linear_weights_give_the_same_bits
+            + [_plan_key(*GPU_CASES[2], tuning=MLATuning(pdl=False))])    # test_fused_replays_in_a_cuda_graph
     if bench_contexts:
         import sys
         from pathlib import Path
@@ -218,8 +220,8 @@ def _case_id(c):
 
 
 @pytest.mark.parametrize("case,tuning", [(c, None) for c in GPU_CASES] + [(TUNING_CASE, t) for t in TUNINGS[:2]]
-                         + [(GPU_CASES[4], TUNINGS[4])],
-                         ids=[_case_id(c) for c in GPU_CASES] + TUNING_IDS[:2] + ["stage-64x2"])
+                         + [(GPU_CASES[4], TUNINGS[4]), (GPU_CASES[2], MLATuning(pdl=False))],
+                         ids=[_case_id(c) for c in GPU_CASES] + TUNING_IDS[:2] + ["stage-64x2", "no-pdl"])
 def test_fused_kernels_compile_for_sm90a(case, tuning):
     """Every launch of the plan compiles; the PTX holds what the design relies on:
     tensor-core MMAs everywhere, DSMEM (mapa + st.async) and mbarriers in the clustered
@@ -229,6 +231,12 @@ def test_fused_kernels_compile_for_sm90a(case, tuning):
     for cls, cfg, specs in mla_kernels(_plan_key(*case, tuning=tuning)):
         ptx = compile_for_inspection(cls, cfg, specs).__ptx__
         names.append(cls.__name__)
+        # programmatic dependent launch: every launch lets the next one start and waits for the
+        # previous grid (which waited for its own), so the chain stays ordered (NormSlice, in
+        # MLAFront, always waits: a no-op in a launch without the attribute)
+        pdl = (tuning or MLATuning()).pdl
+        assert ("griddepcontrol.launch_dependents" in ptx) == pdl, cls.__name__
+        assert "griddepcontrol.wait" in ptx or not pdl, cls.__name__
         assert "mma.sync.aligned.m16n8k16" in ptx, cls.__name__
         assert not _FLOAT_ATOMIC.search(ptx), cls.__name__
         if cls.__name__ in ("MLAFront", "MLAOut", "SplitKGemv"):
@@ -425,19 +433,21 @@ def _poison_unused_slots(data, positions, table):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [GPU_CASES[0], GPU_CASES[2]], ids=["contiguous-b1", "paged-b16"])
-def test_fused_replays_in_a_cuda_graph(case):
+@pytest.mark.parametrize("case,tuning", [(GPU_CASES[0], None), (GPU_CASES[2], None), (GPU_CASES[2], MLATuning(pdl=False))],
+                         ids=["contiguous-b1", "paged-b16", "paged-b16-no-pdl"])
+def test_fused_replays_in_a_cuda_graph(case, tuning):
     """Device-side positions and page table; the captured launches rewrite a poisoned
-    output to exactly the eager result on every replay (the append is idempotent)."""
+    output to exactly the eager result on every replay (the append is idempotent);
+    with programmatic dependent launches (the default) and without."""
     from cf_cute.timing import capture_graph
     S, B, L, paged, dtype, residual = case
     w, packed, hidden, res, data, table, positions, cos, sin = _gpu_inputs(*case)
     pos, tbl = positions.cuda(), (None if table is None else table.cuda())
-    expect = mla_decode(hidden, packed, data.clone(), pos, cos, sin, residual=res, page_table=tbl)
+    expect = mla_decode(hidden, packed, data.clone(), pos, cos, sin, residual=res, page_table=tbl, tuning=tuning)
     cache = data.clone()
     out = torch.empty_like(expect)
     g, _ = capture_graph(lambda: mla_decode(hidden, packed, cache, pos, cos, sin, residual=res, page_table=tbl,
-                                            out=out))
+                                            out=out, tuning=tuning))
     assert_replays_equal(g, out, expect)
 
 
