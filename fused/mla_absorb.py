@@ -228,9 +228,9 @@ class MLAAbsorb:
         sX = smem.allocate_tensor(mY.element_type, x_smem_layout(cfg.n_tiles, cfg.qk_nope_head_dim),
                                   byte_alignment=16)
         sRed = smem.allocate_tensor(Float32, cute.make_layout(_WARP), byte_alignment=16)
-        if const_expr(cfg.pdl):                  # let the next launch start; wait for the previous one's writes
-            cute.arch.griddepcontrol_launch_dependents()
+        if const_expr(cfg.pdl):                  # wait for the previous launch's writes, then let the next start
             cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
         if bidx < cfg.gemv_ctas:
             self.absorb_tiles(mY, mWuk, mQf, sX, bidx)
         else:

@@ -356,9 +356,9 @@ class MLAAttention:
         sM = smem.allocate_tensor(Float32, cute.make_layout(H), byte_alignment=16)
         sL = smem.allocate_tensor(Float32, cute.make_layout(H), byte_alignment=16)
         sCorr = smem.allocate_tensor(Float32, cute.make_layout(H), byte_alignment=16)
-        if const_expr(cfg.pdl):                  # let the next launch start; wait for the previous one's writes
-            cute.arch.griddepcontrol_launch_dependents()
+        if const_expr(cfg.pdl):                  # wait for the previous launch's writes, then let the next start
             cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
 
         # the heads' queries [q_lat | q_pe] -> sQ (16-byte vectors, rows >= heads zero)
         nv = LAT // _VEC

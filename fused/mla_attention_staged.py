@@ -313,9 +313,6 @@ class MLAStagedAttention(MLAAttention):
         sL = smem.allocate_tensor(Float32, cute.make_layout(16), byte_alignment=16)
         sCorr = smem.allocate_tensor(Float32, cute.make_layout((2, 16), stride=(16, 1)), byte_alignment=16)
         full = smem.allocate_array(Int64, NS, byte_alignment=8)
-        if const_expr(cfg.pdl):                  # let the next launch start; wait for the previous one's writes
-            cute.arch.griddepcontrol_launch_dependents()
-            cute.arch.griddepcontrol_wait()
 
         if tidx == 0:
             for i in cutlass.range_constexpr(NS):
@@ -335,9 +332,19 @@ class MLAStagedAttention(MLAAttention):
         steps = (cutlass.max(end - start, Int32(0)) + TT - 1) // TT
         cute.arch.barrier()                  # barriers initialised, sP zeroed
 
+        # prologue: stages whose tokens all precede the appended one (n - 1) hold rows no running
+        # launch writes, so they go before the wait (under ``pdl`` the launch before this one
+        # may still be appending row n - 1; every launch before that one has finished)
         if warp == 0:
             for i in cutlass.range_constexpr(NS - 1):
-                if i < steps:
+                if i < steps and start + (i + 1) * TT < n:
+                    self.issue_stage(mCache, mTable, sC, full, b, Int32(i), start, end, lane)
+        if const_expr(cfg.pdl):                  # wait for the previous launch's writes, then let the next start
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+        if warp == 0:
+            for i in cutlass.range_constexpr(NS - 1):
+                if i < steps and start + (i + 1) * TT >= n:
                     self.issue_stage(mCache, mTable, sC, full, b, Int32(i), start, end, lane)
         kg = warp % KG
         tg = warp // KG

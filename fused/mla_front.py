@@ -159,12 +159,12 @@ class MLAFront:
         self.norm.init(nbufs)
         self.red.init(rbufs)
         cute.arch.cluster_arrive_relaxed()
-        if const_expr(cfg.pdl):
-            cute.arch.griddepcontrol_launch_dependents()
 
         # x slice -> nbufs.sX (waits on the cluster barrier above); cluster 0 writes h
         def front():
-            self.norm(nbufs, mHidden, mResidual, mNormW, mHOut, bidx < C)
+            self.norm(nbufs, mHidden, mResidual, mNormW, mHOut, bidx < C)   # starts with griddepcontrol.wait
+            if const_expr(cfg.pdl):
+                cute.arch.griddepcontrol_launch_dependents()
 
         if const_expr(cfg.early_loads):      # the norm runs while the first weight loads are in flight
             self.gemv_part(mW, nbufs.sX, sPart, m_base, k0, front=front)
