@@ -38,7 +38,8 @@ MLP_VARIANTS = {"k4": MLPTuning(k_parts=4), "k1": MLPTuning(k_parts=1), "pipelin
                 "c4": MLPTuning(cluster_size=4), "no-prefetch": MLPTuning(l2_prefetch=False),
                 "unroll4": MLPTuning(unroll=4), "shared-x": MLPTuning(shared_x=True),
                 "no-shared-x": MLPTuning(shared_x=False), "no-pipeline": MLPTuning(pipeline=False),
-                "k4-no-pipeline": MLPTuning(k_parts=4, pipeline=False), "early": MLPTuning(early_loads=True)}
+                "k4-no-pipeline": MLPTuning(k_parts=4, pipeline=False), "early": MLPTuning(early_loads=True),
+                "tail": MLPTuning(tail_pieces=None)}
 
 
 def mlp_sets(n: int, batch: int, H: int, I: int):

@@ -38,10 +38,17 @@ PHASES = ("qkv", "attn", "merge", "wait", "o_proj")
 MLP_PHASES = ("norm", "gate_up", "reduce", "wait", "down")
 
 
-def record(barrier: torch.Tensor, per: dict, spans: list, names) -> None:
-    """Add one launch's stamps (``barrier[2:]`` as [CTA, 8]) to ``per[name] = (medians,
-    maxima)`` over the CTAs and its span to ``spans``."""
-    t = barrier[GridBarrier.STATE_WORDS:].view(-1, GridBarrier.STAMP_WORDS)[:, :6].to(torch.int64).cpu()
+def stamp_words(barrier: torch.Tensor, grid: int) -> torch.Tensor:
+    """The stamp words of a ``grid``-CTA launch as [CTA, 8] (the state may go on past them:
+    the MLP's tail counters and partials)."""
+    W = GridBarrier.STAMP_WORDS
+    return barrier[GridBarrier.STATE_WORDS:GridBarrier.STATE_WORDS + W * grid].view(grid, W)
+
+
+def record(barrier: torch.Tensor, grid: int, per: dict, spans: list, names) -> None:
+    """Add one launch's stamps (``stamp_words``) to ``per[name] = (medians, maxima)`` over
+    the CTAs and its span to ``spans``."""
+    t = stamp_words(barrier, grid)[:, :6].to(torch.int64).cpu()
     t = (t - t[:, :1].min()) % 2**32                 # globaltimer_lo wraps: differences only
     d = t[:, 1:6] - t[:, 0:5]
     for k, name in enumerate(names):
@@ -50,11 +57,11 @@ def record(barrier: torch.Tensor, per: dict, spans: list, names) -> None:
     spans.append(float(t[:, 5].max() - t[:, 0].min()))
 
 
-def placement(barrier: torch.Tensor, place: list) -> None:
+def placement(barrier: torch.Tensor, grid: int, place: list) -> None:
     """Add one launch's CTA placement to ``place``: (SMs used, SMs holding two or more
     CTAs, median first-phase time of CTAs sharing an SM, of CTAs alone on theirs), from
     the ``%smid`` that stamp 0 writes (``GridBarrier.SMID_WORD``)."""
-    w = barrier[GridBarrier.STATE_WORDS:].view(-1, GridBarrier.STAMP_WORDS).to(torch.int64).cpu()
+    w = stamp_words(barrier, grid).to(torch.int64).cpu()
     sm = w[:, GridBarrier.SMID_WORD]
     d = (w[:, 1] - w[:, 0]) % 2**32
     ids, inverse, counts = torch.unique(sm, return_inverse=True, return_counts=True)
@@ -95,7 +102,7 @@ def mlp_main(a) -> int:
             mlp_block(hidden, p, tuning=tuning, workspace=ws)
             torch.cuda.synchronize()
             if i >= 3:
-                record(ws.barrier, per, spans, MLP_PHASES)
+                record(ws.barrier, cfg.grid, per, spans, MLP_PHASES)
         rows.append(summary([batch, f"{cfg.num_clusters}x{cfg.cluster_size}"], per, spans, MLP_PHASES))
     print(f"\nFused MLP block phases, µs (median / max over CTAs), Llama-2-7B shape, bf16 ({stamp()}):\n")
     print(markdown_table(["batch", "grid"] + list(MLP_PHASES) + ["span"], rows))
@@ -141,15 +148,15 @@ def main(argv=None) -> int:
                     attention_block(hidden, p, kc, vc, positions, cos, sin, tuning=tuning,
                                     cluster_size=a.cluster_size)   # builds the workspace
                     from cf_cute.attention import _workspaces
-                    ws = next(v for k, v in _workspaces.items()
-                              if k[0].phase_timer and k[0].num_threads == a.threads and k[0].max_len == L)
+                    wcfg, ws = next((k[0], v) for k, v in _workspaces.items()
+                                    if k[0].phase_timer and k[0].num_threads == a.threads and k[0].max_len == L)
                 attention_block(hidden, p, kc, vc, positions, cos, sin, tuning=tuning, workspace=ws,
                                 cluster_size=a.cluster_size)
                 torch.cuda.synchronize()
                 if i < 3:
                     continue
-                record(ws.barrier, per, spans, PHASES)
-                placement(ws.barrier, place)
+                record(ws.barrier, wcfg.grid, per, spans, PHASES)
+                placement(ws.barrier, wcfg.grid, place)
             rows.append(summary([batch, ctx], per, spans, PHASES))
             places.append(placement_row([batch, ctx], place))
     print(f"\nFused attention block phases, µs (median / max over CTAs), H={H}, {heads}/{kv_heads} heads x {hd}, "

@@ -75,9 +75,12 @@ def _mlp_configs(batches):
     for t in (mlp.MLPTuning(cluster_size=1), mlp.MLPTuning(cluster_size=4, k_parts=2),
               mlp.MLPTuning(k_parts=1, l2_prefetch=False), mlp.MLPTuning(cluster_size=2, num_clusters=40),
               mlp.MLPTuning(pipeline=False), mlp.MLPTuning(early_loads=True),
-              mlp.MLPTuning(pipeline=False, early_loads=True)):
+              mlp.MLPTuning(pipeline=False, early_loads=True),
+              mlp.MLPTuning(cluster_size=2, num_clusters=40, tail_pieces=None),
+              mlp.MLPTuning(cluster_size=1, num_clusters=120, tail_pieces=None)):
         out += plan(5, 2048, 8192, torch.float16, tuning=t)
     out += plan(4, 2048, 8192)
+    out += plan(16, 4096, 11008, tuning=mlp.MLPTuning(tail_pieces=None))   # test_deterministic_graph_capturable...
     out += plan(3, 2048, 8192, tuning=mlp.MLPTuning(pdl=True))     # test_chained_launches_overlap_safely
     for b in batches:
         out += plan(b, 4096, 11008)

@@ -21,6 +21,17 @@ needs it). The intermediate rows come in *units* of 16 (unit u: gate rows
                          unit); rounds of Jr units when the whole does not fit
     SiLU                 the owner of each (gate, up) pair (adjacent in the fragment)
                          writes act[b, 16u + row] = round(silu(g) * up)   (global, L2)
+  tail (``tail_pieces`` P > 0, when units % NC leaves R units past the last full
+  round): cluster c owns units c, c + NC, ... of the first (units // NC) * NC only; the
+  R tail units are cut in K into P pieces (piece p: the p-th 1/P of every warp's K
+  range, in every CTA), dealt to the UP tile-pair slots of every cluster
+  (piece q -> cluster q % NC, slot q // NC), and computed first:
+    tail pass            one tile a warp, K/P of its range -> sum over kp -> this CTA's
+                         partial (fp32) -> mState parts[q, rank]; one release-add to
+                         mState counter[unit] a slot
+    combine              after phase A's own SiLU, the CTA (rank 0) of the cluster that holds
+                         the unit's last piece waits for counter == P * C (acquire), resets it,
+                         sums the P * C partials (piece, then rank order) and writes act
   GridBarrier            all of act is written and visible (W_down's first tiles were
                          asked of L2 just before)
   phase B                residual_gemv_tiles: 16-row tiles of W_down over the CTAs, K = I
@@ -28,8 +39,11 @@ needs it). The intermediate rows come in *units* of 16 (unit u: gate rows
 
 Shared memory: NormSlice (``sX``, 2 B x ceil(B/8)*8 x (H/C + 32)), ``sAcc``
 (``4 * KP * J * B * 32``, J = units per cluster), the reduce-scatter buffers,
-``sRed [NW, 16, B]``. Deterministic: fixed-order sums (K parts, rank order in the
-collective, warp order in phase B), integer atomics only in the grid barrier.
+``sRed [NW, 16, B]``. Global state (``mState``, int32, zeroed once, self-resetting):
+the grid barrier's words, then (tail) R counters and the partials
+``[R * P, C, B * 32]`` (fp32 bits). Deterministic: fixed-order sums (K parts, rank
+order in the collective, piece then rank order in the tail, warp order in phase B);
+integer atomics only, for synchronisation (grid barrier, tail counters).
 """
 
 from __future__ import annotations
@@ -44,8 +58,8 @@ from cf_cute.primitives import GridBarrier, cluster_sync
 from cf_cute.primitives.plan import check_smem
 
 from .paired_splitk import PairedGrid, paired_reduce, reduce_pairs
-from .mma_gemv import (check_weight_layout, mma_atom, prefetch_rows_l2, store_acc, warp_gemv_each, warp_gemv_tiles,
-                       weight_view)
+from .mma_gemv import (check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_each,
+                       warp_gemv_tile, warp_gemv_tiles, weight_view)
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .rmsnorm_slice import NormSlice, NormSliceConfig
 
@@ -75,6 +89,8 @@ class MLPBlockConfig(PairedGrid):
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     early_loads: bool = False     # phase A's first block of W loads issued before the norm front
     w_layout: str = "linear"      # memory order of W_gate_up and W_down (mma_gemv.WEIGHT_LAYOUTS)
+    tail_pieces: int = 0          # P > 0: the units past the last full round split in K into P pieces
+                                  # over all clusters (module docstring); 0: the busiest clusters take them
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 norm done, 2 gate/up
                                   # GEMV done, 3 reduce + SiLU done, 4 grid barrier passed, 5 end)
 
@@ -91,6 +107,25 @@ class MLPBlockConfig(PairedGrid):
     @property
     def slice(self) -> int:
         return self.hidden // self.cluster_size
+
+    @property
+    def units_per_cluster(self) -> int:
+        """J: unit slots of every cluster's own passes (with a tail: the full rounds only)."""
+        if self.tail_pieces:
+            return self.units // self.num_clusters
+        return PairedGrid.units_per_cluster.fget(self)
+
+    @property
+    def tail_units(self) -> int:
+        return self.units % self.num_clusters if self.tail_pieces else 0
+
+    @property
+    def state_words(self) -> int:
+        """int32 words of ``mState``: the grid barrier's, then the tail's counters and partials."""
+        words = GridBarrier.state_words(self.grid, self.phase_timer)
+        if self.tail_pieces:
+            words += self.tail_units + self.tail_units * self.tail_pieces * self.cluster_size * self.batch * 32
+        return words
 
     @property
     def n_tiles(self) -> int:
@@ -123,6 +158,15 @@ class MLPBlockConfig(PairedGrid):
         if self.num_clusters < 1:
             raise ValueError(f"num_clusters must be positive, got {self.num_clusters}")
         check_weight_layout(self.w_layout)
+        if self.tail_pieces:
+            P, jf, R = self.tail_pieces, self.units // self.num_clusters, self.units % self.num_clusters
+            kw = self.hidden // self.cluster_size // self.k_parts
+            if P & (P - 1) or R == 0 or jf < 1 or jf % self.units_per_pass or R * P > self.num_clusters * \
+                    self.units_per_pass or kw % (_STEP * P):
+                raise ValueError(f"tail_pieces = {P} does not fit {self.units} units over {self.num_clusters} "
+                                 f"clusters ({jf} full rounds, a multiple of {self.units_per_pass} needed; {R} "
+                                 f"tail units x {P} pieces over {self.num_clusters * self.units_per_pass} slots; "
+                                 f"a warp's K range {kw} in pieces of whole {_STEP}-steps)")
 
 
 class MLPBlock:
@@ -177,6 +221,85 @@ class MLPBlock:
         store_acc(acc, dst, Int32(0), lane, cfg.n_tiles, cfg.batch)
 
     @cute.jit
+    def _tail_tile(self, c: Int32, t: Int32, rank: Int32, kp: Int32):
+        """(first W_gate_up row, first column, K offset in the CTA's slice) of this warp's
+        tail piece: slot t // 2 of cluster c, gate or up by t % 2 (pieces past the end
+        repeat the last one; its partial is dropped)."""
+        cfg = self.cfg
+        P, NC = cfg.tail_pieces, cfg.num_clusters
+        kw = cfg.slice // cfg.k_parts
+        q = cutlass.min(c + (t // 2) * NC, Int32(cfg.tail_units * P - 1))
+        u = cfg.units_per_cluster * NC + q // P
+        kofs = kp * kw + (q % P) * (kw // P)
+        return u * 16 + (t % 2) * cfg.intermediate, rank * cfg.slice + kofs, kofs
+
+    @cute.jit
+    def _tail_publish(self, sAcc: cute.Tensor, mState: cute.Tensor, c: Int32, rank: Int32, tidx: Int32):
+        """This CTA's tail partials (sum over K parts) -> parts[q, rank]; then one
+        release-add to the unit's counter per slot (thread 0, after a CTA barrier)."""
+        cfg = self.cfg
+        P, NC, C, KP, UP = cfg.tail_pieces, cfg.num_clusters, cfg.cluster_size, cfg.k_parts, cfg.units_per_pass
+        per_unit = cfg.batch * 32
+        base = GridBarrier.state_words(cfg.grid, cfg.phase_timer)
+        parts = cute.make_tensor(cute.recast_ptr(mState.iterator + base + cfg.tail_units, dtype=Float32),
+                                 cute.make_layout(cfg.tail_units * P * C * per_unit))
+        for pos in cutlass.range(tidx, UP * per_unit, cfg.num_threads, unroll=1):
+            q = c + (pos // per_unit) * NC
+            if q < cfg.tail_units * P:
+                tot = Float32(0.0)
+                for k in cutlass.range_constexpr(KP):
+                    tot = tot + sAcc[k, pos]
+                parts[(q * C + rank) * per_unit + pos % per_unit] = tot
+        cute.arch.barrier()
+        if tidx == 0:
+            cute.arch.fence_acq_rel_gpu()
+            for s in cutlass.range_constexpr(UP):
+                q = c + s * NC
+                if q < cfg.tail_units * P:
+                    cute.arch.atomic_add(mState.iterator + base + q // P, Int32(1), sem="release", scope="gpu")
+
+    @cute.jit
+    def _tail_combine(self, mState: cute.Tensor, mAct: cute.Tensor, c: Int32, rank: Int32, tidx: Int32):
+        """The CTA (rank 0) of the cluster holding a tail unit's last piece: wait for all
+        P * C partials, reset the counter, act = silu(sum gate) * sum up (piece, rank order)."""
+        cfg = self.cfg
+        P, NC, C, R = cfg.tail_pieces, cfg.num_clusters, cfg.cluster_size, cfg.tail_units
+        per_unit = cfg.batch * 32
+        base = GridBarrier.state_words(cfg.grid, cfg.phase_timer)
+        parts = cute.make_tensor(cute.recast_ptr(mState.iterator + base + R, dtype=Float32),
+                                 cute.make_layout(R * P * C * per_unit))
+        if rank == 0:
+            for tu in cutlass.range(R, unroll=1):
+                if (tu * P + P - 1) % NC == c:
+                    if tidx == 0:
+                        cnt = mState.iterator + base + tu
+                        seen = cute.arch.load(cnt, Int32, sem="acquire", scope="gpu")
+                        while seen != Int32(P * C):
+                            seen = cute.arch.load(cnt, Int32, sem="acquire", scope="gpu")
+                        cute.arch.store(cnt, Int32(0), sem="relaxed", scope="gpu")
+                    cute.arch.barrier()
+                    u = cfg.units_per_cluster * NC + tu
+                    for e in cutlass.range(tidx, 16 * cfg.batch, cfg.num_threads, unroll=1):
+                        b = e // 16
+                        row = e % 16
+                        g = Float32(0.0)
+                        up = Float32(0.0)
+                        for p in cutlass.range_constexpr(P):
+                            for r in cutlass.range_constexpr(C):
+                                o = ((tu * P + p) * C + r) * per_unit + b * 32 + 2 * row
+                                g = g + parts[o]
+                                up = up + parts[o + 1]
+                        self._act_store(g, up, b, u, row, mAct)
+
+    @cute.jit
+    def _act_store(self, g: Float32, up: Float32, b: Int32, u: Int32, row: Int32, mAct: cute.Tensor):
+        """act[b, 16 u + row] = silu(g) * up (rounded to the activation dtype)."""
+        # g * 1/(1 + e^-g) through rcp.approx: an IEEE divide here adds a slow-path
+        # subroutine (and stack) to a kernel at 255 registers (docs/NOTES.md)
+        silu = g * cute.arch.rcp_approx(Float32(1.0) + cute.math.exp2(-g * Float32(_LOG2E), fastmath=True))
+        mAct[b, u * 16 + row] = self.dtype(silu * up)
+
+    @cute.jit
     def _silu_mul(self, pos: Int32, g: Float32, up: Float32, c: Int32, mAct: cute.Tensor):
         """The owner of fragment pair ``pos`` (gate g, up) of cluster c writes act = silu(g) * up."""
         cfg = self.cfg
@@ -186,10 +309,7 @@ class MLPBlock:
         row = (pos % 32) // 2
         u = c + j * cfg.num_clusters
         if u < cfg.units and j < cfg.units_per_cluster:
-            # g * 1/(1 + e^-g) through rcp.approx: an IEEE divide here adds a slow-path
-            # subroutine (and stack) to a kernel at 255 registers (docs/NOTES.md)
-            silu = g * cute.arch.rcp_approx(Float32(1.0) + cute.math.exp2(-g * Float32(_LOG2E), fastmath=True))
-            mAct[b, u * 16 + row] = self.dtype(silu * up)
+            self._act_store(g, up, b, u, row, mAct)
 
     @cute.kernel
     def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mWgu: cute.Tensor,
@@ -223,6 +343,9 @@ class MLPBlock:
         k0 = rank * Hc + kp * kw
         if const_expr(cfg.l2_prefetch):
             prefetch_rows_l2(mWgu, self._tile_row(c, t // 2, t), 16, k0, kw, lane)
+            if const_expr(cfg.tail_pieces > 0):
+                trow0, tk00, _ = self._tail_tile(c, t, rank, kp)
+                prefetch_rows_l2(mWgu, trow0, 16, tk00, kw // cfg.tail_pieces, lane)
 
         def front():
             self.norm(nb, mHidden, mResidual, mNormW, mOut, Int32(0) != Int32(0))
@@ -233,8 +356,19 @@ class MLPBlock:
         if const_expr(not cfg.early_loads):
             front()
         sX = nb.sX
-        sXk = cute.make_tensor(sX.iterator + kp * kw, sX.layout)       # column 0 = this warp's k0
         atom = mma_atom(mWgu.element_type)
+        if const_expr(cfg.tail_pieces > 0):
+            # the tail pieces first: their partials are published while the own passes run
+            trow, tk0, tofs = self._tail_tile(c, t, rank, kp)
+            tacc = new_acc(cfg.n_tiles)
+            warp_gemv_tile(atom, mWgu, trow, tk0, cute.make_tensor(sX.iterator + tofs, sX.layout), tacc, lane,
+                           kw // cfg.tail_pieces // _STEP, cfg.n_tiles, cfg.unroll, front=early)
+            early = None
+            self._store_part(sAcc, tacc, kp, t // 2, t, lane)
+            cute.arch.barrier()
+            self._tail_publish(sAcc, mBar, c, rank, tidx)
+            cute.arch.barrier()                  # sAcc is free again
+        sXk = cute.make_tensor(sX.iterator + kp * kw, sX.layout)       # column 0 = this warp's k0
         if const_expr(cfg.pipeline):
             # this warp's tiles: unit j = p * UP + t // 2 (p < J / UP), gate or up by t % 2
             accs = warp_gemv_tiles(atom, mWgu, c + (t // 2) * cfg.num_clusters + (t % 2) * cfg.units,
@@ -255,6 +389,8 @@ class MLPBlock:
         reduce_pairs(self.red, rb, sAcc, self.rounds, KP, J * per_unit, tidx,
                      lambda pos, g, up: self._silu_mul(pos, g, up, c, mAct))
         cluster_sync()                       # retires both collectives
+        if const_expr(cfg.tail_pieces > 0):
+            self._tail_combine(mBar, mAct, c, rank, tidx)
         self.gbar.stamp(mBar, bidx, 3)
 
         # ================= grid barrier: all of act is written

@@ -4,6 +4,7 @@ planning and input checks (CPU)."""
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -74,6 +75,40 @@ def test_grid_plan_balances_units_per_cta():
     assert grid_plan(896, {1: 132, 4: 30}) == (1, 132)
     with pytest.raises(ValueError, match="resident"):
         grid_plan(688, {})
+
+
+def test_tail_plan_splits_the_leftover_units():
+    from cf_cute.mlp import tail_plan
+    # Llama-2-7B: 688 = 10 x 66 + 28; 28 units x 4 pieces fill 112 of the 132 slots, a warp's
+    # 1024 columns in pieces of 8 steps: the busiest cluster runs 5.25 passes instead of 6
+    assert tail_plan(688, 66, 2, 1024) == 4
+    assert tail_plan(896, 66, 2, 1024) == 0        # 13 full rounds: not whole passes
+    assert tail_plan(512, 64, 2, 1024) == 0        # no leftover
+    assert tail_plan(512, 40, 2, 1024) == 2        # 32 left over, 80 slots
+    assert tail_plan(688, 66, 2, 64) == 2          # pieces of whole 32-column steps only
+    assert tail_plan(700, 66, 2, 1024) == 2        # 40 left: 2 pieces; 6 -> 5.5 passes
+    ok = dict(batch=1, hidden=4096, intermediate=11008, num_clusters=66, cluster_size=2, tail_pieces=4)
+    cfg = MLPBlockConfig(**ok)
+    cfg.validate()
+    assert (cfg.units_per_cluster, cfg.tail_units) == (10, 28)
+    assert cfg.state_words == 2 + 28 + 28 * 4 * 2 * 32
+    for bad in (dict(tail_pieces=8), dict(tail_pieces=3), dict(intermediate=14336), dict(num_clusters=43)):
+        with pytest.raises(ValueError, match="tail_pieces"):
+            MLPBlockConfig(**{**ok, **bad}).validate()
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_tail_compiles_to_release_adds_and_acquire_polls(batch):
+    """The tail's partials are published by release atomics and read after acquire loads
+    (integer, synchronisation only), besides the grid barrier's own."""
+    base = dict(batch=batch, hidden=4096, intermediate=11008, num_clusters=66, cluster_size=2, w_layout="tiled",
+                pipeline=batch <= 8)
+    with_tail = compile_for_inspection(MLPBlock, MLPBlockConfig(**base, tail_pieces=4),
+                                       arg_specs(MLPBlockConfig(**base, tail_pieces=4))).__ptx__
+    without = compile_for_inspection(MLPBlock, MLPBlockConfig(**base), arg_specs(MLPBlockConfig(**base))).__ptx__
+    assert with_tail.count("ld.acquire.gpu") > without.count("ld.acquire.gpu")
+    assert "atom.global.release.add" in with_tail and "atom.global.release.add" not in without
+    assert not re.search(r"(atom|red)\.[^;]*\.f(16|32|64)", with_tail)
 
 
 def test_batch_dependent_defaults():
@@ -162,8 +197,13 @@ def test_tiled_and_linear_weights_give_the_same_bits(H, I, batch):
 @pytest.mark.parametrize("tuning", [MLPTuning(cluster_size=1), MLPTuning(cluster_size=4, k_parts=2),
                                     MLPTuning(k_parts=1, l2_prefetch=False), MLPTuning(cluster_size=2, num_clusters=40),
                                     MLPTuning(pipeline=False), MLPTuning(early_loads=True),
-                                    MLPTuning(pipeline=False, early_loads=True)])
+                                    MLPTuning(pipeline=False, early_loads=True),
+                                    MLPTuning(cluster_size=2, num_clusters=40, tail_pieces=None),
+                                    MLPTuning(cluster_size=1, num_clusters=120, tail_pieces=None)])
 def test_every_grid_and_knob_matches_reference(tuning):
+    """Every grid and knob against the fp32 reference; with ``tail_pieces=None``, 40
+    clusters of 2 (512 units: 12 rounds + 32 left over) and 120 CTAs (4 rounds + 32)
+    split their tail in 2 and 4 pieces (``tail_plan``)."""
     H, I, batch, dt = 2048, 8192, 5, torch.float16
     w = _weights(H, I, "cuda", dt)
     hidden = torch.randn(batch, H, device="cuda", dtype=dt)
@@ -193,15 +233,17 @@ def test_matches_transformers_llama_mlp():
 
 
 @pytest.mark.gpu
-def test_deterministic_graph_capturable_and_writes_every_output():
+@pytest.mark.parametrize("tuning", [None, MLPTuning(tail_pieces=None)], ids=["default", "tail-split"])
+def test_deterministic_graph_capturable_and_writes_every_output(tuning):
+    """Same bits every launch and replay; the tail split's counters reset themselves."""
     H, I, batch = 4096, 11008, 16
     w = pack_mlp(_weights(H, I, "cuda", torch.bfloat16))
     hidden = torch.randn(batch, H, device="cuda", dtype=torch.bfloat16)
-    first = mlp_block(hidden, w).clone()
+    first = mlp_block(hidden, w, tuning=tuning).clone()
     static = torch.full_like(first, float("nan"))
-    mlp_block(hidden, w, out=static)
+    mlp_block(hidden, w, out=static, tuning=tuning)
     assert torch.equal(static, first)
-    g, _ = capture_graph(lambda: mlp_block(hidden, w, out=static))
+    g, _ = capture_graph(lambda: mlp_block(hidden, w, out=static, tuning=tuning))
     assert_replays_equal(g, static, first)
 
 
