@@ -25,7 +25,7 @@ from cf_cute.attention import AttentionTuning, attention_block, attention_block_
 
 # tuning variants timed with --variants (name -> AttentionTuning), at the auto cluster size
 VARIANTS = {"unroll4": AttentionTuning(unroll=4), "no-prefetch": AttentionTuning(l2_prefetch=False),
-            "attn-unroll8": AttentionTuning(attn_unroll=8), "pipeline": AttentionTuning(pipeline_tiles=True),
+            "attn-unroll4": AttentionTuning(attn_unroll=4), "pipeline": AttentionTuning(pipeline_tiles=True),
             "early-wo": AttentionTuning(early_wo_prefetch=True), "threads512": AttentionTuning(num_threads=512)}
 from cf_cute.reference import AttentionWeights, rope_tables
 

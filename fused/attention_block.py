@@ -64,7 +64,8 @@ class AttentionBlockConfig(QKVFields):
     L2 for the W_o rows before the grid barrier; ``pipeline_tiles`` covers the QKV stage only;
     ``w_layout`` is the memory order of both w_qkv and W_o), plus the attention's and the
     block's own."""
-    attn_unroll: int = 4          # tokens per token group loaded together
+    attn_unroll: int = 8          # tokens per token group loaded together (H200, batch 1: 4 -> 8 is
+                                  # 2.7% faster at 4K, 4.7% at 16K, 6.1% at 32K, level at 1K and GQA)
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 2 attention
