@@ -47,12 +47,30 @@ from cf_cute.primitives.plan import check_smem
 
 from .mma_gemv import X_PAD, acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile, x_smem_layout
 
-__all__ = ["MLAAttentionConfig", "MLAAttention"]
+__all__ = ["MLAAttentionConfig", "MLAAttention", "pv_pair_mma"]
 
 _WARP = 32
 _STEP = 32
 _VEC = 8
 _LOG2E = 1.4426950408889634
+
+
+@cute.jit
+def pv_pair_mma(atom, acc: cute.Tensor, a: cute.Tensor, cv: cute.Tensor, g: cutlass.Constexpr[int]):
+    """One 16-token chunk of the tensor-core P V for dim group g: ``cv[:, q]`` holds the
+    lane's dim pair (2 dp, 2 dp + 1) at its 4 k rows (tokens); the even dims form one
+    n-tile (E, ``acc[:, 0, g]``), the odd ones another (O, ``acc[:, 1, g]``), both times
+    ``a`` (P, heads on M): no transpose needed (see ``MLAAttention.pv_mma``)."""
+    for e in cutlass.range_constexpr(2):
+        bf = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), a.element_type)
+        for q in cutlass.range_constexpr(4):
+            bf[q] = cv[e, q]
+        cf = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), Float32)
+        for i in cutlass.range_constexpr(4):
+            cf[i] = acc[i, e, g]
+        cute.gemm(atom, cf, a, bf, cf)
+        for i in cutlass.range_constexpr(4):
+            acc[i, e, g] = cf[i]
 
 
 @dataclass(frozen=True)
@@ -307,16 +325,7 @@ class MLAAttention:
                 for q in cutlass.range_constexpr(4):
                     if valid[q] == 0:
                         cv[None, q].fill(0.0)
-                for e in cutlass.range_constexpr(2):           # E (even dims), O (odd dims)
-                    bf = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), dt)
-                    for q in cutlass.range_constexpr(4):
-                        bf[q] = cv[e, q]
-                    cf = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), Float32)
-                    for i in cutlass.range_constexpr(4):
-                        cf[i] = acc[i, e, g]
-                    cute.gemm(atom, cf, a, bf, cf)
-                    for i in cutlass.range_constexpr(4):
-                        acc[i, e, g] = cf[i]
+                pv_pair_mma(atom, acc, a, cv, g)
 
     @cute.jit
     def store_partial_mma(self, acc: cute.Tensor, mPartO: cute.Tensor, b: Int32, s: Int32):

@@ -50,7 +50,7 @@ from cutlass.experimental import primitives as _prims
 
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
-from .mla_attention import MLAAttention, MLAAttentionConfig
+from .mla_attention import MLAAttention, MLAAttentionConfig, pv_pair_mma
 from .mma_gemv import mma_atom
 
 __all__ = ["MLAStagedAttentionConfig", "MLAStagedAttention", "staged_smem_bytes"]
@@ -277,16 +277,7 @@ class MLAStagedAttention(MLAAttention):
                 for q in cutlass.range_constexpr(4):
                     tok = kc * 16 + 2 * c + (q % 2) + 8 * (q // 2)
                     cv[None, q].store(cute.local_tile(sC, (1, 1, 2), (st, tok, dp)).load().reshape((2,)))
-                for e in cutlass.range_constexpr(2):           # E (even dims), O (odd dims)
-                    bf = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), dt)
-                    for q in cutlass.range_constexpr(4):
-                        bf[q] = cv[e, q]
-                    cf = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), Float32)
-                    for i in cutlass.range_constexpr(4):
-                        cf[i] = acc[i, e, g]
-                    cute.gemm(atom, cf, a, bf, cf)
-                    for i in cutlass.range_constexpr(4):
-                        acc[i, e, g] = cf[i]
+                pv_pair_mma(atom, acc, a, cv, g)
 
     @cute.kernel
     def kernel(self, mQf: cute.Tensor, mCache: cute.Tensor, mTable: cute.Tensor, mPos: cute.Tensor,
