@@ -47,12 +47,23 @@ from cf_cute.primitives.plan import check_smem
 
 from .mma_gemv import X_PAD, acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile, x_smem_layout
 
-__all__ = ["MLAAttentionConfig", "MLAAttention", "pv_pair_mma"]
+__all__ = ["MLAAttentionConfig", "MLAAttention", "pv_pair_mma", "online_max"]
 
 _WARP = 32
 _STEP = 32
 _VEC = 8
 _LOG2E = 1.4426950408889634
+
+
+@cute.jit
+def online_max(m_old: Float32, tile_max: Float32):
+    """Online-softmax running max: ``(m_new, corr)`` with corr = 2^(m_old - m_new)
+    (1 while every score so far is -inf)."""
+    m_new = cute.arch.fmax(m_old, tile_max)
+    corr = Float32(1.0)
+    if m_new != -Float32.inf:
+        corr = cute.math.exp2(m_old - m_new, fastmath=True)
+    return m_new, corr
 
 
 @cute.jit
@@ -222,11 +233,7 @@ class MLAAttention:
                 for k in cutlass.range_constexpr(TT // _WARP):
                     mx = cute.arch.fmax(mx, sS[h, lane + k * _WARP])
                 mx = cute.arch.warp_reduction_max(mx)
-                m_old = sM[h]
-                m_new = cute.arch.fmax(m_old, mx)
-                corr = Float32(1.0)
-                if m_new != -Float32.inf:
-                    corr = cute.math.exp2(m_old - m_new, fastmath=True)
+                m_new, corr = online_max(sM[h], mx)
                 ps = Float32(0.0)
                 for k in cutlass.range_constexpr(TT // _WARP):
                     sv = sS[h, lane + k * _WARP]

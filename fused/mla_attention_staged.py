@@ -50,7 +50,7 @@ from cutlass.experimental import primitives as _prims
 
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
-from .mla_attention import MLAAttention, MLAAttentionConfig, pv_pair_mma
+from .mla_attention import MLAAttention, MLAAttentionConfig, online_max, pv_pair_mma
 from .mma_gemv import mma_atom
 
 __all__ = ["MLAStagedAttentionConfig", "MLAStagedAttention", "staged_smem_bytes"]
@@ -224,11 +224,7 @@ class MLAStagedAttention(MLAAttention):
                 sv[k] = tot * Float32(self.scale2)
             mx = cute.arch.fmax(mx, sv[k])
         mx = cute.arch.warp_reduction_max(mx, threads_in_group=16)
-        m_old = sM[h]
-        m_new = cute.arch.fmax(m_old, mx)
-        corr = Float32(1.0)
-        if m_new != -Float32.inf:
-            corr = cute.math.exp2(m_old - m_new, fastmath=True)
+        m_new, corr = online_max(sM[h], mx)
         ps = Float32(0.0)
         for k in cutlass.range_constexpr(TPL):
             p = Float32(0.0)
