@@ -23,10 +23,12 @@ Fused path (``mla_decode``), five launches on the current stream, no host sync::
     5 SplitKGemv   (fused/splitk_gemv.py)    out = h + o @ wo.T
 
 Each launch is a programmatic dependent of the one before (``MLATuning.pdl``): it may
-start while the previous one finishes, triggers its own dependent at once, and waits
-(``griddepcontrol.wait``) before its first read of the previous launch's output or its
-first write; every launch waits, so the whole chain stays ordered. MLAFront issues its
-first weight loads before that wait (``front_early_loads``). The append (launch 2)
+start while the previous one finishes, and before its first read of the previous launch's
+output or its first write it hands off (``cf_cute.primitives.pdl_handoff``: wait for the
+previous launch, then let the next start); every launch hands off, so the whole chain stays
+ordered. Before the hand-off MLAFront issues its first weight loads
+(``front_early_loads``), the staged attention copies cache rows older than the appended
+one, MLAOut and the wo GEMV ask L2 for their weights. The append (launch 2)
 precedes every cache read (launch 3): no race. Limits (ValueError
 before any launch): bf16/fp16 only, 1..16 heads (one MMA N side in the attention), a
 paged cache's page_size a multiple of 16, rank a multiple of 128, hidden of 128.

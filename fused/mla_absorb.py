@@ -30,6 +30,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
+from cf_cute.primitives import pdl_handoff
 from cf_cute.primitives.plan import check_smem
 
 from .mma_gemv import (X_PAD, acc_coords, check_weight_layout, mma_atom, new_acc, warp_gemv_tile, weight_view,
@@ -228,9 +229,8 @@ class MLAAbsorb:
         sX = smem.allocate_tensor(mY.element_type, x_smem_layout(cfg.n_tiles, cfg.qk_nope_head_dim),
                                   byte_alignment=16)
         sRed = smem.allocate_tensor(Float32, cute.make_layout(_WARP), byte_alignment=16)
-        if const_expr(cfg.pdl):                  # wait for the previous launch's writes, then let the next start
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        if const_expr(cfg.pdl):
+            pdl_handoff()
         if bidx < cfg.gemv_ctas:
             self.absorb_tiles(mY, mWuk, mQf, sX, bidx)
         else:

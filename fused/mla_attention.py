@@ -43,6 +43,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
+from cf_cute.primitives import pdl_handoff
 from cf_cute.primitives.plan import check_smem
 
 from .mma_gemv import X_PAD, acc_coords, mma_atom, new_acc, prefetch_rows_l2, warp_gemv_tile, x_smem_layout
@@ -372,9 +373,8 @@ class MLAAttention:
         sM = smem.allocate_tensor(Float32, cute.make_layout(H), byte_alignment=16)
         sL = smem.allocate_tensor(Float32, cute.make_layout(H), byte_alignment=16)
         sCorr = smem.allocate_tensor(Float32, cute.make_layout(H), byte_alignment=16)
-        if const_expr(cfg.pdl):                  # wait for the previous launch's writes, then let the next start
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        if const_expr(cfg.pdl):
+            pdl_handoff()
 
         # the heads' queries [q_lat | q_pe] -> sQ (16-byte vectors, rows >= heads zero)
         nv = LAT // _VEC

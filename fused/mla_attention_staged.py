@@ -48,6 +48,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, const_expr
 from cutlass.experimental import primitives as _prims
 
+from cf_cute.primitives import pdl_handoff
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from .mla_attention import MLAAttention, MLAAttentionConfig, online_max, pv_pair_mma
@@ -326,9 +327,8 @@ class MLAStagedAttention(MLAAttention):
             for i in cutlass.range_constexpr(NS - 1):
                 if i < steps and start + (i + 1) * TT < n:
                     self.issue_stage(mCache, mTable, sC, full, b, Int32(i), start, end, lane)
-        if const_expr(cfg.pdl):                  # wait for the previous launch's writes, then let the next start
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        if const_expr(cfg.pdl):
+            pdl_handoff()
         if warp == 0:
             for i in cutlass.range_constexpr(NS - 1):
                 if i < steps and start + (i + 1) * TT >= n:

@@ -28,7 +28,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterReduce
+from cf_cute.primitives import ClusterReduce, pdl_handoff
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
 from .mma_gemv import (X_PAD, check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile,
@@ -183,9 +183,7 @@ class MLAOut:
         if const_expr(cfg.pdl):                  # W_UV does not depend on the previous launch: ask L2 for it
             for mt in cutlass.range(warp, V // 16, n_warps, unroll=1):
                 prefetch_rows_l2(mWuv, h * V + mt * 16, 16, k0, cfg.slice, lane)
-        if const_expr(cfg.pdl):                  # wait for the previous launch's writes, then let the next start
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+            pdl_handoff()
 
         self.split_weights(mPartML, sW, sInvL, h)
         cute.arch.barrier()

@@ -159,7 +159,7 @@ class MLPBlockConfig(PairedGrid):
             raise ValueError(f"num_clusters must be positive, got {self.num_clusters}")
         check_weight_layout(self.w_layout)
         if self.tail_pieces:
-            P, jf, R = self.tail_pieces, self.units // self.num_clusters, self.units % self.num_clusters
+            P, jf, R = self.tail_pieces, self.units_per_cluster, self.tail_units
             kw = self.hidden // self.cluster_size // self.k_parts
             if P & (P - 1) or R == 0 or jf < 1 or jf % self.units_per_pass or R * P > self.num_clusters * \
                     self.units_per_pass or kw % (_STEP * P):
@@ -234,15 +234,23 @@ class MLPBlock:
         return u * 16 + (t % 2) * cfg.intermediate, rank * cfg.slice + kofs, kofs
 
     @cute.jit
+    def _tail_state(self, mState: cute.Tensor):
+        """(the tail units' counters, their partials ``[R * P * C * B * 32]`` as fp32) in ``mState``,
+        past the grid barrier's words."""
+        cfg = self.cfg
+        counters = mState.iterator + GridBarrier.state_words(cfg.grid, cfg.phase_timer)
+        parts = cute.make_tensor(cute.recast_ptr(counters + cfg.tail_units, dtype=Float32),
+                                 cute.make_layout(cfg.tail_units * cfg.tail_pieces * cfg.cluster_size * cfg.batch * 32))
+        return counters, parts
+
+    @cute.jit
     def _tail_publish(self, sAcc: cute.Tensor, mState: cute.Tensor, c: Int32, rank: Int32, tidx: Int32):
         """This CTA's tail partials (sum over K parts) -> parts[q, rank]; then one
         release-add to the unit's counter per slot (thread 0, after a CTA barrier)."""
         cfg = self.cfg
         P, NC, C, KP, UP = cfg.tail_pieces, cfg.num_clusters, cfg.cluster_size, cfg.k_parts, cfg.units_per_pass
         per_unit = cfg.batch * 32
-        base = GridBarrier.state_words(cfg.grid, cfg.phase_timer)
-        parts = cute.make_tensor(cute.recast_ptr(mState.iterator + base + cfg.tail_units, dtype=Float32),
-                                 cute.make_layout(cfg.tail_units * P * C * per_unit))
+        counters, parts = self._tail_state(mState)
         for pos in cutlass.range(tidx, UP * per_unit, cfg.num_threads, unroll=1):
             q = c + (pos // per_unit) * NC
             if q < cfg.tail_units * P:
@@ -256,7 +264,7 @@ class MLPBlock:
             for s in cutlass.range_constexpr(UP):
                 q = c + s * NC
                 if q < cfg.tail_units * P:
-                    cute.arch.atomic_add(mState.iterator + base + q // P, Int32(1), sem="release", scope="gpu")
+                    cute.arch.atomic_add(counters + q // P, Int32(1), sem="release", scope="gpu")
 
     @cute.jit
     def _tail_combine(self, mState: cute.Tensor, mAct: cute.Tensor, c: Int32, rank: Int32, tidx: Int32):
@@ -265,14 +273,12 @@ class MLPBlock:
         cfg = self.cfg
         P, NC, C, R = cfg.tail_pieces, cfg.num_clusters, cfg.cluster_size, cfg.tail_units
         per_unit = cfg.batch * 32
-        base = GridBarrier.state_words(cfg.grid, cfg.phase_timer)
-        parts = cute.make_tensor(cute.recast_ptr(mState.iterator + base + R, dtype=Float32),
-                                 cute.make_layout(R * P * C * per_unit))
+        counters, parts = self._tail_state(mState)
         if rank == 0:
             for tu in cutlass.range(R, unroll=1):
                 if (tu * P + P - 1) % NC == c:
                     if tidx == 0:
-                        cnt = mState.iterator + base + tu
+                        cnt = counters + tu
                         seen = cute.arch.load(cnt, Int32, sem="acquire", scope="gpu")
                         while seen != Int32(P * C):
                             seen = cute.arch.load(cnt, Int32, sem="acquire", scope="gpu")
@@ -341,11 +347,12 @@ class MLPBlock:
         t = warp // KP                       # tile slot of this warp in a pass
         kw = Hc // KP
         k0 = rank * Hc + kp * kw
+        if const_expr(cfg.tail_pieces > 0):
+            trow, tk0, tofs = self._tail_tile(c, t, rank, kp)
         if const_expr(cfg.l2_prefetch):
             prefetch_rows_l2(mWgu, self._tile_row(c, t // 2, t), 16, k0, kw, lane)
             if const_expr(cfg.tail_pieces > 0):
-                trow0, tk00, _ = self._tail_tile(c, t, rank, kp)
-                prefetch_rows_l2(mWgu, trow0, 16, tk00, kw // cfg.tail_pieces, lane)
+                prefetch_rows_l2(mWgu, trow, 16, tk0, kw // cfg.tail_pieces, lane)
 
         def front():
             self.norm(nb, mHidden, mResidual, mNormW, mOut, Int32(0) != Int32(0))
@@ -359,7 +366,6 @@ class MLPBlock:
         atom = mma_atom(mWgu.element_type)
         if const_expr(cfg.tail_pieces > 0):
             # the tail pieces first: their partials are published while the own passes run
-            trow, tk0, tofs = self._tail_tile(c, t, rank, kp)
             tacc = new_acc(cfg.n_tiles)
             warp_gemv_tile(atom, mWgu, trow, tk0, cute.make_tensor(sX.iterator + tofs, sX.layout), tacc, lane,
                            kw // cfg.tail_pieces // _STEP, cfg.n_tiles, cfg.unroll, front=early)

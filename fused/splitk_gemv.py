@@ -30,7 +30,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterReduce
+from cf_cute.primitives import ClusterReduce, pdl_handoff
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
 from .mma_gemv import (check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile,
@@ -126,9 +126,7 @@ class SplitKGemv:
         if const_expr(cfg.pdl):                  # W does not depend on the previous launch: ask L2 for it
             for mt in cutlass.range(warp, BM // 16, n_warps, unroll=1):
                 prefetch_rows_l2(mW, m_base + mt * 16, 16, k0, kc, lane)
-        if const_expr(cfg.pdl):                  # wait for the previous launch's writes, then let the next start
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+            pdl_handoff()
 
         # x slice -> shared memory (rows past the batch are zero)
         for i in cutlass.range(tidx, NT * 8 * (kc // _VEC), cfg.num_threads, unroll=1):

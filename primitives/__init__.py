@@ -12,7 +12,7 @@ shared-memory layout and states its barrier contract.
 
 from ._dsmem import cluster_sync
 from .cluster_gather import ClusterGather, ClusterGatherPlan
-from .grid_barrier import GridBarrier, max_resident_clusters
+from .grid_barrier import GridBarrier, max_resident_clusters, pdl_handoff
 from .cluster_reduce import REDUCE_OPS, ClusterReduce, ClusterReducePlan, ReduceOp
 from .plan import MAX_CLUSTER_SIZE, SMEM_LIMIT_BYTES, FragmentPlan, check_grid
 
@@ -27,6 +27,7 @@ __all__ = [
     "cluster_sync",
     "GridBarrier",
     "max_resident_clusters",
+    "pdl_handoff",
     "check_grid",
     "MAX_CLUSTER_SIZE",
     "SMEM_LIMIT_BYTES",

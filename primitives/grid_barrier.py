@@ -41,7 +41,22 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, const_expr
 
-__all__ = ["GridBarrier", "max_resident_clusters"]
+__all__ = ["GridBarrier", "max_resident_clusters", "pdl_handoff"]
+
+
+@cute.jit
+def pdl_handoff():
+    """Programmatic dependent launch between kernels of one stream: wait for the previous
+    launch's writes (``griddepcontrol.wait``), then let the next launch start
+    (``griddepcontrol.launch_dependents``). In that order, code a kernel runs before its
+    hand-off starts only after the launch two back has finished (the previous one could not
+    trigger this one before its own wait), so it may read anything except the previous
+    launch's outputs and must write nothing: weight prefetches, shared-memory set-up, loads
+    of rows no running launch writes. Every launch of a chain must call it (or wait), so
+    that one finishing implies all before it finished. Both are no-ops in a launch without
+    ``use_pdl``; call it from every thread."""
+    cute.arch.griddepcontrol_wait()
+    cute.arch.griddepcontrol_launch_dependents()
 
 
 def max_resident_clusters(cluster_size: int, smem_bytes: int | None = None, num_threads: int = 128) -> int:
