@@ -37,6 +37,8 @@ VARIANTS = {
     "one-cta": MLATuning(waves=1, stages=5),                 # one CTA an SM with a deep ring
     "front-late": MLATuning(front_early_loads=False),        # MLAFront's weight loads after its norm
     "no-pdl": MLATuning(pdl=False),                          # plain launches (no programmatic dependence)
+    "out-unfused": MLATuning(fuse_out=False),                # MLAOut and the wo GEMV as two launches
+    "out-late": MLATuning(out_early_loads=False),            # fused: wo's loads only after the grid barrier
 }
 
 

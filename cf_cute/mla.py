@@ -4,12 +4,13 @@ against.
 
 STATUS: ``mla_decode_torch`` is tested on the CPU against the fp32 references of
 :mod:`cf_cute.reference_mla` (which match transformers' DeepseekV2Attention).
-``mla_decode`` (the fused path, five launches, below) compiles for sm_90a, its
+``mla_decode`` (the fused path, four or five launches, below) compiles for sm_90a, its
 input checks are CPU-tested, and it is GPU-tested on an H200 (tests/test_mla.py
 ``-m gpu``, session 6: batch 1-16, contiguous and paged, fp16/bf16, context up to
 32768; 2.4-3.4x the torch CUDA-graph step, benchmarks/RESULTS.md).
 
-Fused path (``mla_decode``), five launches on the current stream, no host sync::
+Fused path (``mla_decode``), four launches on the current stream (five with
+``MLATuning(fuse_out=False)`` or where the shape does not allow 4 + 5 as one), no host sync::
 
     1 MLAFront     (fused/mla_front.py)      y = rmsnorm(h) @ w_front.T          [B, rows]   (+ h)
     2 MLAAbsorb    (fused/mla_absorb.py)     qf = [W_UK q_nope | rope(q_pe)]     [B, heads, rank + rope]
@@ -21,6 +22,8 @@ Fused path (``mla_decode``), five launches on the current stream, no host sync::
                                              shared-memory stages ahead of the math
     4 MLAOut       (fused/mla_out.py)        merge the splits (split order), o = W_UV o_lat
     5 SplitKGemv   (fused/splitk_gemv.py)    out = h + o @ wo.T
+    4+5 MLAOutProj (fused/mla_out_proj.py)   both of the above in one launch, a grid barrier
+                                             between them (the default, ``MLAPlanKey.fused_out``)
 
 Each launch is a programmatic dependent of the one before (``MLATuning.pdl``): it may
 start while the previous one finishes, and before its first read of the previous launch's
@@ -28,7 +31,7 @@ output or its first write it hands off (``cf_cute.primitives.pdl_handoff``: wait
 previous launch, then let the next start); every launch hands off, so the whole chain stays
 ordered. Before the hand-off MLAFront issues its first weight loads
 (``front_early_loads``), the staged attention copies cache rows older than the appended
-one, MLAOut and the wo GEMV ask L2 for their weights. The append (launch 2)
+one, MLAOut and the wo GEMV (MLAOutProj) ask L2 for their weights. The append (launch 2)
 precedes every cache read (launch 3): no race. Limits (ValueError
 before any launch): bf16/fp16 only, 1..16 heads (one MMA N side in the attention), a
 paged cache's page_size a multiple of 16, rank a multiple of 128, hidden of 128.
@@ -237,6 +240,9 @@ class MLATuning:
     front_early_loads: bool = True    # MLAFront: first weight loads issued before the norm front
     pdl: bool = True                  # every launch a programmatic dependent of the one before (H200:
                                       # batch 1 3-9% faster, batch 16 level)
+    fuse_out: bool = True             # MLAOut and the wo GEMV as one launch (MLAOutProj: a grid barrier
+                                      # between them) where the shape allows (``MLAPlanKey.fused_out``)
+    out_early_loads: bool = True      # fused: wo's first weight loads issued before the grid barrier
 
 
 @dataclass(frozen=True)
@@ -273,6 +279,16 @@ class MLAPlanKey:
         return min(splits, self.sm_count) if self.tuning.staged else splits
 
     @property
+    def fused_out(self) -> bool:
+        """MLAOut and the wo GEMV fused (MLAOutProj): one cluster does a head, then a block
+        of ``hidden / num_heads`` wo rows, so that needs a multiple of 16 (and at most
+        ``MAX_CLUSTERS`` heads: every CTA resident for the grid barrier)."""
+        from cf_cute.fused.mla_out_proj import MAX_CLUSTERS
+        S = self.shape
+        return (self.tuning.fuse_out and S.hidden % S.num_heads == 0 and (S.hidden // S.num_heads) % 16 == 0
+                and S.num_heads <= MAX_CLUSTERS)
+
+    @property
     def stages(self) -> int:
         """Ring stages of the staged attention: a deep ring (as many as fit) when the grid
         is one CTA an SM, two when it is two (so that two CTAs fit an SM: at batch 16 and
@@ -294,13 +310,15 @@ def mla_plan_key(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tensor, c
 
 @functools.lru_cache(maxsize=None)
 def mla_kernels(key: MLAPlanKey) -> list:
-    """``[(KernelCls, cfg, arg_specs)]`` of the five launches, in launch order; every
-    config validated (a ValueError names what is unsupported)."""
+    """``[(KernelCls, cfg, arg_specs)]`` of the launches (five, or four with
+    ``key.fused_out``), in launch order; every config validated (a ValueError names what
+    is unsupported)."""
     from cf_cute.fused.mla_absorb import MLAAbsorb, MLAAbsorbConfig
     from cf_cute.fused.mla_attention import MLAAttention, MLAAttentionConfig
     from cf_cute.fused.mla_attention_staged import MLAStagedAttention, MLAStagedAttentionConfig
     from cf_cute.fused.mla_front import MLAFront, MLAFrontConfig
     from cf_cute.fused.mla_out import MLAOut, MLAOutConfig
+    from cf_cute.fused.mla_out_proj import MLAOutProj, MLAOutProjConfig
     from cf_cute.fused.splitk_gemv import SplitKGemv, SplitKGemvConfig
     from cf_cute.gemv import arg_specs as gemv_specs
     from cf_cute.jit import TensorSpec
@@ -344,24 +362,35 @@ def mla_kernels(key: MLAPlanKey) -> list:
         attn_cls, attn = MLAAttention, MLAAttentionConfig(**attn_args)
     out = MLAOutConfig(batch=B, num_heads=heads, kv_lora_rank=rank, v_head_dim=v, splits=Sp, dtype=dt, w_layout=lay,
                        pdl=t.pdl)
-    # 128-row blocks (8 tiles: every warp busy) unless B x 128 partial sums do not lay over the
-    # threads of the cluster reduce (odd batches above 8): then 64-row blocks
-    block_m = 128 if B <= 8 or B % 2 == 0 else 64
-    wo = SplitKGemvConfig(m=H, k=heads * v, batch=B, cluster_size=4, block_m=block_m, dtype=dt, residual=True,
-                          w_layout=lay, pdl=t.pdl)
-    for cfg in (front, absorb, attn, out, wo):
+    for cfg in (front, absorb, attn):
         cfg.validate()
-    # the collectives' layouts (a ValueError here, not at compile time)
-    MLAFront(front), MLAOut(out), SplitKGemv(wo)
-    return [
+    MLAFront(front)                    # the collectives' layouts (a ValueError here, not at compile time)
+    specs = [
         (MLAFront, front, [TensorSpec(dt, (B, H)), TensorSpec(dt, (B, H)), TensorSpec(dt, (H,)),
                            TensorSpec(dt, (rows, H)), TensorSpec(dt, (B, rows)), TensorSpec(dt, (B, H))]),
         (MLAAbsorb, absorb, [TensorSpec(dt, (B, rows)), TensorSpec(dt, (heads * rank, nope)),
                              TensorSpec(dt, (rank,)), cs, cs, pos, table, cache, TensorSpec(dt, (B, heads, lat))]),
         (attn_cls, attn, [TensorSpec(dt, (B, heads, lat)), cache_rows, table, pos, part_o, part_ml]),
-        (MLAOut, out, [part_o, part_ml, TensorSpec(dt, (heads * v, rank)), TensorSpec(dt, (B, heads * v))]),
-        (SplitKGemv, wo, gemv_specs(wo)),
     ]
+    out_specs = [part_o, part_ml, TensorSpec(dt, (heads * v, rank)), TensorSpec(dt, (B, heads * v))]
+    if key.fused_out:
+        # one cluster a head, then a block of hidden / heads wo rows (odd batches above 8: the
+        # reduce fragment is padded, SplitKGemv.frag_batch)
+        wo = SplitKGemvConfig(m=H, k=heads * v, batch=B, cluster_size=4, block_m=H // heads, dtype=dt,
+                              residual=True, w_layout=lay, pdl=t.pdl)
+        fused = MLAOutProjConfig(out=out, wo=wo, early_loads=t.out_early_loads)
+        fused.validate()
+        MLAOutProj(fused)
+        return specs + [(MLAOutProj, fused, out_specs + gemv_specs(wo)[1:] + [TensorSpec("int32", (2,), align=4)])]
+    # 128-row blocks (8 tiles: every warp busy) unless B x 128 partial sums do not lay over the
+    # threads of the cluster reduce (odd batches above 8): then 64-row blocks
+    block_m = 128 if B <= 8 or B % 2 == 0 else 64
+    wo = SplitKGemvConfig(m=H, k=heads * v, batch=B, cluster_size=4, block_m=block_m, dtype=dt, residual=True,
+                          w_layout=lay, pdl=t.pdl)
+    for cfg in (out, wo):
+        cfg.validate()
+    MLAOut(out), SplitKGemv(wo)
+    return specs + [(MLAOut, out, out_specs), (SplitKGemv, wo, gemv_specs(wo))]
 
 
 class _Workspace:
@@ -379,6 +408,7 @@ class _Workspace:
         self.part_ml = torch.empty(B, key.splits, 2, S.num_heads, dtype=torch.float32, device=device)
         self.o = torch.empty(B, S.num_heads * S.v_head_dim, dtype=dt, device=device)
         self.no_table = torch.zeros(B, 1, dtype=torch.int32, device=device)
+        self.grid_barrier = torch.zeros(2, dtype=torch.int32, device=device)   # MLAOutProj's (self-resetting)
 
 
 _workspaces: dict = {}
@@ -424,11 +454,15 @@ def mla_decode(hidden: torch.Tensor, packed: PackedMLA, cache: torch.Tensor, pos
         ws = _workspaces.setdefault((key, dev), _Workspace(key, dev))
     table = ws.no_table if page_table is None else page_table
     h = ws.h if residual is not None else hidden
-    f_front, f_absorb, f_attn, f_out, f_wo = fns
+    f_front, f_absorb, f_attn = fns[:3]
     f_front(hidden, residual if residual is not None else hidden, packed.norm, packed.w_front, ws.y, ws.h)
     f_absorb(ws.y, packed.w_uk.view(-1, S.qk_nope_head_dim), packed.kv_norm, cos, sin, positions, table, cache,
              ws.qf)
     f_attn(ws.qf, cache.view(-1, S.latent_dim), table, positions, ws.part_o, ws.part_ml)
-    f_out(ws.part_o, ws.part_ml, packed.w_uv.view(-1, S.kv_lora_rank), ws.o)
-    f_wo(ws.o, packed.wo, h, out)
+    w_uv = packed.w_uv.view(-1, S.kv_lora_rank)
+    if key.fused_out:
+        fns[3](ws.part_o, ws.part_ml, w_uv, ws.o, packed.wo, h, out, ws.grid_barrier)
+    else:
+        fns[3](ws.part_o, ws.part_ml, w_uv, ws.o)
+        fns[4](ws.o, packed.wo, h, out)
     return out

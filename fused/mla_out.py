@@ -28,10 +28,11 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterReduce, pdl_handoff
+from cf_cute.primitives import pdl_handoff
+from cf_cute.primitives.cluster_reduce import ClusterReduceBuffers
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
-from .mma_gemv import (X_PAD, check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile,
+from .mma_gemv import (X_PAD, batch_reduce, check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile,
                        weight_view, x_smem_layout)
 
 __all__ = ["MLAOutConfig", "MLAOut"]
@@ -82,6 +83,17 @@ class MLAOutConfig:
             raise ValueError(f"splits must be >= 1, got {self.splits}")
 
 
+class MLAOutBuffers:
+    """Shared memory of one MLAOut head (trace-time object)."""
+
+    def __init__(self, red: ClusterReduceBuffers, sX, sPart, sW, sInvL):
+        self.red = red        # the cluster reduce's ring and mbarriers
+        self.sX = sX          # merged o_lat slice [n_tiles * 8, rank / C] (activation dtype)
+        self.sPart = sPart    # fp32 W_UV partial sums [frag_batch, v]
+        self.sW = sW          # split weights [B, splits]
+        self.sInvL = sInvL    # 1 / merged softmax denominator [B]
+
+
 class MLAOut:
     def __init__(self, cfg: MLAOutConfig):
         cfg.validate()
@@ -89,15 +101,8 @@ class MLAOut:
         self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
         # the reduced fragment covers `frag_batch` >= batch requests (e.g. 9 x 128 values do not
         # lay over 256 threads, 10 x 128 do); the padding rows are zero and never written out
-        self.red, self.frag_batch = None, cfg.batch
-        while self.red is None:
-            try:
-                self.red = ClusterReduce(self.frag_batch * cfg.v_head_dim, cfg.cluster_size, cfg.num_threads,
-                                         op="sum", scatter=True, stages=1)
-            except ValueError:
-                if self.frag_batch >= cfg.n_tiles * 8:
-                    raise
-                self.frag_batch += 1
+        self.red, self.frag_batch = batch_reduce(cfg.batch, cfg.v_head_dim, cfg.n_tiles * 8, cfg.cluster_size,
+                                                 cfg.num_threads, stages=1)
         self.smem_bytes = (self.red.smem_bytes + 2 * cfg.n_tiles * 8 * (cfg.slice + X_PAD)
                            + 4 * self.frag_batch * cfg.v_head_dim + 4 * cfg.batch * (cfg.splits + 1) + 64)
         check_smem(f"MLAOut(batch {cfg.batch}, splits {cfg.splits})", self.smem_bytes)
@@ -157,44 +162,50 @@ class MLAOut:
                 val = acc * sInvL[b]
             sX[b, d] = self.dtype(val)
 
-    @cute.kernel
-    def kernel(self, mPartO: cute.Tensor, mPartML: cute.Tensor, mWuv: cute.Tensor, mO: cute.Tensor):
+    @cute.jit
+    def allocate(self, smem) -> MLAOutBuffers:
+        """Carve this kernel's shared memory out of a ``cutlass.memory.SmemAllocator``."""
         cfg = self.cfg
-        B, C, V, NT = cfg.batch, cfg.cluster_size, cfg.v_head_dim, cfg.n_tiles
-        n_warps = cfg.num_threads // _WARP
+        bufs = self.red.allocate(smem)
+        sX = smem.allocate_tensor(self.dtype, x_smem_layout(cfg.n_tiles, cfg.slice), byte_alignment=16)
+        sPart = smem.allocate_tensor(Float32, cute.make_layout((self.frag_batch, cfg.v_head_dim),
+                                                               stride=(cfg.v_head_dim, 1)), byte_alignment=16)
+        sW = smem.allocate_tensor(Float32, cute.make_layout((cfg.batch, cfg.splits), stride=(cfg.splits, 1)),
+                                  byte_alignment=16)
+        sInvL = smem.allocate_tensor(Float32, cute.make_layout(cfg.batch), byte_alignment=16)
+        return MLAOutBuffers(bufs, sX, sPart, sW, sInvL)
+
+    @cute.jit
+    def prefetch(self, mWuv: cute.Tensor, h: Int32, k0: Int32):
+        """Ask L2 for this CTA's W_UV rows (head ``h``, its rank slice from ``k0``)."""
+        cfg = self.cfg
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        for mt in cutlass.range(warp, cfg.v_head_dim // 16, cfg.num_threads // _WARP, unroll=1):
+            prefetch_rows_l2(mWuv, h * cfg.v_head_dim + mt * 16, 16, k0, cfg.slice, lane)
+
+    @cute.jit
+    def head(self, b: MLAOutBuffers, mPartO: cute.Tensor, mPartML: cute.Tensor, mWuv: cute.Tensor,
+             mO: cute.Tensor, h: Int32, k0: Int32, round_idx: Int32, wait_cluster: cutlass.Constexpr[bool] = True):
+        """Head ``h`` over this CTA's rank slice from ``k0``: merge, W_UV, the cluster's
+        reduce-scatter (round ``round_idx``), its share of ``o[:, h]`` written.
+        ``wait_cluster``: run the cluster wait that pairs with the caller's relaxed arrive
+        just before the first DSMEM transfer (the merge hides its latency)."""
+        cfg = self.cfg
+        B, V, NT = cfg.batch, cfg.v_head_dim, cfg.n_tiles
         tidx = cute.arch.thread_idx()[0]
         lane = cute.arch.lane_idx()
         warp = cute.arch.warp_idx()
-        bidx = cute.arch.block_idx()[0]
-        rank = Int32(cute.arch.block_idx_in_cluster())
-        h = bidx // C
-        k0 = rank * cfg.slice
-
-        smem = cutlass.memory.SmemAllocator()
-        bufs = self.red.allocate(smem)
-        sX = smem.allocate_tensor(mWuv.element_type, x_smem_layout(NT, cfg.slice), byte_alignment=16)
-        sPart = smem.allocate_tensor(Float32, cute.make_layout((self.frag_batch, V), stride=(V, 1)),
-                                     byte_alignment=16)
-        sW = smem.allocate_tensor(Float32, cute.make_layout((B, cfg.splits), stride=(cfg.splits, 1)),
-                                  byte_alignment=16)
-        sInvL = smem.allocate_tensor(Float32, cute.make_layout(B), byte_alignment=16)
-        self.red.init(bufs)
-        cute.arch.cluster_arrive_relaxed()
-        if const_expr(cfg.pdl):                  # W_UV does not depend on the previous launch: ask L2 for it
-            for mt in cutlass.range(warp, V // 16, n_warps, unroll=1):
-                prefetch_rows_l2(mWuv, h * V + mt * 16, 16, k0, cfg.slice, lane)
-            pdl_handoff()
-
-        self.split_weights(mPartML, sW, sInvL, h)
+        self.split_weights(mPartML, b.sW, b.sInvL, h)
         cute.arch.barrier()
-        self.merge(mPartO, sW, sInvL, sX, h, k0)
+        self.merge(mPartO, b.sW, b.sInvL, b.sX, h, k0)
         cute.arch.barrier()
 
         atom = mma_atom(mWuv.element_type)
-        for mt in cutlass.range(warp, V // 16, n_warps, unroll=1):
+        for mt in cutlass.range(warp, V // 16, cfg.num_threads // _WARP, unroll=1):
             acc = new_acc(NT)
-            warp_gemv_tile(atom, mWuv, h * V + mt * 16, k0, sX, acc, lane, cfg.slice // _STEP, NT, cfg.unroll)
-            store_acc(acc, sPart, mt * 16, lane, NT, B)
+            warp_gemv_tile(atom, mWuv, h * V + mt * 16, k0, b.sX, acc, lane, cfg.slice // _STEP, NT, cfg.unroll)
+            store_acc(acc, b.sPart, mt * 16, lane, NT, B)
         cute.arch.barrier()
 
         # fragment position p = b * V + row (requests >= B: zero padding, see __init__)
@@ -204,14 +215,31 @@ class MLAOut:
         for v in cutlass.range_constexpr(Vt):
             val = Float32(0.0)
             if (p0 + v) // V < B:
-                val = sPart[(p0 + v) // V, (p0 + v) % V]
+                val = b.sPart[(p0 + v) // V, (p0 + v) % V]
             frag[v] = val
-        cute.arch.cluster_wait()
-        res = self.red.reduce_scatter(bufs, frag, Int32(0))
+        if const_expr(wait_cluster):
+            cute.arch.cluster_wait()
+        res = self.red.reduce_scatter(b.red, frag, round_idx)
         if self.red.owns(tidx):
             for v in cutlass.range_constexpr(Vt):
                 p = tidx * Vt + v
                 if p // V < B:
                     mO[p // V, h * V + p % V] = self.dtype(res[v])
-        self.red.teardown()
 
+    @cute.kernel
+    def kernel(self, mPartO: cute.Tensor, mPartML: cute.Tensor, mWuv: cute.Tensor, mO: cute.Tensor):
+        cfg = self.cfg
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        h = bidx // cfg.cluster_size
+        k0 = rank * cfg.slice
+
+        smem = cutlass.memory.SmemAllocator()
+        b = self.allocate(smem)
+        self.red.init(b.red)
+        cute.arch.cluster_arrive_relaxed()
+        if const_expr(cfg.pdl):                  # W_UV does not depend on the previous launch: ask L2 for it
+            self.prefetch(mWuv, h, k0)
+            pdl_handoff()
+        self.head(b, mPartO, mPartML, mWuv, mO, h, k0, Int32(0))
+        self.red.teardown()

@@ -53,7 +53,7 @@ from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
 __all__ = ["X_PAD", "WEIGHT_LAYOUTS", "check_weight_layout", "tiled_layout", "weight_view", "x_smem_layout",
            "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles", "warp_gemv_each", "warp_gemv_rows",
-           "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2"]
+           "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2", "batch_reduce"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
 # read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,
@@ -93,6 +93,23 @@ def check_weight_layout(layout: str, name: str = "w_layout") -> None:
     """``layout`` (the argument or field called ``name``) names one of :data:`WEIGHT_LAYOUTS`."""
     if layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"{name} must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+
+
+def batch_reduce(batch: int, rows: int, max_batch: int, cluster_size: int, num_threads: int, **kw):
+    """``(ClusterReduce, frag_batch)`` for a reduce-scatter of ``batch x rows`` fp32 partial
+    sums (requests on the MMA's N side): when ``batch * rows`` values do not lay over the
+    threads (e.g. 9 x 128 over 256 threads; 10 x 128 do), the fragment grows by zero rows of
+    padding requests up to ``max_batch`` (the n-tiles' 8 a tile); the caller leaves them
+    zero and never writes them out."""
+    from cf_cute.primitives import ClusterReduce
+    frag_batch = batch
+    while True:
+        try:
+            return ClusterReduce(frag_batch * rows, cluster_size, num_threads, op="sum", scatter=True, **kw), frag_batch
+        except ValueError:
+            if frag_batch >= max_batch:
+                raise
+            frag_batch += 1
 
 
 def _is_tiled(mW: cute.Tensor) -> bool:

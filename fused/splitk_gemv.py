@@ -30,10 +30,11 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterReduce, pdl_handoff
+from cf_cute.primitives import pdl_handoff
+from cf_cute.primitives.cluster_reduce import ClusterReduceBuffers
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
-from .mma_gemv import (check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile,
+from .mma_gemv import (batch_reduce, check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile,
                        weight_view, x_smem_layout)
 
 __all__ = ["SplitKGemvConfig", "SplitKGemv"]
@@ -81,6 +82,15 @@ class SplitKGemvConfig:
         return self.m // self.block_m * self.cluster_size
 
 
+class SplitKGemvBuffers:
+    """Shared memory of one SplitKGemv block (trace-time object)."""
+
+    def __init__(self, red: ClusterReduceBuffers, sX: cute.Tensor, sPart: cute.Tensor):
+        self.red = red        # the cluster reduce's ring and mbarriers
+        self.sX = sX          # x slice [n_tiles * 8, K / C] (mma_gemv.x_smem_layout)
+        self.sPart = sPart    # fp32 partial sums [frag_batch, block_m]
+
+
 class SplitKGemv:
     """``y[b, m] = sum_k x[b, k] * W[m, k]``, fp32 accumulation, one launch."""
 
@@ -88,11 +98,13 @@ class SplitKGemv:
         cfg.validate()
         self.cfg = cfg
         self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
-        self.red = ClusterReduce(cfg.batch * cfg.block_m, cfg.cluster_size, cfg.num_threads,
-                                 op="sum", scatter=True)
+        # the reduced fragment covers `frag_batch` >= batch requests (zero padding rows when
+        # batch x block_m values do not lay over the threads, e.g. 9 x 128 over 256)
+        self.red, self.frag_batch = batch_reduce(cfg.batch, cfg.block_m, cfg.n_tiles * 8, cfg.cluster_size,
+                                                 cfg.num_threads)
         kc = cfg.k // cfg.cluster_size
         self.smem_bytes = (self.red.smem_bytes + 2 * cfg.n_tiles * 8 * (kc + 32)
-                           + 4 * cfg.batch * cfg.block_m + 64)
+                           + 4 * self.frag_batch * cfg.block_m + 64)
         check_smem(f"SplitKGemv(batch {cfg.batch}, K slice {kc})", self.smem_bytes)
 
     @cute.jit
@@ -102,63 +114,130 @@ class SplitKGemv:
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
             cluster=[self.cfg.cluster_size, 1, 1], stream=stream, use_pdl=self.cfg.pdl)
 
-    @cute.kernel
-    def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mR: cute.Tensor, mY: cute.Tensor):
+    @cute.jit
+    def allocate(self, smem) -> SplitKGemvBuffers:
+        """Carve this kernel's shared memory out of a ``cutlass.memory.SmemAllocator``."""
         cfg = self.cfg
-        B, BM, C = cfg.batch, cfg.block_m, cfg.cluster_size
-        n_warps = cfg.num_threads // _WARP
-        kc = cfg.k // C
-        NT = cfg.n_tiles
-        tidx = cute.arch.thread_idx()[0]
+        bufs = self.red.allocate(smem)
+        sX = smem.allocate_tensor(self.dtype, x_smem_layout(cfg.n_tiles, cfg.k // cfg.cluster_size),
+                                  byte_alignment=16)
+        sPart = smem.allocate_tensor(Float32, cute.make_layout((self.frag_batch, cfg.block_m)), byte_alignment=16)
+        return SplitKGemvBuffers(bufs, sX, sPart)
+
+    @cute.jit
+    def prefetch(self, mW: cute.Tensor, m_base: Int32, k0: Int32):
+        """Ask L2 for this CTA's W block (rows ``m_base ..``, its K slice from ``k0``)."""
+        cfg = self.cfg
         lane = cute.arch.lane_idx()
         warp = cute.arch.warp_idx()
-        bidx = cute.arch.block_idx()[0]
-        rank = Int32(cute.arch.block_idx_in_cluster())
-        m_base = (bidx // C) * BM
-        k0 = rank * kc
+        for mt in cutlass.range(warp, cfg.block_m // 16, cfg.num_threads // _WARP, unroll=1):
+            prefetch_rows_l2(mW, m_base + mt * 16, 16, k0, cfg.k // cfg.cluster_size, lane)
 
-        smem = cutlass.memory.SmemAllocator()
-        bufs = self.red.allocate(smem)
-        sX = smem.allocate_tensor(mX.element_type, x_smem_layout(NT, kc), byte_alignment=16)
-        sPart = smem.allocate_tensor(Float32, cute.make_layout((B, BM)), byte_alignment=16)
-        self.red.init(bufs)
-        cute.arch.cluster_arrive_relaxed()
-        if const_expr(cfg.pdl):                  # W does not depend on the previous launch: ask L2 for it
-            for mt in cutlass.range(warp, BM // 16, n_warps, unroll=1):
-                prefetch_rows_l2(mW, m_base + mt * 16, 16, k0, kc, lane)
-            pdl_handoff()
-
-        # x slice -> shared memory (rows past the batch are zero)
+    @cute.jit
+    def load_x(self, b: SplitKGemvBuffers, mX: cute.Tensor, k0: Int32, front=None):
+        """``front`` (if any), then the x slice from ``k0`` -> ``b.sX`` (rows past the
+        batch zero), then a CTA barrier."""
+        cfg = self.cfg
+        B, NT = cfg.batch, cfg.n_tiles
+        kc = cfg.k // cfg.cluster_size
+        tidx = cute.arch.thread_idx()[0]
+        if const_expr(front is not None):
+            front()
         for i in cutlass.range(tidx, NT * 8 * (kc // _VEC), cfg.num_threads, unroll=1):
-            b = i // (kc // _VEC)
+            bb = i // (kc // _VEC)
             j = i % (kc // _VEC)
-            dst = cute.local_tile(sX, (1, _VEC), (b, j))
-            if b < B:
-                dst.store(cute.local_tile(mX, (1, _VEC), (b, k0 // _VEC + j)).load())
+            dst = cute.local_tile(b.sX, (1, _VEC), (bb, j))
+            if bb < B:
+                dst.store(cute.local_tile(mX, (1, _VEC), (bb, k0 // _VEC + j)).load())
             else:
                 dst.fill(0.0)
         cute.arch.barrier()
 
+    @cute.jit
+    def block(self, b: SplitKGemvBuffers, mX: cute.Tensor, mW: cute.Tensor, mR: cute.Tensor, mY: cute.Tensor,
+              m_base: Int32, k0: Int32, round_idx: Int32, wait_cluster: cutlass.Constexpr[bool] = True,
+              front=None, early_loads: cutlass.Constexpr[bool] = False):
+        """One cluster's block of ``block_m`` rows: this CTA's K slice from ``k0``, the
+        cluster's reduce-scatter (round ``round_idx``), its share of ``y`` written.
+        ``wait_cluster``: run the cluster wait that pairs with the caller's relaxed
+        arrive just before the first DSMEM transfer. ``front``: traced for every thread
+        before the x slice is read (e.g. a grid barrier that makes x visible).
+        ``early_loads``: each warp issues its first block of W loads before ``front``
+        and the x slice (needs ``block_m / 16 <= warps``)."""
+        cfg = self.cfg
+        B, BM, NT = cfg.batch, cfg.block_m, cfg.n_tiles
+        NW = cfg.num_threads // _WARP
+        kc = cfg.k // cfg.cluster_size
+        tidx = cute.arch.thread_idx()[0]
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+
+        def load_x():
+            self.load_x(b, mX, k0, front)
+
         atom = mma_atom(mW.element_type)
-        for mt in cutlass.range(warp, BM // 16, n_warps, unroll=1):
-            acc = new_acc(NT)
-            warp_gemv_tile(atom, mW, m_base + mt * 16, k0, sX, acc, lane, kc // _STEP, NT, cfg.unroll)
-            store_acc(acc, sPart, mt * 16, lane, NT, B)
+        if const_expr(early_loads):
+            assert BM // 16 <= NW, "early_loads: one 16-row tile a warp at most"
+            for mt in cutlass.range(warp, BM // 16, NW, unroll=1):
+                acc = new_acc(NT)
+                warp_gemv_tile(atom, mW, m_base + mt * 16, k0, b.sX, acc, lane, kc // _STEP, NT, cfg.unroll,
+                               front=load_x)
+                store_acc(acc, b.sPart, mt * 16, lane, NT, B)
+            if warp >= BM // 16:
+                self.load_x(b, mX, k0, front)
+        else:
+            load_x()
+            for mt in cutlass.range(warp, BM // 16, NW, unroll=1):
+                acc = new_acc(NT)
+                warp_gemv_tile(atom, mW, m_base + mt * 16, k0, b.sX, acc, lane, kc // _STEP, NT, cfg.unroll)
+                store_acc(acc, b.sPart, mt * 16, lane, NT, B)
         cute.arch.barrier()
 
-        # fragment position p = b * BM + row  (thread t holds p in [t*V, t*V+V))
+        # fragment position p = b * BM + row  (thread t holds p in [t*V, t*V+V)); requests
+        # >= B (padding, see __init__) are zero and never written
         V = self.red.per_thread
         frag = self.red.make_fragment()
         p0 = self.red.thread_offset(tidx)
         for v in cutlass.range_constexpr(V):
-            frag[v] = sPart[(p0 + v) // BM, (p0 + v) % BM]
-        cute.arch.cluster_wait()
-        res = self.red.reduce_scatter(bufs, frag, Int32(0))
+            if const_expr(self.frag_batch == B):
+                frag[v] = b.sPart[(p0 + v) // BM, (p0 + v) % BM]
+            else:
+                val = Float32(0.0)
+                if (p0 + v) // BM < B:
+                    val = b.sPart[(p0 + v) // BM, (p0 + v) % BM]
+                frag[v] = val
+        if const_expr(wait_cluster):
+            cute.arch.cluster_wait()
+        res = self.red.reduce_scatter(b.red, frag, round_idx)
         if self.red.owns(tidx):
             for v in cutlass.range_constexpr(V):
                 p = tidx * V + v
-                val = res[v]
-                if const_expr(cfg.residual):
-                    val = val + Float32(mR[p // BM, m_base + p % BM])
-                mY[p // BM, m_base + p % BM] = self.dtype(val)
+                if const_expr(self.frag_batch == B):
+                    self.put(mR, mY, p // BM, m_base + p % BM, res[v])
+                elif p // BM < B:
+                    self.put(mR, mY, p // BM, m_base + p % BM, res[v])
+
+    @cute.jit
+    def put(self, mR: cute.Tensor, mY: cute.Tensor, bb: Int32, m: Int32, val: Float32):
+        if const_expr(self.cfg.residual):
+            val = val + Float32(mR[bb, m])
+        mY[bb, m] = self.dtype(val)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mW: cute.Tensor, mR: cute.Tensor, mY: cute.Tensor):
+        cfg = self.cfg
+        C = cfg.cluster_size
+        bidx = cute.arch.block_idx()[0]
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        m_base = (bidx // C) * cfg.block_m
+        k0 = rank * (cfg.k // C)
+
+        smem = cutlass.memory.SmemAllocator()
+        b = self.allocate(smem)
+        self.red.init(b.red)
+        cute.arch.cluster_arrive_relaxed()
+        if const_expr(cfg.pdl):                  # W does not depend on the previous launch: ask L2 for it
+            self.prefetch(mW, m_base, k0)
+            pdl_handoff()
+        self.block(b, mX, mW, mR, mY, m_base, k0, Int32(0))
         self.red.teardown()

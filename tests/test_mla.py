@@ -182,8 +182,9 @@ _ROPE_ROWS = 32769 + 7                                        # the cos/sin tabl
 TUNING_CASE = GPU_CASES[3]
 TUNINGS = [MLATuning(staged=False), MLATuning(staged=False, pv_tensor_cores=False), MLATuning(splits=1),
            MLATuning(splits=7), MLATuning(stage_tokens=64, stages=2), MLATuning(pdl=False),
-           MLATuning(front_early_loads=False)]
-TUNING_IDS = ["direct", "direct-cuda-core-pv", "splits-1", "splits-7", "stage-64x2", "no-pdl", "front-late"]
+           MLATuning(front_early_loads=False), MLATuning(fuse_out=False), MLATuning(out_early_loads=False)]
+TUNING_IDS = ["direct", "direct-cuda-core-pv", "splits-1", "splits-7", "stage-64x2", "no-pdl", "front-late",
+              "out-unfused", "out-late"]
 
 
 def _plan_key(S, B, L, paged, dtype, residual, P=16, tuning=None, layout="tiled") -> MLAPlanKey:
@@ -220,13 +221,17 @@ def _case_id(c):
 
 
 @pytest.mark.parametrize("case,tuning", [(c, None) for c in GPU_CASES] + [(TUNING_CASE, t) for t in TUNINGS[:2]]
-                         + [(GPU_CASES[4], TUNINGS[4]), (GPU_CASES[2], MLATuning(pdl=False))],
-                         ids=[_case_id(c) for c in GPU_CASES] + TUNING_IDS[:2] + ["stage-64x2", "no-pdl"])
+                         + [(GPU_CASES[4], TUNINGS[4]), (GPU_CASES[2], MLATuning(pdl=False)),
+                            (GPU_CASES[6], MLATuning(fuse_out=False)), (GPU_CASES[2], MLATuning(fuse_out=False))],
+                         ids=[_case_id(c) for c in GPU_CASES] + TUNING_IDS[:2] + ["stage-64x2", "no-pdl",
+                                                                                   "out-unfused-b9", "out-unfused-b16"])
 def test_fused_kernels_compile_for_sm90a(case, tuning):
     """Every launch of the plan compiles; the PTX holds what the design relies on:
     tensor-core MMAs everywhere, DSMEM (mapa + st.async) and mbarriers in the clustered
     front / out kernels, base-2 exponentials in the attention (bulk copies into shared
-    memory completing on mbarriers in the staged one), and no float atomics."""
+    memory completing on mbarriers in the staged one), the grid barrier's integer
+    acquire-release atomic between the fused out kernel's two phases, and no float
+    atomics."""
     names = []
     for cls, cfg, specs in mla_kernels(_plan_key(*case, tuning=tuning)):
         ptx = compile_for_inspection(cls, cfg, specs).__ptx__
@@ -239,9 +244,20 @@ def test_fused_kernels_compile_for_sm90a(case, tuning):
         assert "griddepcontrol.wait" in ptx or not pdl, cls.__name__
         assert "mma.sync.aligned.m16n8k16" in ptx, cls.__name__
         assert not _FLOAT_ATOMIC.search(ptx), cls.__name__
-        if cls.__name__ in ("MLAFront", "MLAOut", "SplitKGemv"):
+        if cls.__name__ in ("MLAFront", "MLAOut", "SplitKGemv", "MLAOutProj"):
             assert "mapa" in ptx and "st.async" in ptx and "mbarrier" in ptx, cls.__name__
             assert "barrier.cluster" in ptx, cls.__name__
+        atomics = re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.[^\s]*", ptx, re.M)
+        if cls.__name__ == "MLAOutProj":
+            # the grid barrier's arrival, an integer acq_rel add (traced twice with early loads: in the
+            # warps that load wo tiles and in those that do not)
+            assert atomics and {a.strip() for a in atomics} == {"atom.global.acq_rel.add.u32"}, atomics
+            assert "ld.acquire.gpu" in ptx and "st.release.gpu" in ptx
+            # W_UV tile + wo tile per warp: (slice / 32 + K slice / 32) MMA steps of 2 halves x n-tiles
+            steps = cfg.out.slice // 32 + cfg.wo.k // cfg.wo.cluster_size // 32
+            assert ptx.count("mma.sync.aligned.m16n8k16") == 2 * steps * cfg.out.n_tiles
+        else:
+            assert not atomics, (cls.__name__, atomics)
         if cls.__name__ == "MLAAttention":
             assert "ex2.approx" in ptx and "ld.global.v4" in ptx
             # scores: 18 MMA steps x 2 halves x n-tiles; the tensor-core P V adds 2 per 16 dims of a warp
@@ -260,7 +276,8 @@ def test_fused_kernels_compile_for_sm90a(case, tuning):
         if cls.__name__ == "MLAAbsorb":
             assert "rsqrt" in ptx
     attn = "MLAAttention" if tuning is not None and not tuning.staged else "MLAStagedAttention"
-    assert names == ["MLAFront", "MLAAbsorb", attn, "MLAOut", "SplitKGemv"]
+    tail = ["MLAOutProj"] if (tuning or MLATuning()).fuse_out else ["MLAOut", "SplitKGemv"]
+    assert names == ["MLAFront", "MLAAbsorb", attn] + tail
 
 
 @pytest.mark.parametrize("S", [LITE, NARROW], ids=["16heads", "8heads"])
