@@ -26,7 +26,8 @@ from cf_cute.attention import AttentionTuning, attention_block, attention_block_
 # tuning variants timed with --variants (name -> AttentionTuning), at the auto cluster size
 VARIANTS = {"unroll4": AttentionTuning(unroll=4), "no-prefetch": AttentionTuning(l2_prefetch=False),
             "attn-unroll4": AttentionTuning(attn_unroll=4), "pipeline": AttentionTuning(pipeline_tiles=True),
-            "early-wo": AttentionTuning(early_wo_prefetch=True), "threads512": AttentionTuning(num_threads=512)}
+            "early-wo": AttentionTuning(early_wo_prefetch=True), "threads512": AttentionTuning(num_threads=512),
+            "fold8": AttentionTuning(attn_fold_budget=8)}     # softmax rescales shared by 8 / G tokens
 from cf_cute.reference import AttentionWeights, rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

@@ -65,6 +65,7 @@ class AttentionTuning:
     :class:`AttentionBlockConfig`'s (documented there), so the two cannot drift."""
     unroll: int = _BLOCK_DEFAULTS["unroll"]
     attn_unroll: int = _BLOCK_DEFAULTS["attn_unroll"]
+    attn_fold_budget: int = _BLOCK_DEFAULTS["attn_fold_budget"]
     l2_prefetch: bool = _BLOCK_DEFAULTS["l2_prefetch"]
     pipeline_tiles: bool = _BLOCK_DEFAULTS["pipeline_tiles"]
     early_wo_prefetch: bool = _BLOCK_DEFAULTS["early_wo_prefetch"]

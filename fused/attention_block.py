@@ -66,6 +66,9 @@ class AttentionBlockConfig(QKVFields):
     block's own."""
     attn_unroll: int = 8          # tokens per token group loaded together (H200, batch 1: 4 -> 8 is
                                   # 2.7% faster at 4K, 4.7% at 16K, 6.1% at 32K, level at 1K and GQA)
+    attn_fold_budget: int = 1     # heads x tokens folded per softmax rescale (DecodeAttention.fold): one token a
+                                  # rescale here (H200, GQA batch 1: 8, i.e. 2 tokens, was 1-3% slower; more
+                                  # spills in the 128 registers)
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 2 attention
@@ -85,7 +88,7 @@ class AttentionBlockConfig(QKVFields):
                                      head_dim=self.head_dim, max_len=self.max_len,
                                      cluster_size=self.cluster_size, paged=self.paged, page_size=self.page_size,
                                      num_pages=self.num_pages, dtype=self.dtype, num_threads=self.num_threads,
-                                     unroll=self.attn_unroll)
+                                     unroll=self.attn_unroll, fold_budget=self.attn_fold_budget)
 
     def validate(self) -> None:
         self.qkv_config().validate()
