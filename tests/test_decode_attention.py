@@ -75,3 +75,47 @@ def test_matches_reference(cluster, heads, kv_heads, hd, paged):
     again = decode_attention(q, k, v, lengths.cuda(), page_table=None if table is None else table.cuda(),
                              cluster_size=cluster)
     assert torch.equal(again, out)                                       # deterministic, device inputs
+
+
+def _cfg(heads=32, kv_heads=8, unroll=4, fold_budget=16, cluster=1):
+    return DecodeAttentionConfig(batch=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=128, max_len=1024,
+                                 cluster_size=cluster, unroll=unroll, fold_budget=fold_budget)
+
+
+def test_tokens_folded_per_softmax_rescale():
+    """``fold``: the largest divisor of the load group with fold x G <= fold_budget, at
+    least one token; the PTX has one rescale exp2 per fold instead of one per token."""
+    assert DecodeAttention(_cfg()).fold == 4                                  # G = 4, 4 tokens a group
+    assert DecodeAttention(_cfg(unroll=8, fold_budget=8)).fold == 2
+    assert DecodeAttention(_cfg(heads=24, unroll=8, fold_budget=8)).fold == 2  # G = 3: a divisor of 8
+    assert DecodeAttention(_cfg(heads=8, kv_heads=8, unroll=8, fold_budget=1)).fold == 1
+    assert DecodeAttention(_cfg(heads=32, kv_heads=4, fold_budget=4)).fold == 1    # G = 8 > the budget
+    exp2 = {b: compile_for_inspection(DecodeAttention, _cfg(fold_budget=b), arg_specs(_cfg(fold_budget=b)))
+            .__ptx__.count("ex2.approx") for b in (1, 16)}
+    G, U, F = 4, 4, 4
+    assert exp2[1] - exp2[16] == G * (U - U // F)                             # the rescales saved
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (32, 32)])
+def test_folded_rescales_match_the_reference(heads, kv_heads):
+    """Every fold size gives the reference's result (rounding apart) and is deterministic."""
+    from cf_cute.jit import compile_kernel
+    B, L = 3, 1040
+    lengths = torch.tensor([1, 6, 1037], dtype=torch.int32, device="cuda")
+    q = torch.randn(B, heads, 128, device="cuda", dtype=torch.bfloat16)
+    k, v, _ = make_kv_cache(B, L, kv_heads, 128, False)
+    ref = _reference(q.cpu(), k.cpu(), v.cpu(), lengths.cpu())
+    table = torch.zeros(1, 1, dtype=torch.int32, device="cuda")
+    for budget in (1, 2, 8, 32):
+        cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=128, max_len=L,
+                                    cluster_size=2, unroll=8, fold_budget=budget)
+        fn = compile_kernel(DecodeAttention, cfg, arg_specs(cfg))
+        outs = []
+        for _ in range(2):
+            out = torch.full_like(q, float("nan"))
+            fn(q, k, v, table, lengths, out)
+            outs.append(out)
+        err = (outs[0].float().cpu() - ref).norm() / ref.norm()
+        assert err < 1e-2, (budget, err)
+        assert torch.equal(outs[0], outs[1])
