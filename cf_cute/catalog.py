@@ -115,7 +115,7 @@ def _qkv_project(batch: int, heads: int, kv_heads: int) -> Entry:
 
 
 def _mla(batch: int) -> Iterator[Entry]:
-    """The five launches of the fused MLA step, DeepSeek-V2-Lite, latent cache of 4096."""
+    """The launches of the fused MLA step (four by default), DeepSeek-V2-Lite, latent cache of 4096."""
     from cf_cute.mla import MLAPlanKey, mla_kernels
     from cf_cute.reference_mla import MLAShape, mla_softmax_scale
     S = MLAShape()

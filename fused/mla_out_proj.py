@@ -59,6 +59,10 @@ class MLAOutProjConfig:
     early_loads: bool = True      # phase 2's first block of wo loads issued before the grid barrier
 
     @property
+    def cluster_size(self) -> int:
+        return self.out.cluster_size
+
+    @property
     def clusters(self) -> int:
         return self.out.num_heads
 
