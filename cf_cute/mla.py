@@ -378,7 +378,8 @@ def mla_kernels(key: MLAPlanKey) -> list:
         # reduce fragment is padded, SplitKGemv.frag_batch)
         wo = SplitKGemvConfig(m=H, k=heads * v, batch=B, cluster_size=4, block_m=H // heads, dtype=dt,
                               residual=True, w_layout=lay, pdl=t.pdl)
-        fused = MLAOutProjConfig(out=out, wo=wo, early_loads=t.out_early_loads)
+        # early loads: one 16-row wo tile a warp at most
+        fused = MLAOutProjConfig(out=out, wo=wo, early_loads=t.out_early_loads and H // heads <= 16 * 8)
         fused.validate()
         MLAOutProj(fused)
         return specs + [(MLAOutProj, fused, out_specs + gemv_specs(wo)[1:] + [TensorSpec("int32", (2,), align=4)])]

@@ -547,3 +547,25 @@ def test_fused_stages_match_torch(case):
     assert _rel(ws.o, o_ref) < tol, "MLAOut"
     # 5 wo: out = h + o @ wo.T on the kernel's o
     assert _rel(out, (h + (ws.o @ packed.wo.T).float()).to(dtype)) < tol, "SplitKGemv (wo)"
+
+
+def test_out_and_wo_fuse_where_the_shape_allows():
+    """MLAOut and the wo GEMV are one launch when a cluster can take a head and then
+    ``hidden / heads`` wo rows (a multiple of 16); otherwise the plan keeps two launches.
+    Wider wo blocks than one 16-row tile a warp compile without the early loads."""
+    def tail(S, B):
+        key = _plan_key(S, B, 64, False, torch.bfloat16, True)
+        return key, mla_kernels(key)[3:]
+    for B in (1, 9, 16):
+        key, k = tail(LITE, B)
+        assert key.fused_out and [c.__name__ for c, _, _ in k] == ["MLAOutProj"] and k[0][1].early_loads
+        key, k = tail(MLAShape(hidden=2048, num_heads=12), B)      # 2048 / 12 rows: not a whole block
+        assert not key.fused_out and [c.__name__ for c, _, _ in k] == ["MLAOut", "SplitKGemv"]
+    key, k = tail(LITE, 4)
+    assert [c.__name__ for c, _, _ in mla_kernels(dataclasses.replace(key, tuning=MLATuning(fuse_out=False)))[3:]] \
+        == ["MLAOut", "SplitKGemv"]
+    key, k = tail(MLAShape(hidden=4096, num_heads=16), 16)          # 256-row wo blocks: 2 tiles a warp
+    cls, cfg, specs = k[0]
+    assert cls.__name__ == "MLAOutProj" and cfg.wo.block_m == 256 and not cfg.early_loads
+    ptx = compile_for_inspection(cls, cfg, specs).__ptx__
+    assert "atom.global.acq_rel.add.u32" in ptx and "st.async" in ptx
