@@ -32,8 +32,8 @@ from cf_cute.primitives import pdl_handoff
 from cf_cute.primitives.cluster_reduce import ClusterReduceBuffers
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
-from .mma_gemv import (X_PAD, batch_reduce, check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile,
-                       weight_view, x_smem_layout)
+from .mma_gemv import (X_PAD, batch_reduce, check_weight_layout, mma_atom, new_acc, prefetch_rows_l2,
+                       reduce_scatter_rows, store_acc, warp_gemv_tile, weight_view, x_smem_layout)
 
 __all__ = ["MLAOutConfig", "MLAOut"]
 
@@ -209,22 +209,10 @@ class MLAOut:
         cute.arch.barrier()
 
         # fragment position p = b * V + row (requests >= B: zero padding, see __init__)
-        Vt = self.red.per_thread
-        frag = self.red.make_fragment()
-        p0 = self.red.thread_offset(tidx)
-        for v in cutlass.range_constexpr(Vt):
-            val = Float32(0.0)
-            if (p0 + v) // V < B:
-                val = b.sPart[(p0 + v) // V, (p0 + v) % V]
-            frag[v] = val
-        if const_expr(wait_cluster):
-            cute.arch.cluster_wait()
-        res = self.red.reduce_scatter(b.red, frag, round_idx)
-        if self.red.owns(tidx):
-            for v in cutlass.range_constexpr(Vt):
-                p = tidx * Vt + v
-                if p // V < B:
-                    mO[p // V, h * V + p % V] = self.dtype(res[v])
+        def put(bb, row, val):
+            mO[bb, h * V + row] = self.dtype(val)
+
+        reduce_scatter_rows(self.red, b.red, b.sPart, B, self.frag_batch, V, round_idx, wait_cluster, put)
 
     @cute.kernel
     def kernel(self, mPartO: cute.Tensor, mPartML: cute.Tensor, mWuv: cute.Tensor, mO: cute.Tensor):

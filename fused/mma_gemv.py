@@ -53,7 +53,8 @@ from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
 __all__ = ["X_PAD", "WEIGHT_LAYOUTS", "check_weight_layout", "tiled_layout", "weight_view", "x_smem_layout",
            "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles", "warp_gemv_each", "warp_gemv_rows",
-           "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2", "batch_reduce"]
+           "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2", "batch_reduce",
+           "reduce_scatter_rows"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
 # read from ``mX [B, K]`` (L2-resident activations) in the same blocks as W,
@@ -110,6 +111,40 @@ def batch_reduce(batch: int, rows: int, max_batch: int, cluster_size: int, num_t
             if frag_batch >= max_batch:
                 raise
             frag_batch += 1
+
+
+@cute.jit
+def reduce_scatter_rows(red, bufs, sPart: cute.Tensor, batch: cutlass.Constexpr[int],
+                        frag_batch: cutlass.Constexpr[int], rows: cutlass.Constexpr[int], round_idx: Int32,
+                        wait_cluster: cutlass.Constexpr[bool], put):
+    """Reduce-scatter the fp32 partial sums ``sPart[b, row]`` over the cluster (``red``,
+    ``bufs``: a :func:`batch_reduce` reduce and its buffers; fragment position
+    ``p = b * rows + row``, padding requests ``b >= batch`` read as zero), then
+    ``put(b, row, value)`` for every reduced position of a real request this CTA owns.
+    ``wait_cluster``: the cluster wait pairing the caller's relaxed arrive, just before
+    the first DSMEM transfer. Called by all threads of the reduce."""
+    tidx = cute.arch.thread_idx()[0]
+    V = red.per_thread
+    frag = red.make_fragment()
+    p0 = red.thread_offset(tidx)
+    for v in cutlass.range_constexpr(V):
+        if const_expr(frag_batch == batch):
+            frag[v] = sPart[(p0 + v) // rows, (p0 + v) % rows]
+        else:
+            val = Float32(0.0)
+            if (p0 + v) // rows < batch:
+                val = sPart[(p0 + v) // rows, (p0 + v) % rows]
+            frag[v] = val
+    if const_expr(wait_cluster):
+        cute.arch.cluster_wait()
+    res = red.reduce_scatter(bufs, frag, round_idx)
+    if red.owns(tidx):
+        for v in cutlass.range_constexpr(V):
+            p = tidx * V + v
+            if const_expr(frag_batch == batch):
+                put(p // rows, p % rows, res[v])
+            elif p // rows < batch:
+                put(p // rows, p % rows, res[v])
 
 
 def _is_tiled(mW: cute.Tensor) -> bool:

@@ -34,8 +34,8 @@ from cf_cute.primitives import pdl_handoff
 from cf_cute.primitives.cluster_reduce import ClusterReduceBuffers
 from cf_cute.primitives.plan import check_cluster_size, check_smem
 
-from .mma_gemv import (batch_reduce, check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile,
-                       weight_view, x_smem_layout)
+from .mma_gemv import (batch_reduce, check_weight_layout, mma_atom, new_acc, prefetch_rows_l2, reduce_scatter_rows,
+                       store_acc, warp_gemv_tile, weight_view, x_smem_layout)
 
 __all__ = ["SplitKGemvConfig", "SplitKGemv"]
 
@@ -193,29 +193,11 @@ class SplitKGemv:
                 store_acc(acc, b.sPart, mt * 16, lane, NT, B)
         cute.arch.barrier()
 
-        # fragment position p = b * BM + row  (thread t holds p in [t*V, t*V+V)); requests
-        # >= B (padding, see __init__) are zero and never written
-        V = self.red.per_thread
-        frag = self.red.make_fragment()
-        p0 = self.red.thread_offset(tidx)
-        for v in cutlass.range_constexpr(V):
-            if const_expr(self.frag_batch == B):
-                frag[v] = b.sPart[(p0 + v) // BM, (p0 + v) % BM]
-            else:
-                val = Float32(0.0)
-                if (p0 + v) // BM < B:
-                    val = b.sPart[(p0 + v) // BM, (p0 + v) % BM]
-                frag[v] = val
-        if const_expr(wait_cluster):
-            cute.arch.cluster_wait()
-        res = self.red.reduce_scatter(b.red, frag, round_idx)
-        if self.red.owns(tidx):
-            for v in cutlass.range_constexpr(V):
-                p = tidx * V + v
-                if const_expr(self.frag_batch == B):
-                    self.put(mR, mY, p // BM, m_base + p % BM, res[v])
-                elif p // BM < B:
-                    self.put(mR, mY, p // BM, m_base + p % BM, res[v])
+        # fragment position p = b * BM + row; padding requests (see __init__) read as zero
+        def put(bb, row, val):
+            self.put(mR, mY, bb, m_base + row, val)
+
+        reduce_scatter_rows(self.red, b.red, b.sPart, B, self.frag_batch, BM, round_idx, wait_cluster, put)
 
     @cute.jit
     def put(self, mR: cute.Tensor, mY: cute.Tensor, bb: Int32, m: Int32, val: Float32):
