@@ -193,7 +193,6 @@ class MLAOut:
         just before the first DSMEM transfer (the merge hides its latency)."""
         cfg = self.cfg
         B, V, NT = cfg.batch, cfg.v_head_dim, cfg.n_tiles
-        tidx = cute.arch.thread_idx()[0]
         lane = cute.arch.lane_idx()
         warp = cute.arch.warp_idx()
         self.split_weights(mPartML, b.sW, b.sInvL, h)

@@ -168,7 +168,6 @@ class SplitKGemv:
         B, BM, NT = cfg.batch, cfg.block_m, cfg.n_tiles
         NW = cfg.num_threads // _WARP
         kc = cfg.k // cfg.cluster_size
-        tidx = cute.arch.thread_idx()[0]
         lane = cute.arch.lane_idx()
         warp = cute.arch.warp_idx()
 
