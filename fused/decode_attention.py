@@ -12,7 +12,8 @@ g (GQA: K and V are read once for the group)::
              16-byte loads of k and v, `unroll` tokens per group loaded
              before any is used):
                  s_h = q_h . k * scale * log2(e)           (shuffle over TPT lanes)
-                 online softmax in base 2: m_h, l_h, o_h[lane's 8 dims]
+                 online softmax in base 2: m_h, l_h, o_h[lane's 8 dims], one rescale
+                 per ``fold`` tokens of the group (max of their scores first)
              merge its T/TPT token groups through shared memory (fixed order)
              -> partial tile [o (G x hd) | m (G) | l (G)] fp32 in shared memory
     cluster: ClusterGather of the partial tiles (one DSMEM round)
@@ -92,7 +93,8 @@ class DecodeAttention:
         # with fold x G <= fold_budget (at least 1). Folding costs registers beside q, o, k and v:
         # this kernel alone (no register cap) takes 171 at G = 4, fold 4; the fused block, capped
         # at 128, spilled 616 bytes with G = 4, fold 8 and 328 with fold 4, none with fold 2
-        self.fold = max(f for f in range(1, cfg.unroll + 1) if cfg.unroll % f == 0 and f * G <= max(cfg.fold_budget, G))
+        self.fold = max(f for f in range(1, cfg.unroll + 1)
+                        if cfg.unroll % f == 0 and f * G <= max(cfg.fold_budget, G))
         self.smem_bytes = (self.gat.smem_bytes + 4 * self.tile_elems + 4 * self.groups * G * (2 + hd)
                            + 4 * 16)
         check_smem(f"DecodeAttention({G} heads per KV head, cluster {cfg.cluster_size})", self.smem_bytes)
