@@ -378,19 +378,15 @@ def mla_kernels(key: MLAPlanKey) -> list:
         # reduce fragment is padded, SplitKGemv.frag_batch)
         wo = SplitKGemvConfig(m=H, k=heads * v, batch=B, cluster_size=4, block_m=H // heads, dtype=dt,
                               residual=True, w_layout=lay, pdl=t.pdl)
-        # early loads: one 16-row wo tile a warp at most
-        fused = MLAOutProjConfig(out=out, wo=wo, early_loads=t.out_early_loads and H // heads <= 16 * 8)
-        fused.validate()
-        MLAOutProj(fused)
+        fused = MLAOutProjConfig(out=out, wo=wo, early_loads=t.out_early_loads and wo.tile_a_warp)
+        MLAOutProj(fused)                          # validates, and the collectives' layouts
         return specs + [(MLAOutProj, fused, out_specs + gemv_specs(wo)[1:] + [TensorSpec("int32", (2,), align=4)])]
     # 128-row blocks (8 tiles: every warp busy) unless B x 128 partial sums do not lay over the
     # threads of the cluster reduce (odd batches above 8): then 64-row blocks
     block_m = 128 if B <= 8 or B % 2 == 0 else 64
     wo = SplitKGemvConfig(m=H, k=heads * v, batch=B, cluster_size=4, block_m=block_m, dtype=dt, residual=True,
                           w_layout=lay, pdl=t.pdl)
-    for cfg in (out, wo):
-        cfg.validate()
-    MLAOut(out), SplitKGemv(wo)
+    MLAOut(out), SplitKGemv(wo)                    # validate, and the collectives' layouts
     return specs + [(MLAOut, out, out_specs), (SplitKGemv, wo, gemv_specs(wo))]
 
 

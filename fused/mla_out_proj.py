@@ -86,7 +86,7 @@ class MLAOutProjConfig:
         if self.clusters > MAX_CLUSTERS:
             raise ValueError(f"{self.clusters} clusters: at most {MAX_CLUSTERS} (the grid barrier needs every CTA "
                              f"resident)")
-        if self.early_loads and w.block_m // 16 > w.num_threads // 32:
+        if self.early_loads and not w.tile_a_warp:
             raise ValueError(f"early_loads needs block_m / 16 = {w.block_m // 16} <= warps = {w.num_threads // 32}")
 
 

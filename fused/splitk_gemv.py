@@ -81,6 +81,12 @@ class SplitKGemvConfig:
     def grid(self) -> int:
         return self.m // self.block_m * self.cluster_size
 
+    @property
+    def tile_a_warp(self) -> bool:
+        """At most one 16-row tile of the block a warp (what ``SplitKGemv.block``'s
+        ``early_loads`` needs)."""
+        return self.block_m // 16 <= self.num_threads // _WARP
+
 
 class SplitKGemvBuffers:
     """Shared memory of one SplitKGemv block (trace-time object)."""
@@ -176,7 +182,7 @@ class SplitKGemv:
 
         atom = mma_atom(mW.element_type)
         if const_expr(early_loads):
-            assert BM // 16 <= NW, "early_loads: one 16-row tile a warp at most"
+            assert cfg.tile_a_warp, "early_loads: one 16-row tile a warp at most"
             for mt in cutlass.range(warp, BM // 16, NW, unroll=1):
                 acc = new_acc(NT)
                 warp_gemv_tile(atom, mW, m_base + mt * 16, k0, b.sX, acc, lane, kc // _STEP, NT, cfg.unroll,
