@@ -57,15 +57,16 @@ def default_cluster_size(batch: int, num_kv_heads: int, sm_count: int = 132) -> 
 
 
 def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            page_table: torch.Tensor | None, cluster_size: int) -> DecodeAttentionConfig:
+                            page_table: torch.Tensor | None, cluster_size: int, *, tensor_cores: bool = True,
+                            num_threads: int = 256) -> DecodeAttentionConfig:
     check_tensor("q", q, dtype=(torch.bfloat16, torch.float16), shape=(None, None, None), cuda=False)
     B, heads, hd = q.shape
     check_tensor("k_cache", k_cache, dtype=q.dtype, shape=(None, None, None, hd), cuda=False)
     check_tensor("v_cache", v_cache, dtype=q.dtype, shape=tuple(k_cache.shape), cuda=False)
     kv_heads = k_cache.shape[2]
     cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
-                                cluster_size=cluster_size, dtype=dtype_name(q.dtype),
-                                **kv_cache_layout(k_cache, page_table, B))
+                                cluster_size=cluster_size, dtype=dtype_name(q.dtype), tensor_cores=tensor_cores,
+                                num_threads=num_threads, **kv_cache_layout(k_cache, page_table, B))
     cfg.validate()
     return cfg
 
@@ -85,13 +86,17 @@ def _kernel(cfg: DecodeAttentionConfig):
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
                      page_table: torch.Tensor | None = None, cluster_size: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, tensor_cores: bool = True,
+                     num_threads: int = 256) -> torch.Tensor:
     """``cluster_size=None``: :func:`default_cluster_size` for this batch, KV-head
-    count and GPU."""
+    count and GPU. ``tensor_cores``: GQA caches (2 or more query heads a KV head) take
+    the tensor-core kernel (a warp a token stream), MHA always the CUDA-core one;
+    ``num_threads``: threads a CTA (a multiple of 32)."""
     if cluster_size is None:
         cluster_size = default_cluster_size(q.shape[0], k_cache.shape[2] if k_cache.dim() == 4 else 1,
                                             sm_count(q.device))
-    cfg = decode_attention_config(q, k_cache, v_cache, page_table, cluster_size)
+    cfg = decode_attention_config(q, k_cache, v_cache, page_table, cluster_size, tensor_cores=tensor_cores,
+                                  num_threads=num_threads)
     check_tensor("lengths", lengths, dtype=torch.int32, shape=(cfg.batch,), cuda=False, align=4)
     lengths = host_index_checked(lengths, 1, cfg.max_len, "lengths", q.device)
     if page_table is None:

@@ -88,7 +88,8 @@ class AttentionBlockConfig(QKVFields):
                                      head_dim=self.head_dim, max_len=self.max_len,
                                      cluster_size=self.cluster_size, paged=self.paged, page_size=self.page_size,
                                      num_pages=self.num_pages, dtype=self.dtype, num_threads=self.num_threads,
-                                     unroll=self.attn_unroll, fold_budget=self.attn_fold_budget)
+                                     unroll=self.attn_unroll, fold_budget=self.attn_fold_budget,
+                                     tensor_cores=False)   # the block calls ``attend`` (CUDA cores)
 
     def validate(self) -> None:
         self.qkv_config().validate()

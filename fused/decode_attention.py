@@ -43,6 +43,7 @@ from cf_cute.primitives import ClusterGather, cluster_sync
 from cf_cute.primitives.plan import check_smem
 
 from ._attn_shape import AttnShape
+from .mma_gemv import mma_atom
 
 __all__ = ["DecodeAttentionConfig", "DecodeAttention"]
 
@@ -65,9 +66,18 @@ class DecodeAttentionConfig(AttnShape):
     unroll: int = 4               # tokens per token group whose k/v loads are issued together
     fold_budget: int = 16         # heads x tokens folded per online-softmax rescale (DecodeAttention.fold; H200,
                                   # batch 16, 8 KV heads: 16K 532 -> 443 µs, 32K 1049 -> 862; 32 KV heads level)
+    tensor_cores: bool = True     # GQA (G >= 2): scores and P V on tensor cores, a warp a token stream
+                                  # (DecodeAttention.attend_mma); MHA keeps the CUDA-core path
+
+    @property
+    def mma(self) -> bool:
+        """Whether the kernel takes the tensor-core path (:meth:`DecodeAttention.attend_mma`)."""
+        return self.tensor_cores and self.group >= 2
 
     def validate(self) -> None:
         self.validate_shape()
+        if self.num_threads % 32 or not 32 <= self.num_threads <= 1024:
+            raise ValueError(f"num_threads must be a multiple of 32 in 32..1024, got {self.num_threads}")
 
     @property
     def grid(self) -> int:
@@ -79,8 +89,9 @@ class DecodeAttention:
         cfg.validate()
         self.cfg = cfg
         self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
-        self.tpt = cfg.head_dim // 8                       # lanes per token
-        self.groups = cfg.num_threads // self.tpt          # token groups per CTA
+        self.tpt = cfg.head_dim // 8                       # lanes per token (CUDA-core path)
+        # token groups per CTA: TPT lanes each on CUDA cores, a warp each on tensor cores
+        self.groups = cfg.num_threads // (32 if cfg.mma else self.tpt)
         G, hd = cfg.group, cfg.head_dim
         # partial tile [o (G*hd) | m (G) | l (G)], padded so the gather moves 16-byte vectors
         used = G * hd + 2 * G
@@ -195,6 +206,156 @@ class DecodeAttention:
                         l[h] = lsum
                         m[h] = m_new
 
+    # ---------------------------------------------------------------- tensor-core path (GQA)
+    @cute.jit
+    def load_q_mma(self, mQ: cute.Tensor, b: Int32, g: Int32, lane: Int32) -> cute.Tensor:
+        """A fragments of the G <= 8 query heads of KV head g (heads on M, rows >= G and
+        8..15 zero): ``qa[v, ks]``, v = e + 2 hh + 4 kh as the MMA wants. Dims are permuted:
+        the k-slot ``2 c + 8 kh + e`` of k-step ks is dim ``c * hd/4 + 4 ks + 2 kh + e``, so
+        that lane (r, c)'s K fragments are one contiguous run of hd/4 dims of a token."""
+        cfg = self.cfg
+        G, hd = cfg.group, cfg.head_dim
+        KS, Q4 = hd // 16, hd // 4
+        r = lane // 4
+        c = lane % 4
+        dt = mQ.element_type
+        qv = cute.make_rmem_tensor(cute.make_layout((8, Q4 // 8)), dt)
+        qv.fill(0.0)
+        if r < G:
+            for v in cutlass.range_constexpr(Q4 // 8):
+                qv[None, v].store(cute.local_tile(mQ, (1, 1, 8), (b, g * G + r, c * (Q4 // 8) + v)).load()
+                                  .reshape((8,)))
+        qa = cute.make_rmem_tensor(cute.make_layout((8, KS)), dt)
+        qa.fill(0.0)
+        for ks in cutlass.range_constexpr(KS):
+            for kh in cutlass.range_constexpr(2):
+                for e in cutlass.range_constexpr(2):
+                    qa[e + 4 * kh, ks] = qv[4 * ks + 2 * kh + e]
+        return qa
+
+    @cute.jit
+    def load_k_mma(self, mK: cute.Tensor, mTable: cute.Tensor, b: Int32, g: Int32, t0: Int32, last: Int32,
+                   kr: cute.Tensor, lane: Int32):
+        """Issue the K loads of tokens ``t0 + [0, 16)`` (clamped to ``last``): lane (r, c) takes
+        tokens t0 + r and t0 + 8 + r (``kr[:, :, nt]``), dims ``[c hd/4, (c+1) hd/4)``."""
+        K8 = self.cfg.head_dim // 32             # 16-byte vectors of the lane's run
+        for nt in cutlass.range_constexpr(2):
+            t = cutlass.min(t0 + 8 * nt + lane // 4, last)
+            for v in cutlass.range_constexpr(K8):
+                kr[None, v, nt].store(self._kv_vec(mK, mTable, b, t, g, (lane % 4) * K8 + v))
+
+    @cute.jit
+    def load_v_mma(self, mV: cute.Tensor, mTable: cute.Tensor, b: Int32, g: Int32, t0: Int32, last: Int32,
+                   vr: cute.Tensor, lane: Int32):
+        """Issue the V loads of tokens ``t0 + [0, 16)`` (clamped to ``last``): lane (r, c) takes
+        tokens t0 + 8 kh + 2 c + e (``vr[:, :, 2 kh + e]``), dims ``[r hd/8, (r+1) hd/8)``."""
+        V8 = self.cfg.head_dim // 64
+        for q in cutlass.range_constexpr(4):
+            t = cutlass.min(t0 + 8 * (q // 2) + 2 * (lane % 4) + q % 2, last)
+            for v in cutlass.range_constexpr(V8):
+                vr[None, v, q].store(self._kv_vec(mV, mTable, b, t, g, (lane // 4) * V8 + v))
+
+    @cute.jit
+    def attend_mma(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor, b: Int32,
+                   g: Int32, start: Int32, end: Int32, sGM: cute.Tensor, sGL: cute.Tensor, sGO: cute.Tensor):
+        """Tensor-core online softmax over tokens ``[start, end)`` of request b, KV head g,
+        stashed per warp into ``sGM / sGL / sGO`` (then :meth:`merge_stash`).
+
+        Warp w takes the 16-token steps w, w + NW, ... on its own (no CTA barrier in the
+        loop). A step: ``S[h, t] = q_h . k_t`` as 2 x hd/16 m16n8k16 MMAs (heads on M, the
+        step's tokens on N: K fragments straight from global memory in the permuted dim
+        order of :meth:`load_q_mma`); the online softmax of head r runs on the quad (r, *)
+        (two shuffles for the max; the sum stays per lane until the end); the scores'
+        accumulators are P's A fragments (token kh*8 + 2c + e is k-slot 2c + 8kh + e), and
+        ``O[h, d] += P V`` as hd/8 MMAs whose B fragments pair two tokens' V values (lane
+        (r, c) holds dims ``[r hd/8, (r+1) hd/8)`` of four tokens: output n-tile j, column n
+        is dim ``n hd/8 + j``). The next step's K loads go out right after the scores, its
+        V loads right after P V. Deterministic: fixed token order per warp, no atomics."""
+        cfg = self.cfg
+        G, hd, NW = cfg.group, cfg.head_dim, self.groups
+        KS, NV = hd // 16, hd // 8
+        K8, V8 = hd // 32, hd // 64          # 16-byte vectors of a lane's K / V run
+        lane = cute.arch.lane_idx()
+        warp = cute.arch.warp_idx()
+        r = lane // 4
+        c = lane % 4
+        dt = mK.element_type
+        atom = mma_atom(dt)
+        qa = self.load_q_mma(mQ, b, g, lane)
+        acc = cute.make_rmem_tensor(cute.make_layout((4, NV)), Float32)
+        acc.fill(0.0)
+        m = -Float32.inf
+        l = Float32(0.0)
+        kr = cute.make_rmem_tensor(cute.make_layout((8, K8, 2)), dt)
+        vr = cute.make_rmem_tensor(cute.make_layout((8, V8, 4)), dt)
+        last = cutlass.max(end - 1, Int32(0))
+        steps = (cutlass.max(end - start, Int32(0)) + 15) // 16
+        self.load_k_mma(mK, mTable, b, g, start + 16 * warp, last, kr, lane)
+        self.load_v_mma(mV, mTable, b, g, start + 16 * warp, last, vr, lane)
+        for it in cutlass.range(warp, steps, NW, unroll=1):
+            t0 = start + 16 * it
+            # ---- scores of tokens t0 + [0, 16): s[2 nt + e] is token t0 + 8 nt + 2 c + e, head r
+            s = cute.make_rmem_tensor(4, Float32)
+            for nt in cutlass.range_constexpr(2):
+                cf = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), Float32)
+                cf.fill(0.0)
+                for ks in cutlass.range_constexpr(KS):
+                    a = cute.make_rmem_tensor(cute.make_layout(((2, 2, 2), 1, 1)), dt)
+                    for v in cutlass.range_constexpr(8):
+                        a[v] = qa[v, ks]
+                    bf = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), dt)
+                    for j in cutlass.range_constexpr(4):
+                        bf[j] = kr[(4 * ks + j) % 8, (4 * ks + j) // 8, nt]
+                    cute.gemm(atom, cf, a, bf, cf)
+                for e in cutlass.range_constexpr(2):
+                    s[2 * nt + e] = cf[e]
+            self.load_k_mma(mK, mTable, b, g, t0 + 16 * NW, last, kr, lane)
+            # ---- online softmax of head r over the quad's 16 tokens
+            mx = -Float32.inf
+            for j in cutlass.range_constexpr(4):
+                s[j] = s[j] * Float32(self.scale)
+                if t0 + 8 * (j // 2) + 2 * c + j % 2 >= end:
+                    s[j] = -Float32.inf
+                mx = cute.arch.fmax(mx, s[j])
+            mx = cute.arch.warp_reduction_max(mx, threads_in_group=4)
+            m_new = cute.arch.fmax(m, mx)
+            m_use = m_new
+            if m_new == -Float32.inf:         # nothing valid yet: every p is 0, o and l stay 0
+                m_use = Float32(0.0)
+            corr = cute.math.exp2(m - m_use, fastmath=True)
+            pa = cute.make_rmem_tensor(cute.make_layout(((2, 2, 2), 1, 1)), dt)
+            pa.fill(0.0)
+            psum = Float32(0.0)
+            for j in cutlass.range_constexpr(4):
+                p = cute.math.exp2(s[j] - m_use, fastmath=True)
+                psum = psum + p
+                pa[j % 2 + 4 * (j // 2)] = dt(p)
+            l = l * corr + psum
+            m = m_new
+            # ---- O = O * corr + P V (rows >= 8 of the accumulators stay zero)
+            for j in cutlass.range_constexpr(NV):
+                bf = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), dt)
+                for q in cutlass.range_constexpr(4):
+                    bf[q] = vr[j % 8, j // 8, q]
+                cf = cute.make_rmem_tensor(cute.make_layout(((2, 2), 1, 1)), Float32)
+                for i in cutlass.range_constexpr(4):
+                    cf[i] = acc[i, j]
+                for i in cutlass.range_constexpr(2):
+                    cf[i] = cf[i] * corr
+                cute.gemm(atom, cf, pa, bf, cf)
+                for i in cutlass.range_constexpr(4):
+                    acc[i, j] = cf[i]
+            self.load_v_mma(mV, mTable, b, g, t0 + 16 * NW, last, vr, lane)
+        # ---- stash this warp's state (head r; the sum over the quad)
+        l = cute.arch.warp_reduction_sum(l, threads_in_group=4)
+        if r < G:
+            if c == 0:
+                sGM[warp, r] = m
+                sGL[warp, r] = l
+            for j in cutlass.range_constexpr(NV):
+                for i in cutlass.range_constexpr(2):
+                    sGO[warp, r * hd + (2 * c + i) * NV + j] = acc[i, j]
+
     @cute.jit
     def merge_groups(self, m: cute.Tensor, l: cute.Tensor, o: cute.Tensor, sGM: cute.Tensor, sGL: cute.Tensor,
                      sGO: cute.Tensor, sPart: cute.Tensor):
@@ -202,7 +363,7 @@ class DecodeAttention:
         partial ``sPart = [o (G*hd, relative to m) | m (G) | l (G)]``. Starts
         and ends with a CTA barrier."""
         cfg = self.cfg
-        G, hd, T, TPT, NG = cfg.group, cfg.head_dim, cfg.num_threads, self.tpt, self.groups
+        G, hd, TPT = cfg.group, cfg.head_dim, self.tpt
         tidx = cute.arch.thread_idx()[0]
         d8 = tidx % TPT
         grp = tidx // TPT
@@ -213,6 +374,15 @@ class DecodeAttention:
                 sGL[grp, h] = l[h]
             for j in cutlass.range_constexpr(8):
                 sGO[grp, h * hd + d8 * 8 + j] = o[h, j]
+        self.merge_stash(sGM, sGL, sGO, sPart)
+
+    @cute.jit
+    def merge_stash(self, sGM: cute.Tensor, sGL: cute.Tensor, sGO: cute.Tensor, sPart: cute.Tensor):
+        """Merge the NG stashed states ``sGM / sGL [NG, G]``, ``sGO [NG, G*hd]`` in group
+        order into ``sPart``. Starts and ends with a CTA barrier."""
+        cfg = self.cfg
+        G, hd, T, NG = cfg.group, cfg.head_dim, cfg.num_threads, self.groups
+        tidx = cute.arch.thread_idx()[0]
         cute.arch.barrier()
         for e in cutlass.range(tidx, G * hd, T, unroll=1):
             h = e // hd
@@ -255,21 +425,23 @@ class DecodeAttention:
         self.gat.init(bufs)
         cute.arch.cluster_arrive_relaxed()
 
-        q = self.load_q(mQ, b, g)
-        m, l, o = self.new_state()
-
         # memory safety for unchecked device-side lengths / page indices: clamp
         n = cutlass.max(cutlass.min(mLen[b], Int32(cfg.max_len)), Int32(0))
         chunk = (n + C - 1) // C
         start = rank * chunk
         end = cutlass.min(n, start + chunk)
-        # every thread of the CTA runs the same number of steps (the shuffles need
-        # whole warps); a token group past the end loads a clamped token and skips
-        # the update
-        self.attend(mK, mV, mTable, b, g, start, end, q, m, l, o)
-
-        # ---- merge the NG token groups of this CTA (fixed order)
-        self.merge_groups(m, l, o, sGM, sGL, sGO, sPart)
+        if const_expr(cfg.mma):
+            self.attend_mma(mQ, mK, mV, mTable, b, g, start, end, sGM, sGL, sGO)
+            self.merge_stash(sGM, sGL, sGO, sPart)
+        else:
+            q = self.load_q(mQ, b, g)
+            m, l, o = self.new_state()
+            # every thread of the CTA runs the same number of steps (the shuffles need
+            # whole warps); a token group past the end loads a clamped token and skips
+            # the update
+            self.attend(mK, mV, mTable, b, g, start, end, q, m, l, o)
+            # ---- merge the NG token groups of this CTA (fixed order)
+            self.merge_groups(m, l, o, sGM, sGL, sGO, sPart)
 
         # ---- one DSMEM round: every CTA gets every CTA's partial tile
         cute.arch.cluster_wait()

@@ -21,6 +21,7 @@ def test_compiles(cluster, heads, kv_heads, hd, paged):
                                 cluster_size=cluster, paged=paged, num_pages=200 if paged else 0)
     ptx = compile_for_inspection(DecodeAttention, cfg, arg_specs(cfg)).__ptx__
     assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx
+    assert ("mma.sync.aligned.m16n8k16" in ptx) == (heads != kv_heads)     # GQA on tensor cores
     if cluster > 1:
         assert "mapa.shared::cluster" in ptx and "barrier.cluster" in ptx
 
@@ -79,7 +80,7 @@ def test_matches_reference(cluster, heads, kv_heads, hd, paged):
 
 def _cfg(heads=32, kv_heads=8, unroll=4, fold_budget=16, cluster=1):
     return DecodeAttentionConfig(batch=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=128, max_len=1024,
-                                 cluster_size=cluster, unroll=unroll, fold_budget=fold_budget)
+                                 cluster_size=cluster, unroll=unroll, fold_budget=fold_budget, tensor_cores=False)
 
 
 def test_tokens_folded_per_softmax_rescale():
@@ -109,7 +110,7 @@ def test_folded_rescales_match_the_reference(heads, kv_heads):
     table = torch.zeros(1, 1, dtype=torch.int32, device="cuda")
     for budget in (1, 2, 8, 32):
         cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=128, max_len=L,
-                                    cluster_size=2, unroll=8, fold_budget=budget)
+                                    cluster_size=2, unroll=8, fold_budget=budget, tensor_cores=False)
         fn = compile_kernel(DecodeAttention, cfg, arg_specs(cfg))
         outs = []
         for _ in range(2):
@@ -119,3 +120,33 @@ def test_folded_rescales_match_the_reference(heads, kv_heads):
         err = (outs[0].float().cpu() - ref).norm() / ref.norm()
         assert err < 1e-2, (budget, err)
         assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,hd,threads,cluster,paged", [
+    (32, 8, 128, 256, 1, False),      # Llama-3-8B, one CTA a (request, KV head)
+    (32, 8, 128, 128, 3, True),       # a cluster size that is no power of two, paged
+    (24, 8, 128, 64, 16, False),      # G = 3, two warps, 16 CTAs: most warps have no tokens
+    (16, 2, 64, 256, 2, True),        # G = 8 (every row of the heads' half of M), head_dim 64
+    (8, 4, 64, 96, 4, False),         # G = 2, three warps
+])
+def test_tensor_core_path_matches_the_reference(heads, kv_heads, hd, threads, cluster, paged):
+    """The GQA tensor-core kernel (``attend_mma``) against the fp32 reference and the
+    CUDA-core kernel, at lengths around its 16-token steps; poisoned output; deterministic."""
+    B, L = 7, 1056
+    lengths = torch.tensor([1, 15, 16, 17, 255, 1037, 1056], dtype=torch.int32)
+    q = torch.randn(B, heads, hd, device="cuda", dtype=torch.bfloat16)
+    k, v, table = make_kv_cache(B, L, kv_heads, hd, paged)
+    ref = _reference(q.cpu(), k.cpu(), v.cpu(), lengths, table)
+    outs = {}
+    for tc in (True, True, False):
+        out = torch.full_like(q, float("nan"))
+        decode_attention(q, k, v, lengths, page_table=table, cluster_size=cluster, out=out, tensor_cores=tc,
+                         num_threads=threads)
+        if tc in outs:
+            assert torch.equal(out, outs[tc])                                # deterministic
+        outs[tc] = out
+    for tc, out in outs.items():
+        err = (out.float().cpu() - ref).norm(dim=-1) / ref.norm(dim=-1)
+        assert err.max() < 1e-2, (tc, err.max())
+    assert (outs[True].float() - outs[False].float()).abs().max() < 0.05

@@ -1,0 +1,101 @@
+"""Split-KV decode attention alone (the middle launch of the attention block's
+three-launch path, ``cf_cute.decode_attention``): the bandwidth floor, torch eager and
+torch CUDA-graph SDPA, and cf_cute's kernel, one row per (KV heads, batch, context).
+``--variants`` adds columns: ``cuda-cores`` (the CUDA-core kernel at GQA), ``c1`` /
+``c2`` / ``c4`` / ``c8`` (cluster sizes), ``t128`` / ``t512`` (threads a CTA).
+
+    python benchmarks/bench_decode_attention.py [--kv-heads 8] [--heads 32] [--head-dim 128]
+        [--batch 16] [--context 1024,4096,16384] [--variants cuda-cores,c1,c2]
+
+Bytes per call: every request's K and V rows up to its length (all ``ctx`` tokens here)
+plus q and o. Several caches rotate (more bytes than L2 holds), all calls of one
+variant in one CUDA graph; CUDA events, median of the replays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import capture_graph, markdown_table, read_bandwidth_gbs, stamp, time_ms  # noqa: E402
+
+from cf_cute.decode_attention import decode_attention, default_cluster_size, sm_count  # noqa: E402
+
+VARIANTS = {
+    "cuda-cores": dict(tensor_cores=False),
+    "c1": dict(cluster_size=1), "c2": dict(cluster_size=2), "c4": dict(cluster_size=4), "c8": dict(cluster_size=8),
+    "t128": dict(num_threads=128), "t512": dict(num_threads=512),
+}
+
+
+def _sets(n: int, batch: int, ctx: int, heads: int, kv_heads: int, hd: int):
+    dev, dt = "cuda", torch.bfloat16
+    return [(torch.randn(batch, heads, hd, device=dev, dtype=dt),
+             torch.randn(batch, ctx, kv_heads, hd, device=dev, dtype=dt),
+             torch.randn(batch, ctx, kv_heads, hd, device=dev, dtype=dt)) for _ in range(n)]
+
+
+def _graph_us(calls: list, reps: int) -> float:
+    """µs per call: every call of ``calls`` in one CUDA graph, median of ``reps`` replays."""
+    g, _ = capture_graph(lambda: [c() for c in calls])
+    return 1e3 * time_ms(g.replay, reps=reps) / len(calls)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--batch", default="16")
+    ap.add_argument("--context", default="1024,4096,16384")
+    ap.add_argument("--variants", default="")
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+    variants = [v for v in a.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    bw = read_bandwidth_gbs()
+    print(f"# {stamp()}; read bandwidth {bw:.0f} GB/s", flush=True)
+    H, KV, hd = a.heads, a.kv_heads, a.head_dim
+    header = ["KV heads", "batch", "context", "cluster", "floor µs", "torch eager µs", "torch graph µs", "cf_cute µs",
+              "GB/s", "% of floor", "vs torch graph"] + [f"{v} µs" for v in variants]
+    rows = []
+    for B in map(int, a.batch.split(",")):
+        for ctx in map(int, a.context.split(",")):
+            kv_bytes = 2 * B * ctx * KV * hd * 2
+            n = max(2, math.ceil(3 * 60e6 / kv_bytes))           # three L2s' worth of caches
+            sets = _sets(n, B, ctx, H, KV, hd)
+            lengths = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+            outs = [torch.empty_like(q) for q, _, _ in sets]
+
+            def torch_call(q, k, v):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), enable_gqa=KV != H)
+
+            eager = 1e3 * time_ms(lambda: [torch_call(*s) for s in sets], reps=a.reps) / n
+            graph = _graph_us([lambda s=s: torch_call(*s) for s in sets], a.reps)
+
+            def ours(**kw):
+                return _graph_us([lambda s=s, o=o: decode_attention(*s, lengths, out=o, **kw)
+                                  for s, o in zip(sets, outs)], a.reps)
+
+            t = ours()
+            floor = (kv_bytes + 4 * B * H * hd) / (bw * 1e3)
+            row = [KV, B, ctx, default_cluster_size(B, KV, sm_count(lengths.device)), f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{t:.1f}",
+                   f"{kv_bytes / t / 1e3:.0f}", f"{100 * floor / t:.0f}%", f"{graph / t:.2f}x"]
+            row += [f"{ours(**VARIANTS[v]):.1f}" for v in variants]
+            print(" | ".join(map(str, row)), flush=True)
+            rows.append(row)
+            del sets, outs
+            torch.cuda.empty_cache()
+    print()
+    print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
