@@ -1,11 +1,12 @@
 """Split-KV decode attention alone (the middle launch of the attention block's
 three-launch path, ``cf_cute.decode_attention``): the bandwidth floor, torch eager and
 torch CUDA-graph SDPA, and cf_cute's kernel, one row per (KV heads, batch, context).
-``--variants`` adds columns: ``cuda-cores`` (the CUDA-core kernel at GQA), ``c1`` /
-``c2`` / ``c4`` / ``c8`` (cluster sizes), ``t128`` / ``t512`` (threads a CTA).
+``--variants`` adds a column each: a variant is ``+``-joined settings, ``cuda-cores``
+(the CUDA-core kernel at GQA), ``cN`` (cluster size N), ``tN`` (N threads a CTA), ``dN``
+(tensor cores: N steps of loads in flight a warp), e.g. ``c2+t128``.
 
     python benchmarks/bench_decode_attention.py [--kv-heads 8] [--heads 32] [--head-dim 128]
-        [--batch 16] [--context 1024,4096,16384] [--variants cuda-cores,c1,c2]
+        [--batch 16] [--context 1024,4096,16384] [--variants cuda-cores,c1,c2+t128,d2]
 
 Bytes per call: every request's K and V rows up to its length (all ``ctx`` tokens here)
 plus q and o. Several caches rotate (more bytes than L2 holds), all calls of one
@@ -25,11 +26,20 @@ from common import capture_graph, markdown_table, read_bandwidth_gbs, stamp, tim
 
 from cf_cute.decode_attention import decode_attention, default_cluster_size, sm_count  # noqa: E402
 
-VARIANTS = {
-    "cuda-cores": dict(tensor_cores=False),
-    "c1": dict(cluster_size=1), "c2": dict(cluster_size=2), "c4": dict(cluster_size=4), "c8": dict(cluster_size=8),
-    "t128": dict(num_threads=128), "t512": dict(num_threads=512),
-}
+_SETTINGS = {"c": "cluster_size", "t": "num_threads", "d": "mma_depth"}
+
+
+def variant_kwargs(name: str) -> dict:
+    """``decode_attention`` keywords of a variant name (see the module docstring)."""
+    kw = {}
+    for part in name.split("+"):
+        if part == "cuda-cores":
+            kw["tensor_cores"] = False
+        elif part[:1] in _SETTINGS and part[1:].isdigit():
+            kw[_SETTINGS[part[0]]] = int(part[1:])
+        else:
+            raise SystemExit(f"unknown variant setting {part!r} in {name!r}: cuda-cores, cN, tN or dN")
+    return kw
 
 
 def _sets(n: int, batch: int, ctx: int, heads: int, kv_heads: int, hd: int):
@@ -55,10 +65,7 @@ def main() -> None:
     ap.add_argument("--variants", default="")
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()
-    variants = [v for v in a.variants.split(",") if v]
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    variants = {v: variant_kwargs(v) for v in a.variants.split(",") if v}
     bw = read_bandwidth_gbs()
     print(f"# {stamp()}; read bandwidth {bw:.0f} GB/s", flush=True)
     H, KV, hd = a.heads, a.kv_heads, a.head_dim
@@ -86,9 +93,9 @@ def main() -> None:
 
             t = ours()
             floor = (kv_bytes + 4 * B * H * hd) / (bw * 1e3)
-            row = [KV, B, ctx, default_cluster_size(B, KV, sm_count(lengths.device)), f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{t:.1f}",
+            row = [KV, B, ctx, default_cluster_size(B, KV, sm_count(lengths.device), tensor_cores=H // KV >= 2), f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{t:.1f}",
                    f"{kv_bytes / t / 1e3:.0f}", f"{100 * floor / t:.0f}%", f"{graph / t:.2f}x"]
-            row += [f"{ours(**VARIANTS[v]):.1f}" for v in variants]
+            row += [f"{ours(**kw):.1f}" for kw in variants.values()]
             print(" | ".join(map(str, row)), flush=True)
             rows.append(row)
             del sets, outs

@@ -66,6 +66,8 @@ class AttentionTuning:
     unroll: int = _BLOCK_DEFAULTS["unroll"]
     attn_unroll: int = _BLOCK_DEFAULTS["attn_unroll"]
     attn_fold_budget: int = _BLOCK_DEFAULTS["attn_fold_budget"]
+    attn_tensor_cores: bool = _BLOCK_DEFAULTS["attn_tensor_cores"]
+    attn_mma_depth: int = _BLOCK_DEFAULTS["attn_mma_depth"]
     l2_prefetch: bool = _BLOCK_DEFAULTS["l2_prefetch"]
     pipeline_tiles: bool = _BLOCK_DEFAULTS["pipeline_tiles"]
     early_wo_prefetch: bool = _BLOCK_DEFAULTS["early_wo_prefetch"]
@@ -131,7 +133,8 @@ def unfused_plan(batch: int, hidden: int, num_heads: int, num_kv_heads: int, hea
     o_k = num_heads * head_dim
     wo, bm = next(((c, bm) for c in (8, 4, 2, 1) for bm in (128, 64, 32, 16)
                    if o_k % (32 * c) == 0 and hidden % bm == 0), (1, 16))
-    return UnfusedPlan(qkv=qkv, attn=default_attention_cluster(batch, num_kv_heads, sm_count), wo=wo, wo_block_m=bm)
+    attn = default_attention_cluster(batch, num_kv_heads, sm_count, tensor_cores=num_heads // num_kv_heads >= 2)
+    return UnfusedPlan(qkv=qkv, attn=attn, wo=wo, wo_block_m=bm)
 
 
 def attention_block_unfused(hidden: torch.Tensor, packed: PackedAttention, k_cache: torch.Tensor,

@@ -22,7 +22,8 @@ from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfi
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
-__all__ = ["decode_attention", "decode_attention_config", "default_cluster_size", "sm_count", "arg_specs"]
+__all__ = ["decode_attention", "decode_attention_config", "default_cluster_size", "default_num_threads", "sm_count",
+           "arg_specs"]
 
 _NAMES = ("q", "k_cache", "v_cache", "page_table", "lengths", "out")
 
@@ -39,15 +40,23 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def default_cluster_size(batch: int, num_kv_heads: int, sm_count: int = 132) -> int:
-    """CTAs per (request, KV head): one when the (request, KV head) pairs alone give
-    most SMs a CTA, else enough splits of the context for about two CTAs per SM
-    (at most 8). Measured alone on an H200 (benchmarks/RESULTS.md, session 5):
-    Llama-2-7B shape at batch 16 (512 pairs) ran 75 µs at 1K with one CTA per pair
-    against 96 µs with clusters of 4, and 254 against 293 µs at 4K; Llama-3-8B's
-    128 pairs at batch 16 also did best with one (44 against 51 µs with two); at
-    batch 1 clusters of 8 were best or within 10% of it."""
+def default_cluster_size(batch: int, num_kv_heads: int, sm_count: int = 132, *, tensor_cores: bool = False) -> int:
+    """CTAs per (request, KV head).
+
+    CUDA cores (MHA): one when the (request, KV head) pairs alone give most SMs a CTA,
+    else enough splits of the context for about two CTAs per SM (at most 8). Measured
+    alone on an H200 (benchmarks/RESULTS.md, session 5): Llama-2-7B shape at batch 16
+    (512 pairs) ran 75 µs at 1K with one CTA per pair against 96 µs with clusters of 4,
+    and 254 against 293 µs at 4K; at batch 1 clusters of 8 were best or within 10% of it.
+
+    Tensor cores (GQA, :func:`default_num_threads` = 128 threads a CTA, two CTAs an SM):
+    as many as keep every CTA resident in one wave, ``2 * sm_count // pairs`` (1 to 16).
+    H200, 8 KV heads (RESULTS.md, session 10): batch 9 (72 pairs) took 149 µs at 16K with
+    3 against 176 with 4 (a second wave) and 178 with 1; batch 16 (128 pairs) is level
+    with 1 and 2."""
     pairs = batch * num_kv_heads
+    if tensor_cores:
+        return max(1, min(16, 2 * sm_count // pairs))
     if 4 * pairs >= 3 * sm_count:
         return 1
     c = 2
@@ -56,17 +65,26 @@ def default_cluster_size(batch: int, num_kv_heads: int, sm_count: int = 132) -> 
     return c
 
 
+def default_num_threads(tensor_cores: bool) -> int:
+    """Threads a CTA: 128 on tensor cores (about 200 registers a thread: two CTAs an SM),
+    256 on CUDA cores."""
+    return 128 if tensor_cores else 256
+
+
 def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             page_table: torch.Tensor | None, cluster_size: int, *, tensor_cores: bool = True,
-                            num_threads: int = 256) -> DecodeAttentionConfig:
+                            num_threads: int | None = None, mma_depth: int = 1) -> DecodeAttentionConfig:
     check_tensor("q", q, dtype=(torch.bfloat16, torch.float16), shape=(None, None, None), cuda=False)
     B, heads, hd = q.shape
     check_tensor("k_cache", k_cache, dtype=q.dtype, shape=(None, None, None, hd), cuda=False)
     check_tensor("v_cache", v_cache, dtype=q.dtype, shape=tuple(k_cache.shape), cuda=False)
     kv_heads = k_cache.shape[2]
+    if num_threads is None:
+        num_threads = default_num_threads(tensor_cores and heads // kv_heads >= 2)
     cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
                                 cluster_size=cluster_size, dtype=dtype_name(q.dtype), tensor_cores=tensor_cores,
-                                num_threads=num_threads, **kv_cache_layout(k_cache, page_table, B))
+                                num_threads=num_threads, mma_depth=mma_depth,
+                                **kv_cache_layout(k_cache, page_table, B))
     cfg.validate()
     return cfg
 
@@ -87,16 +105,18 @@ def _kernel(cfg: DecodeAttentionConfig):
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
                      page_table: torch.Tensor | None = None, cluster_size: int | None = None,
                      out: torch.Tensor | None = None, tensor_cores: bool = True,
-                     num_threads: int = 256) -> torch.Tensor:
+                     num_threads: int | None = None, mma_depth: int = 1) -> torch.Tensor:
     """``cluster_size=None``: :func:`default_cluster_size` for this batch, KV-head
     count and GPU. ``tensor_cores``: GQA caches (2 or more query heads a KV head) take
     the tensor-core kernel (a warp a token stream), MHA always the CUDA-core one;
-    ``num_threads``: threads a CTA (a multiple of 32)."""
+    ``num_threads``: threads a CTA (a multiple of 32; None: :func:`default_num_threads`); ``mma_depth``: tensor cores, steps
+    of 16 tokens whose loads a warp keeps in flight."""
     if cluster_size is None:
-        cluster_size = default_cluster_size(q.shape[0], k_cache.shape[2] if k_cache.dim() == 4 else 1,
-                                            sm_count(q.device))
+        kv_heads = k_cache.shape[2] if k_cache.dim() == 4 else 1
+        cluster_size = default_cluster_size(q.shape[0], kv_heads, sm_count(q.device),
+                                            tensor_cores=tensor_cores and q.shape[1] // kv_heads >= 2)
     cfg = decode_attention_config(q, k_cache, v_cache, page_table, cluster_size, tensor_cores=tensor_cores,
-                                  num_threads=num_threads)
+                                  num_threads=num_threads, mma_depth=mma_depth)
     check_tensor("lengths", lengths, dtype=torch.int32, shape=(cfg.batch,), cuda=False, align=4)
     lengths = host_index_checked(lengths, 1, cfg.max_len, "lengths", q.device)
     if page_table is None:

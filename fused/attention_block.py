@@ -69,6 +69,8 @@ class AttentionBlockConfig(QKVFields):
     attn_fold_budget: int = 1     # heads x tokens folded per softmax rescale (DecodeAttention.fold): one token a
                                   # rescale here (H200, GQA batch 1: 8, i.e. 2 tokens, was 1-3% slower; more
                                   # spills in the 128 registers)
+    attn_tensor_cores: bool = True    # GQA: the attention on tensor cores (DecodeAttention.attend_mma)
+    attn_mma_depth: int = 0       # tensor cores: steps of K / V loads in flight a warp (0: at each step's start)
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 2 attention
@@ -89,7 +91,8 @@ class AttentionBlockConfig(QKVFields):
                                      cluster_size=self.cluster_size, paged=self.paged, page_size=self.page_size,
                                      num_pages=self.num_pages, dtype=self.dtype, num_threads=self.num_threads,
                                      unroll=self.attn_unroll, fold_budget=self.attn_fold_budget,
-                                     tensor_cores=False)   # the block calls ``attend`` (CUDA cores)
+                                     tensor_cores=self.attn_tensor_cores and self.num_threads <= 256,
+                                     mma_depth=self.attn_mma_depth)
 
     def validate(self) -> None:
         self.qkv_config().validate()
@@ -244,13 +247,18 @@ class AttentionBlock:
         d8 = tidx % TPT
         for b in cutlass.range(B, unroll=1):
             pos, start, end, chunk = self._token_range(mPos, b, rank)
-            q = cute.make_rmem_tensor((G, 8), Float32)
-            for h in cutlass.range_constexpr(G):
-                for j in cutlass.range_constexpr(8):
-                    q[h, j] = sPart[b * R + h * hd + d8 * 8 + j]
-            m, l, o = self.attn.new_state()
-            self.attn.attend(mK, mV, mTable, b, g, start, end, q, m, l, o)
-            self.attn.merge_groups(m, l, o, sGM, sGL, sGO, sTile)
+            if const_expr(self.attn.cfg.mma):        # q in sPart is scaled for exp2 already
+                qa = self.attn.load_q_mma_smem(sPart, b * R, lane)
+                self.attn.attend_mma(qa, 1.0, mK, mV, mTable, b, g, start, end, sGM, sGL, sGO)
+                self.attn.merge_stash(sGM, sGL, sGO, sTile)
+            else:
+                q = cute.make_rmem_tensor((G, 8), Float32)
+                for h in cutlass.range_constexpr(G):
+                    for j in cutlass.range_constexpr(8):
+                        q[h, j] = sPart[b * R + h * hd + d8 * 8 + j]
+                m, l, o = self.attn.new_state()
+                self.attn.attend(mK, mV, mTable, b, g, start, end, q, m, l, o)
+                self.attn.merge_groups(m, l, o, sGM, sGL, sGO, sTile)
             for e in cutlass.range(tidx, G * hd, T, unroll=1):
                 sO[b * G * hd + e] = sTile[e]
             for h in cutlass.range(tidx, G, T, unroll=1):

@@ -77,36 +77,43 @@ def test_bad_requests_are_clear_errors(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 10])
 def test_fused_decode_matches_transformers(tmp_path, batch):
-    """Greedy generation on the fused kernels agrees with transformers' for 32
-    steps, and every step's logits match its forward pass on the same tokens."""
+    """Greedy generation on the fused kernels agrees with transformers' for 32 steps,
+    and every request's logits at every decode step match transformers' forward pass on
+    the same tokens (batch 10: the three-launch attention path, GQA on tensor cores)."""
     hf = _tiny_hf(tmp_path).cuda()
     model = LlamaModel.from_pretrained(tmp_path, max_batch=batch, max_len=256)
-    prompts = [[int(t) for t in torch.randint(0, 384, (n,))] for n in (17, 5, 33)[:batch]]
-    steps = []
+    prompts = [[int(t) for t in torch.randint(0, 384, (n,))] for n in (17, 5, 33, 9, 2, 40, 12, 3, 27, 20)[:batch]]
     out = model.generate(prompts, max_new_tokens=33)
+    seqs = [p + o for p, o in zip(prompts, out)]
+    with torch.no_grad():
+        bf16 = [hf(torch.tensor([s], device="cuda")).logits[0].float() for s in seqs]
+        fp32 = [hf.float()(torch.tensor([s], device="cuda")).logits[0].float() for s in seqs]
     for b, p in enumerate(prompts):
-        # transformers' greedy choice at every position of the same sequence (teacher forcing
-        # on our tokens): all equal <=> the two greedy generations are identical
-        with torch.no_grad():
-            ref = hf(torch.tensor([p + out[b]], device="cuda")).logits[0, len(p) - 1:-1].argmax(-1)
-        assert out[b] == ref.tolist(), f"request {b}: greedy tokens diverge"
+        # transformers' greedy choice at every position of the same sequence (teacher forcing on
+        # our tokens): all equal <=> the two greedy generations are identical. Where bf16 rounding
+        # alone could flip the choice (transformers' fp32 logits of the two tokens closer than its
+        # own bf16 error there), a different token is a tie, not a divergence
+        ref = bf16[b][len(p) - 1:-1]
+        for i, (ours, theirs) in enumerate(zip(out[b], ref.argmax(-1).tolist())):
+            if ours != theirs:
+                r = fp32[b][len(p) - 1 + i]
+                noise = float((bf16[b][len(p) - 1 + i] - r).abs().max())
+                assert float(r[theirs] - r[ours]) < 2 * noise, f"request {b}: greedy tokens diverge at step {i}"
     # logits of each decode step against transformers' fp32 forward over the same sequence (same
     # bf16-valued weights), next to transformers' own bf16 forward: the kernels round activations to
     # bf16 as it does, so their error must be of the same size (a wrong kernel is off by O(1))
-    seq = prompts[0] + out[0]
-    model2 = LlamaModel.from_pretrained(tmp_path, max_batch=1, max_len=256)
-    model2.prefill(0, prompts[0])
-    with torch.no_grad():
-        bf16_logits = hf(torch.tensor([seq], device="cuda")).logits[0].float()
-        ref_logits = hf.float()(torch.tensor([seq], device="cuda")).logits[0].float()
-    pos = torch.tensor([len(prompts[0])], dtype=torch.int32, device="cuda")
-    hf_err = []
+    model2 = LlamaModel.from_pretrained(tmp_path, max_batch=batch, max_len=256)
+    for b, p in enumerate(prompts):
+        model2.prefill(b, p)
+    pos = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device="cuda")
+    steps, hf_err = [], []
     for i in range(32):
-        logits = model2.decode_step(torch.tensor([out[0][i]], device="cuda"), pos)[0]
-        r = ref_logits[len(prompts[0]) + i]
-        steps.append(float((logits - r).norm() / r.norm()))
-        hf_err.append(float((bf16_logits[len(prompts[0]) + i] - r).norm() / r.norm()))
+        logits = model2.decode_step(torch.tensor([o[i] for o in out], device="cuda"), pos)
+        for b, p in enumerate(prompts):
+            r = fp32[b][len(p) + i]
+            steps.append(float((logits[b] - r).norm() / r.norm()))
+            hf_err.append(float((bf16[b][len(p) + i] - r).norm() / r.norm()))
         pos += 1
     assert max(steps) < 2 * max(hf_err) + 5e-3, (steps, hf_err)
