@@ -3,7 +3,8 @@ three-launch path, ``cf_cute.decode_attention``): the bandwidth floor, torch eag
 torch CUDA-graph SDPA, and cf_cute's kernel, one row per (KV heads, batch, context).
 ``--variants`` adds a column each: a variant is ``+``-joined settings, ``cuda-cores``
 (the CUDA-core kernel at GQA), ``cN`` (cluster size N), ``tN`` (N threads a CTA), ``dN``
-(tensor cores: N steps of loads in flight a warp), e.g. ``c2+t128``.
+(tensor cores: N steps of loads in flight a warp), ``pN`` (tensor cores: L2 prefetch N
+steps ahead), e.g. ``c2+t128``.
 
     python benchmarks/bench_decode_attention.py [--kv-heads 8] [--heads 32] [--head-dim 128]
         [--batch 16] [--context 1024,4096,16384] [--variants cuda-cores,c1,c2+t128,d2]
@@ -24,22 +25,25 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import capture_graph, markdown_table, read_bandwidth_gbs, stamp, time_ms  # noqa: E402
 
-from cf_cute.decode_attention import decode_attention, default_cluster_size, sm_count  # noqa: E402
+from cf_cute.decode_attention import (DecodeAttentionTuning, decode_attention, default_cluster_size,  # noqa: E402
+                                     sm_count)
 
-_SETTINGS = {"c": "cluster_size", "t": "num_threads", "d": "mma_depth"}
+_SETTINGS = {"t": "num_threads", "d": "mma_depth", "p": "mma_prefetch"}
 
 
 def variant_kwargs(name: str) -> dict:
     """``decode_attention`` keywords of a variant name (see the module docstring)."""
-    kw = {}
+    kw, tune = {}, {}
     for part in name.split("+"):
         if part == "cuda-cores":
-            kw["tensor_cores"] = False
+            tune["tensor_cores"] = False
+        elif part[:1] == "c" and part[1:].isdigit():
+            kw["cluster_size"] = int(part[1:])
         elif part[:1] in _SETTINGS and part[1:].isdigit():
-            kw[_SETTINGS[part[0]]] = int(part[1:])
+            tune[_SETTINGS[part[0]]] = int(part[1:])
         else:
-            raise SystemExit(f"unknown variant setting {part!r} in {name!r}: cuda-cores, cN, tN or dN")
-    return kw
+            raise SystemExit(f"unknown variant setting {part!r} in {name!r}: cuda-cores, cN, tN, dN or pN")
+    return dict(kw, tuning=DecodeAttentionTuning(**tune))
 
 
 def _sets(n: int, batch: int, ctx: int, heads: int, kv_heads: int, hd: int):
@@ -93,7 +97,8 @@ def main() -> None:
 
             t = ours()
             floor = (kv_bytes + 4 * B * H * hd) / (bw * 1e3)
-            row = [KV, B, ctx, default_cluster_size(B, KV, sm_count(lengths.device), tensor_cores=H // KV >= 2), f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{t:.1f}",
+            c = default_cluster_size(B, KV, sm_count(lengths.device), tensor_cores=H // KV >= 2)
+            row = [KV, B, ctx, c, f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{t:.1f}",
                    f"{kv_bytes / t / 1e3:.0f}", f"{100 * floor / t:.0f}%", f"{graph / t:.2f}x"]
             row += [f"{ours(**kw):.1f}" for kw in variants.values()]
             print(" | ".join(map(str, row)), flush=True)

@@ -15,6 +15,7 @@ value cannot read outside the cache but gives wrong results.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -22,8 +23,8 @@ from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfi
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
-__all__ = ["decode_attention", "decode_attention_config", "default_cluster_size", "default_num_threads", "sm_count",
-           "arg_specs"]
+__all__ = ["decode_attention", "decode_attention_config", "DecodeAttentionTuning", "default_cluster_size",
+           "default_num_threads", "sm_count", "arg_specs"]
 
 _NAMES = ("q", "k_cache", "v_cache", "page_table", "lengths", "out")
 
@@ -71,20 +72,29 @@ def default_num_threads(tensor_cores: bool) -> int:
     return 128 if tensor_cores else 256
 
 
+@dataclass(frozen=True)
+class DecodeAttentionTuning:
+    """Knobs of :func:`decode_attention` that change speed, never results (see
+    :class:`~cf_cute.fused.decode_attention.DecodeAttentionConfig`)."""
+    tensor_cores: bool = True         # GQA (2 or more query heads a KV head) on tensor cores; MHA: CUDA cores
+    num_threads: int | None = None    # threads a CTA (None: default_num_threads)
+    mma_depth: int = 1                # tensor cores: 16-token steps of loads a warp keeps in flight
+    mma_prefetch: int = 0             # tensor cores: L2 prefetch this many of the warp's steps ahead (0: off)
+
+
 def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            page_table: torch.Tensor | None, cluster_size: int, *, tensor_cores: bool = True,
-                            num_threads: int | None = None, mma_depth: int = 1) -> DecodeAttentionConfig:
+                            page_table: torch.Tensor | None, cluster_size: int,
+                            tuning: DecodeAttentionTuning = DecodeAttentionTuning()) -> DecodeAttentionConfig:
     check_tensor("q", q, dtype=(torch.bfloat16, torch.float16), shape=(None, None, None), cuda=False)
     B, heads, hd = q.shape
     check_tensor("k_cache", k_cache, dtype=q.dtype, shape=(None, None, None, hd), cuda=False)
     check_tensor("v_cache", v_cache, dtype=q.dtype, shape=tuple(k_cache.shape), cuda=False)
     kv_heads = k_cache.shape[2]
-    if num_threads is None:
-        num_threads = default_num_threads(tensor_cores and heads // kv_heads >= 2)
+    threads = tuning.num_threads or default_num_threads(tuning.tensor_cores and heads // kv_heads >= 2)
     cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
-                                cluster_size=cluster_size, dtype=dtype_name(q.dtype), tensor_cores=tensor_cores,
-                                num_threads=num_threads, mma_depth=mma_depth,
-                                **kv_cache_layout(k_cache, page_table, B))
+                                cluster_size=cluster_size, dtype=dtype_name(q.dtype), num_threads=threads,
+                                tensor_cores=tuning.tensor_cores, mma_depth=tuning.mma_depth,
+                                mma_prefetch=tuning.mma_prefetch, **kv_cache_layout(k_cache, page_table, B))
     cfg.validate()
     return cfg
 
@@ -104,19 +114,17 @@ def _kernel(cfg: DecodeAttentionConfig):
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
                      page_table: torch.Tensor | None = None, cluster_size: int | None = None,
-                     out: torch.Tensor | None = None, tensor_cores: bool = True,
-                     num_threads: int | None = None, mma_depth: int = 1) -> torch.Tensor:
+                     out: torch.Tensor | None = None,
+                     tuning: DecodeAttentionTuning = DecodeAttentionTuning()) -> torch.Tensor:
     """``cluster_size=None``: :func:`default_cluster_size` for this batch, KV-head
-    count and GPU. ``tensor_cores``: GQA caches (2 or more query heads a KV head) take
-    the tensor-core kernel (a warp a token stream), MHA always the CUDA-core one;
-    ``num_threads``: threads a CTA (a multiple of 32; None: :func:`default_num_threads`); ``mma_depth``: tensor cores, steps
-    of 16 tokens whose loads a warp keeps in flight."""
+    count and GPU. GQA caches (2 or more query heads a KV head) take the tensor-core
+    kernel (a warp a token stream) unless ``tuning.tensor_cores`` is off; MHA always the
+    CUDA-core one."""
     if cluster_size is None:
         kv_heads = k_cache.shape[2] if k_cache.dim() == 4 else 1
         cluster_size = default_cluster_size(q.shape[0], kv_heads, sm_count(q.device),
-                                            tensor_cores=tensor_cores and q.shape[1] // kv_heads >= 2)
-    cfg = decode_attention_config(q, k_cache, v_cache, page_table, cluster_size, tensor_cores=tensor_cores,
-                                  num_threads=num_threads, mma_depth=mma_depth)
+                                            tensor_cores=tuning.tensor_cores and q.shape[1] // kv_heads >= 2)
+    cfg = decode_attention_config(q, k_cache, v_cache, page_table, cluster_size, tuning)
     check_tensor("lengths", lengths, dtype=torch.int32, shape=(cfg.batch,), cuda=False, align=4)
     lengths = host_index_checked(lengths, 1, cfg.max_len, "lengths", q.device)
     if page_table is None:

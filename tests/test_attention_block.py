@@ -192,6 +192,27 @@ def test_fused_with_512_threads_matches_reference():
     torch.testing.assert_close(kc.float().cpu(), ref_cache.k, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case_index", [3, 5])
+def test_gqa_attention_knobs(case_index):
+    """GQA blocks: L2 prefetch and loads in flight change speed, never bits; the CUDA-core
+    attention (``attn_tensor_cores=False``) matches the reference too."""
+    from cf_cute.attention import AttentionTuning
+    case = FUSED_CASES[case_index]
+    out, ref, kc, vc, _, args, kw = _run_case(case, attention_block)
+    hidden, packed, k0, v0, positions, cos, sin = args
+    for tuning in (AttentionTuning(attn_prefetch=4), AttentionTuning(attn_mma_depth=1, attn_prefetch=2),
+                   AttentionTuning(attn_tensor_cores=False)):
+        k2, v2 = kc.clone(), vc.clone()                # the append rewrites the same slots
+        again = attention_block(hidden, packed, k2, v2, positions, cos, sin, out=torch.full_like(out, float("nan")),
+                                tuning=tuning, **kw)
+        if tuning.attn_tensor_cores:
+            assert torch.equal(again, out), tuning
+        else:
+            assert (again.float().cpu() - ref).norm() / ref.norm() < 1e-2
+        assert torch.equal(k2, kc) and torch.equal(v2, vc)
+
+
 def test_unfused_plan_sizes_divide_the_shapes():
     from cf_cute.attention import UnfusedPlan, unfused_plan
     # the sizes measured fastest on an H200 (benchmarks/RESULTS.md, session 5)
