@@ -29,9 +29,7 @@ VARIANTS = {"unroll4": AttentionTuning(unroll=4), "no-prefetch": AttentionTuning
             "early-wo": AttentionTuning(early_wo_prefetch=True), "threads512": AttentionTuning(num_threads=512),
             "fold8": AttentionTuning(attn_fold_budget=8),     # softmax rescales shared by 8 / G tokens
             "attn-cuda-cores": AttentionTuning(attn_tensor_cores=False),   # GQA attention on CUDA cores
-            "attn-depth1": AttentionTuning(attn_mma_depth=1),  # GQA: the next step's loads in flight
-            "attn-pf2": AttentionTuning(attn_prefetch=2),      # GQA: L2 prefetch 2 / 4 steps ahead (and the
-            "attn-pf4": AttentionTuning(attn_prefetch=4)}      # first ones during the QKV projection)
+            "attn-depth1": AttentionTuning(attn_mma_depth=1)}  # GQA: the next step's loads in flight
 from cf_cute.reference import AttentionWeights, rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

@@ -3,8 +3,7 @@ three-launch path, ``cf_cute.decode_attention``): the bandwidth floor, torch eag
 torch CUDA-graph SDPA, and cf_cute's kernel, one row per (KV heads, batch, context).
 ``--variants`` adds a column each: a variant is ``+``-joined settings, ``cuda-cores``
 (the CUDA-core kernel at GQA), ``cN`` (cluster size N), ``tN`` (N threads a CTA), ``dN``
-(tensor cores: N steps of loads in flight a warp), ``pN`` (tensor cores: L2 prefetch N
-steps ahead), e.g. ``c2+t128``.
+(tensor cores: N steps of loads in flight a warp), e.g. ``c2+t128``.
 
     python benchmarks/bench_decode_attention.py [--kv-heads 8] [--heads 32] [--head-dim 128]
         [--batch 16] [--context 1024,4096,16384] [--variants cuda-cores,c1,c2+t128,d2]
@@ -28,7 +27,7 @@ from common import capture_graph, markdown_table, read_bandwidth_gbs, stamp, tim
 from cf_cute.decode_attention import (DecodeAttentionTuning, decode_attention, default_cluster_size,  # noqa: E402
                                      sm_count)
 
-_SETTINGS = {"t": "num_threads", "d": "mma_depth", "p": "mma_prefetch"}
+_SETTINGS = {"t": "num_threads", "d": "mma_depth"}
 
 
 def variant_kwargs(name: str) -> dict:
@@ -42,7 +41,7 @@ def variant_kwargs(name: str) -> dict:
         elif part[:1] in _SETTINGS and part[1:].isdigit():
             tune[_SETTINGS[part[0]]] = int(part[1:])
         else:
-            raise SystemExit(f"unknown variant setting {part!r} in {name!r}: cuda-cores, cN, tN, dN or pN")
+            raise SystemExit(f"unknown variant setting {part!r} in {name!r}: cuda-cores, cN, tN or dN")
     return dict(kw, tuning=DecodeAttentionTuning(**tune))
 
 

@@ -68,7 +68,6 @@ class AttentionTuning:
     attn_fold_budget: int = _BLOCK_DEFAULTS["attn_fold_budget"]
     attn_tensor_cores: bool = _BLOCK_DEFAULTS["attn_tensor_cores"]
     attn_mma_depth: int = _BLOCK_DEFAULTS["attn_mma_depth"]
-    attn_prefetch: int = _BLOCK_DEFAULTS["attn_prefetch"]
     l2_prefetch: bool = _BLOCK_DEFAULTS["l2_prefetch"]
     pipeline_tiles: bool = _BLOCK_DEFAULTS["pipeline_tiles"]
     early_wo_prefetch: bool = _BLOCK_DEFAULTS["early_wo_prefetch"]

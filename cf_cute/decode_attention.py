@@ -79,7 +79,6 @@ class DecodeAttentionTuning:
     tensor_cores: bool = True         # GQA (2 or more query heads a KV head) on tensor cores; MHA: CUDA cores
     num_threads: int | None = None    # threads a CTA (None: default_num_threads)
     mma_depth: int = 1                # tensor cores: 16-token steps of loads a warp keeps in flight
-    mma_prefetch: int = 0             # tensor cores: L2 prefetch this many of the warp's steps ahead (0: off)
 
 
 def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -94,7 +93,7 @@ def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
                                 cluster_size=cluster_size, dtype=dtype_name(q.dtype), num_threads=threads,
                                 tensor_cores=tuning.tensor_cores, mma_depth=tuning.mma_depth,
-                                mma_prefetch=tuning.mma_prefetch, **kv_cache_layout(k_cache, page_table, B))
+                                **kv_cache_layout(k_cache, page_table, B))
     cfg.validate()
     return cfg
 

@@ -71,8 +71,6 @@ class AttentionBlockConfig(QKVFields):
                                   # spills in the 128 registers)
     attn_tensor_cores: bool = True    # GQA: the attention on tensor cores (DecodeAttention.attend_mma)
     attn_mma_depth: int = 0       # tensor cores: steps of K / V loads in flight a warp (0: at each step's start)
-    attn_prefetch: int = 0        # tensor cores: L2 prefetch of a warp's first attn_prefetch steps right after
-                                  # the norm (while the QKV projection runs), then step it + attn_prefetch at it
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 2 attention
@@ -94,7 +92,7 @@ class AttentionBlockConfig(QKVFields):
                                      num_pages=self.num_pages, dtype=self.dtype, num_threads=self.num_threads,
                                      unroll=self.attn_unroll, fold_budget=self.attn_fold_budget,
                                      tensor_cores=self.attn_tensor_cores and self.num_threads <= 256,
-                                     mma_depth=self.attn_mma_depth, mma_prefetch=self.attn_prefetch)
+                                     mma_depth=self.attn_mma_depth)
 
     def validate(self) -> None:
         self.qkv_config().validate()
@@ -193,14 +191,6 @@ class AttentionBlock:
         end = cutlass.min(pos + 1, start + chunk)
         return pos, start, end, chunk
 
-    @cute.jit
-    def _prefetch_kv(self, mPos: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor, g: Int32,
-                     rank: Int32):
-        """L2 prefetch of every request's first ``attn_prefetch`` attention steps of this CTA."""
-        for b in cutlass.range_constexpr(self.cfg.batch):
-            pos, start, end, chunk = self._token_range(mPos, b, rank)
-            self.attn.prefetch_first_steps(mK, mV, mTable, b, g, start, end, 0)
-
     @cute.kernel
     def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mWqkv: cute.Tensor,
                mWo: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor,
@@ -236,12 +226,7 @@ class AttentionBlock:
 
         # ================= phase A: one cluster per KV head
         self.gbar.stamp(mBar, bidx, 0)
-        if const_expr(self.attn.cfg.mma and cfg.attn_prefetch > 0):
-            # the cached tokens do not depend on the projection: ask L2 for the first steps now
-            self.front.project(qb, mHidden, mResidual, mNormW, mWqkv, mHOut, g,
-                               lambda: self._prefetch_kv(mPos, mK, mV, mTable, g, rank))
-        else:
-            self.front.project(qb, mHidden, mResidual, mNormW, mWqkv, mHOut, g)
+        self.front.project(qb, mHidden, mResidual, mNormW, mWqkv, mHOut, g)
         self.gbar.stamp(mBar, bidx, 1)
         sPart = qb.sPart
         self._rope_in_place(sPart, mCos, mSin, mPos)

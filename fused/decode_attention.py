@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
-from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
 from cf_cute.primitives import ClusterGather, cluster_sync
 from cf_cute.primitives.plan import check_smem
@@ -70,8 +69,6 @@ class DecodeAttentionConfig(AttnShape):
     tensor_cores: bool = True     # GQA (G >= 2): scores and P V on tensor cores, a warp a token stream
                                   # (DecodeAttention.attend_mma); MHA keeps the CUDA-core path
     mma_depth: int = 1            # tensor cores: 16-token steps of K / V loads in flight a warp
-    mma_prefetch: int = 0         # tensor cores: L2 prefetch of the warp's step it + mma_prefetch at step it
-                                  # (0: none; more than mma_depth to reach past the loads in flight)
 
     @property
     def mma(self) -> bool:
@@ -84,8 +81,6 @@ class DecodeAttentionConfig(AttnShape):
             raise ValueError(f"num_threads must be a multiple of 32 in 32..1024, got {self.num_threads}")
         if self.mma_depth not in (0, 1, 2, 3):
             raise ValueError(f"mma_depth must be 0, 1, 2 or 3, got {self.mma_depth}")
-        if self.mma_prefetch < 0:
-            raise ValueError(f"mma_prefetch must be >= 0, got {self.mma_prefetch}")
         if self.mma and self.num_threads > 256:
             raise ValueError(f"the tensor-core path runs at most 256 threads a CTA (about 200 registers a "
                              f"thread fill the register file), got {self.num_threads}")
@@ -137,39 +132,6 @@ class DecodeAttention:
             return cute.local_tile(mX, (1, 1, 1, 8), (page, t % P, g, d8)).load().reshape((8,))
         else:
             return cute.local_tile(mX, (1, 1, 1, 8), (b, t, g, d8)).load().reshape((8,))
-
-    @cute.jit
-    def prefetch_kv_l2(self, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor, b: Int32, g: Int32,
-                       t0: Int32, end: Int32, lane: Int32):
-        """Ask L2 for the K (lanes 0-15) and V (lanes 16-31) rows of tokens ``t0 + [0, 16)``
-        below ``end`` (``cp.async.bulk.prefetch.L2``: one instruction a row, nothing waits)."""
-        hd = self.cfg.head_dim
-        t = t0 + lane % 16
-        if t < end:
-            row = (b, t, g, 0)
-            if const_expr(self.cfg.paged):
-                P = self.cfg.page_size
-                page = cutlass.min(cutlass.max(mTable[b, t // P], Int32(0)), Int32(self.cfg.num_pages - 1))
-                row = (page, t % P, g, 0)
-            nbytes = hd * mK.element_type.width // 8
-            if lane < 16:
-                cp_async_bulk_prefetch(cute.local_tile(mK, (1, 1, 1, hd), row).iterator, nbytes)
-            else:
-                cp_async_bulk_prefetch(cute.local_tile(mV, (1, 1, 1, hd), row).iterator, nbytes)
-
-    @cute.jit
-    def prefetch_first_steps(self, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor, b: Int32, g: Int32,
-                             start: Int32, end: Int32, j0: cutlass.Constexpr[int]):
-        """:meth:`prefetch_kv_l2` of this warp's 16-token steps ``warp + j NW`` for j in
-        [j0, mma_prefetch): the ones :meth:`attend_mma`'s loop does not prefetch itself are
-        j >= max(mma_depth, 1) (its first loads go out at once); j0 = 0 when the attention
-        starts much later."""
-        cfg = self.cfg
-        NW = self.groups
-        lane = cute.arch.lane_idx()
-        warp = cute.arch.warp_idx()
-        for j in cutlass.range_constexpr(j0, cfg.mma_prefetch):
-            self.prefetch_kv_l2(mK, mV, mTable, b, g, start + 16 * (warp + j * NW), end, lane)
 
     @cute.jit
     def load_q(self, mQ: cute.Tensor, b: Int32, g: Int32) -> cute.Tensor:
@@ -419,12 +381,9 @@ class DecodeAttention:
         l = Float32(0.0)
         last = cutlass.max(end - 1, Int32(0))
         steps = (cutlass.max(end - start, Int32(0)) + 15) // 16
-        PF = cfg.mma_prefetch
         if const_expr(D == 0):
             for it in cutlass.range(warp, steps, NW, unroll=1):
                 t0 = start + 16 * it
-                if const_expr(PF > 0):
-                    self.prefetch_kv_l2(mK, mV, mTable, b, g, t0 + 16 * PF * NW, end, lane)
                 kr = cute.make_rmem_tensor(cute.make_layout((8, K8, 2)), dt)
                 vr = cute.make_rmem_tensor(cute.make_layout((8, V8, 4)), dt)
                 self.load_k_mma(mK, mTable, b, g, t0, last, kr, lane)
@@ -441,8 +400,6 @@ class DecodeAttention:
             for it in cutlass.range(warp, steps, D * NW, unroll=1):
                 for d in cutlass.range_constexpr(D):
                     t0 = start + 16 * (it + d * NW)
-                    if const_expr(PF > D):
-                        self.prefetch_kv_l2(mK, mV, mTable, b, g, t0 + 16 * PF * NW, end, lane)
                     m, l = self.step_mma(qa, kr[None, None, None, d], vr[None, None, None, d], acc, m, l, t0,
                                          end, lane, scale)
                     self.load_k_mma(mK, mTable, b, g, t0 + 16 * D * NW, last, kr[None, None, None, d], lane)
@@ -533,7 +490,6 @@ class DecodeAttention:
         start = rank * chunk
         end = cutlass.min(n, start + chunk)
         if const_expr(cfg.mma):
-            self.prefetch_first_steps(mK, mV, mTable, b, g, start, end, max(cfg.mma_depth, 1))
             qa = self.load_q_mma(mQ, b, g, cute.arch.lane_idx())
             self.attend_mma(qa, self.scale, mK, mV, mTable, b, g, start, end, sGM, sGL, sGO)
             self.merge_stash(sGM, sGL, sGO, sPart)

@@ -218,11 +218,10 @@ class QKVRope(RopeAppend):
 
     @cute.jit
     def project(self, bufs: QKVBuffers, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor,
-                mW: cute.Tensor, mHOut: cute.Tensor, g: Int32, after_norm=None):
+                mW: cute.Tensor, mHOut: cute.Tensor, g: Int32):
         """Residual add, RMSNorm and the QKV projection of KV head ``g``: on
         return ``bufs.sPart[b * rows + i]`` holds row i of [q heads | k | v] of
-        request b (fp32, before RoPE) in every CTA of the cluster. ``after_norm()``
-        (traced, optional) runs right after the norm, i.e. after the PDL wait."""
+        request b (fp32, before RoPE) in every CTA of the cluster."""
         cfg = self.cfg
         B, C, T = cfg.batch, cfg.cluster_size, cfg.num_threads
         Hc, R = cfg.slice, cfg.rows
@@ -238,8 +237,6 @@ class QKVRope(RopeAppend):
                 prefetch_rows_l2(mW[g, None, None], warp * 16, 16, k0, Hc, lane)
 
         self.norm(bufs.norm, mHidden, mResidual, mNormW, mHOut, g == 0)
-        if const_expr(after_norm is not None):
-            after_norm()
 
         # ---- split-K GEMV over this CTA's slice on tensor cores: part[b, row]
         atom = mma_atom(mW.element_type)

@@ -195,14 +195,13 @@ def test_fused_with_512_threads_matches_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case_index", [3, 5])
 def test_gqa_attention_knobs(case_index):
-    """GQA blocks: L2 prefetch and loads in flight change speed, never bits; the CUDA-core
-    attention (``attn_tensor_cores=False``) matches the reference too."""
+    """GQA blocks: loads in flight change speed, never bits; the CUDA-core attention
+    (``attn_tensor_cores=False``) matches the reference too."""
     from cf_cute.attention import AttentionTuning
     case = FUSED_CASES[case_index]
     out, ref, kc, vc, _, args, kw = _run_case(case, attention_block)
     hidden, packed, k0, v0, positions, cos, sin = args
-    for tuning in (AttentionTuning(attn_prefetch=4), AttentionTuning(attn_mma_depth=1, attn_prefetch=2),
-                   AttentionTuning(attn_tensor_cores=False)):
+    for tuning in (AttentionTuning(attn_mma_depth=1), AttentionTuning(attn_tensor_cores=False)):
         k2, v2 = kc.clone(), vc.clone()                # the append rewrites the same slots
         again = attention_block(hidden, packed, k2, v2, positions, cos, sin, out=torch.full_like(out, float("nan")),
                                 tuning=tuning, **kw)

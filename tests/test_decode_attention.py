@@ -37,9 +37,6 @@ def test_bad_config_and_inputs_raise():
     DecodeAttentionConfig(batch=1, num_heads=8, num_kv_heads=8, head_dim=64, max_len=16, num_threads=512).validate()
     with pytest.raises(ValueError, match="mma_depth"):
         DecodeAttentionConfig(batch=1, num_heads=8, num_kv_heads=4, head_dim=64, max_len=16, mma_depth=4).validate()
-    with pytest.raises(ValueError, match="mma_prefetch"):
-        DecodeAttentionConfig(batch=1, num_heads=8, num_kv_heads=4, head_dim=64, max_len=16,
-                              mma_prefetch=-1).validate()
     q = torch.randn(2, 4, 64, dtype=torch.bfloat16)
     k = torch.randn(2, 32, 4, 64, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="k_cache must be bfloat16"):
@@ -132,14 +129,14 @@ def test_folded_rescales_match_the_reference(heads, kv_heads):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads,kv_heads,hd,threads,cluster,paged,depth,prefetch", [
-    (32, 8, 128, 256, 1, False, 1, 0),   # Llama-3-8B, one CTA a (request, KV head)
-    (32, 8, 128, 128, 3, True, 2, 4),    # a cluster size that is no power of two, paged, two steps in flight
-    (24, 8, 128, 64, 16, False, 0, 2),   # G = 3, two warps, 16 CTAs: most warps have no tokens; no loads ahead
-    (16, 2, 64, 256, 2, True, 3, 0),     # G = 8 (every column of P^T), head_dim 64, three steps in flight
-    (8, 4, 64, 96, 4, False, 0, 0),      # G = 2, three warps
+@pytest.mark.parametrize("heads,kv_heads,hd,threads,cluster,paged,depth", [
+    (32, 8, 128, 256, 1, False, 1),   # Llama-3-8B, one CTA a (request, KV head)
+    (32, 8, 128, 128, 3, True, 2),    # a cluster size that is no power of two, paged, two steps in flight
+    (24, 8, 128, 64, 16, False, 0),   # G = 3, two warps, 16 CTAs: most warps have no tokens; no loads ahead
+    (16, 2, 64, 256, 2, True, 3),     # G = 8 (every column of P^T), head_dim 64, three steps in flight
+    (8, 4, 64, 96, 4, False, 0),      # G = 2, three warps
 ])
-def test_tensor_core_path_matches_the_reference(heads, kv_heads, hd, threads, cluster, paged, depth, prefetch):
+def test_tensor_core_path_matches_the_reference(heads, kv_heads, hd, threads, cluster, paged, depth):
     """The GQA tensor-core kernel (``attend_mma``) against the fp32 reference and the
     CUDA-core kernel, at lengths around its 16-token steps; poisoned output; deterministic."""
     B, L = 7, 1056
@@ -150,7 +147,7 @@ def test_tensor_core_path_matches_the_reference(heads, kv_heads, hd, threads, cl
     outs = {}
     for tc in (True, True, False):
         out = torch.full_like(q, float("nan"))
-        tuning = DecodeAttentionTuning(tensor_cores=tc, num_threads=threads, mma_depth=depth, mma_prefetch=prefetch)
+        tuning = DecodeAttentionTuning(tensor_cores=tc, num_threads=threads, mma_depth=depth)
         decode_attention(q, k, v, lengths, page_table=table, cluster_size=cluster, out=out, tuning=tuning)
         if tc in outs:
             assert torch.equal(out, outs[tc])                                # deterministic
