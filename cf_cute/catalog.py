@@ -179,7 +179,8 @@ def entries() -> Iterator[Entry]:
             yield _attention(DecodeAttentionConfig(batch=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=128,
                                                    max_len=4096, cluster_size=c))
         yield _attention(DecodeAttentionConfig(batch=16, num_heads=32, num_kv_heads=8, head_dim=128,
-                                               max_len=4096, cluster_size=c, paged=True, num_pages=4096))
+                                               max_len=4096, cluster_size=c, paged=True, num_pages=4096,
+                                               num_threads=128))        # GQA on tensor cores: 128 threads
     for heads, kv_heads in ((32, 32), (32, 8)):
         yield _qkv_project(16, heads, kv_heads)
     for batch in (1, 16):

@@ -19,7 +19,9 @@ resident at once: the host checks it, the grid barrier needs it)::
                          attention loop reads it back)
     attention            for each request b: tokens [r*ceil((pos+1)/C), ...) of the
                          cache, online softmax per token group, groups merged in
-                         fixed order -> (m, l, o) per (b, head)
+                         fixed order -> (m, l, o) per (b, head); GQA on tensor cores
+                         (``DecodeAttention.attend_mma``, a warp a token stream, loads at
+                         each step's start within the 128-register cap)
     merge                ClusterGather of (m, l) [B*G*2]; each CTA scales its o by
                          exp2(m - M) / L; ClusterReduce.reduce_scatter (sum) of
                          o [B*G*hd] -> the owner CTA writes attn[b, head, :] (global

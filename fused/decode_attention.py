@@ -1,7 +1,8 @@
 """Split-KV decode attention over a cluster, merged with ClusterGather.
 
 STATUS: GPU-tested on an H100 (tests/test_decode_attention.py, and through the
-attention block's tests, which reuse ``attend`` and ``merge_groups``).
+attention block's tests, which reuse ``attend`` and ``merge_groups``); the tensor-core
+path (``attend_mma``, ``merge_stash``) on an H200 (session 10).
 
 One cluster of C CTAs per (request b, KV head g); CTA r of the cluster takes
 tokens ``[r*ceil(n/C), (r+1)*ceil(n/C))`` of the request's ``n = lengths[b]``
@@ -19,6 +20,16 @@ g (GQA: K and V are read once for the group)::
     cluster: ClusterGather of the partial tiles (one DSMEM round)
              every CTA merges the C partials in rank order (same bits everywhere)
              CTA r writes outputs e = r, r + C, ... of the G x hd outputs
+
+GQA (G >= 2, ``tensor_cores``) takes the tensor-core path instead of the token
+groups (:meth:`DecodeAttention.attend_mma`)::
+
+    CTA r, warp w:  16-token steps w, w + NW, ... of its range, on its own (no CTA barrier):
+                    K, V fragments straight from global memory into registers
+                    S = q K^T     2 x hd/16 m16n8k16, heads on M (G <= 8 rows), tokens on N
+                    online softmax of head r on lane quad r (base 2)
+                    O^T += V^T P^T   hd/16 m16n8k16, dims on M, P^T = S's accumulators as they lie
+             stash (m, l, O) per warp -> merged in warp order -> the same partial tile
 
 The weights exp2(m_part - m_max) are taken as 0 for empty parts (m = -inf), so
 CTAs with no tokens (n < C) contribute nothing. Deterministic: fixed merge
