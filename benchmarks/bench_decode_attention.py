@@ -24,6 +24,8 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import capture_graph, markdown_table, read_bandwidth_gbs, stamp, time_ms  # noqa: E402
 
+from cf_cute.fused.decode_attention import takes_tensor_cores  # noqa: E402
+
 from cf_cute.decode_attention import (DecodeAttentionTuning, decode_attention, default_cluster_size,  # noqa: E402
                                      sm_count)
 
@@ -96,7 +98,7 @@ def main() -> None:
 
             t = ours()
             floor = (kv_bytes + 4 * B * H * hd) / (bw * 1e3)
-            c = default_cluster_size(B, KV, sm_count(lengths.device), tensor_cores=H // KV >= 2)
+            c = default_cluster_size(B, KV, sm_count(lengths.device), tensor_cores=takes_tensor_cores(H, KV))
             row = [KV, B, ctx, c, f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{t:.1f}",
                    f"{kv_bytes / t / 1e3:.0f}", f"{100 * floor / t:.0f}%", f"{graph / t:.2f}x"]
             row += [f"{ours(**kw):.1f}" for kw in variants.values()]

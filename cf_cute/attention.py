@@ -37,6 +37,7 @@ import torch
 from cf_cute.decode_attention import decode_attention, sm_count
 from cf_cute.decode_attention import default_cluster_size as default_attention_cluster
 from cf_cute.fused.attention_block import AttentionBlock, AttentionBlockConfig
+from cf_cute.fused.decode_attention import takes_tensor_cores
 from cf_cute.gemv import splitk_gemv
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.primitives import GridBarrier
@@ -133,7 +134,8 @@ def unfused_plan(batch: int, hidden: int, num_heads: int, num_kv_heads: int, hea
     o_k = num_heads * head_dim
     wo, bm = next(((c, bm) for c in (8, 4, 2, 1) for bm in (128, 64, 32, 16)
                    if o_k % (32 * c) == 0 and hidden % bm == 0), (1, 16))
-    attn = default_attention_cluster(batch, num_kv_heads, sm_count, tensor_cores=num_heads // num_kv_heads >= 2)
+    attn = default_attention_cluster(batch, num_kv_heads, sm_count,
+                                     tensor_cores=takes_tensor_cores(num_heads, num_kv_heads))
     return UnfusedPlan(qkv=qkv, attn=attn, wo=wo, wo_block_m=bm)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfig
+from cf_cute.fused.decode_attention import DecodeAttention, DecodeAttentionConfig, takes_tensor_cores
 from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
@@ -89,7 +89,7 @@ def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     check_tensor("k_cache", k_cache, dtype=q.dtype, shape=(None, None, None, hd), cuda=False)
     check_tensor("v_cache", v_cache, dtype=q.dtype, shape=tuple(k_cache.shape), cuda=False)
     kv_heads = k_cache.shape[2]
-    threads = tuning.num_threads or default_num_threads(tuning.tensor_cores and heads // kv_heads >= 2)
+    threads = tuning.num_threads or default_num_threads(takes_tensor_cores(heads, kv_heads, tuning.tensor_cores))
     cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
                                 cluster_size=cluster_size, dtype=dtype_name(q.dtype), num_threads=threads,
                                 tensor_cores=tuning.tensor_cores, mma_depth=tuning.mma_depth,
@@ -122,7 +122,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if cluster_size is None:
         kv_heads = k_cache.shape[2] if k_cache.dim() == 4 else 1
         cluster_size = default_cluster_size(q.shape[0], kv_heads, sm_count(q.device),
-                                            tensor_cores=tuning.tensor_cores and q.shape[1] // kv_heads >= 2)
+                                            tensor_cores=takes_tensor_cores(q.shape[1], kv_heads, tuning.tensor_cores))
     cfg = decode_attention_config(q, k_cache, v_cache, page_table, cluster_size, tuning)
     check_tensor("lengths", lengths, dtype=torch.int32, shape=(cfg.batch,), cuda=False, align=4)
     lengths = host_index_checked(lengths, 1, cfg.max_len, "lengths", q.device)

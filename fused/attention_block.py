@@ -49,7 +49,7 @@ from cutlass import Float32, Int32, const_expr
 from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
-from .decode_attention import DecodeAttention, DecodeAttentionConfig
+from .decode_attention import MMA_MAX_THREADS, DecodeAttention, DecodeAttentionConfig
 from .mma_gemv import weight_view
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .qkv_rope import QKVFields, QKVRope, QKVRopeConfig
@@ -93,7 +93,7 @@ class AttentionBlockConfig(QKVFields):
                                      cluster_size=self.cluster_size, paged=self.paged, page_size=self.page_size,
                                      num_pages=self.num_pages, dtype=self.dtype, num_threads=self.num_threads,
                                      unroll=self.attn_unroll, fold_budget=self.attn_fold_budget,
-                                     tensor_cores=self.attn_tensor_cores and self.num_threads <= 256,
+                                     tensor_cores=self.attn_tensor_cores and self.num_threads <= MMA_MAX_THREADS,
                                      mma_depth=self.attn_mma_depth)
 
     def validate(self) -> None:

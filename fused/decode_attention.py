@@ -56,9 +56,16 @@ from cf_cute.primitives.plan import check_smem
 from ._attn_shape import AttnShape
 from .decode_attention_mma import TensorCoreAttention
 
-__all__ = ["DecodeAttentionConfig", "DecodeAttention"]
+__all__ = ["DecodeAttentionConfig", "DecodeAttention", "takes_tensor_cores", "MMA_MAX_THREADS"]
 
 _LOG2E = 1.4426950408889634
+MMA_MAX_THREADS = 256             # the tensor-core path's ~200 registers a thread fill the register file above this
+
+
+def takes_tensor_cores(num_heads: int, num_kv_heads: int, tensor_cores: bool = True) -> bool:
+    """Whether the attention takes the tensor-core path (``attend_mma``): GQA (two or more
+    query heads a KV head) unless ``tensor_cores`` is off; MHA always runs on CUDA cores."""
+    return tensor_cores and num_heads // num_kv_heads >= 2
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ class DecodeAttentionConfig(AttnShape):
     @property
     def mma(self) -> bool:
         """Whether the kernel takes the tensor-core path (:meth:`DecodeAttention.attend_mma`)."""
-        return self.tensor_cores and self.group >= 2
+        return takes_tensor_cores(self.num_heads, self.num_kv_heads, self.tensor_cores)
 
     def validate(self) -> None:
         self.validate_shape()
@@ -92,9 +99,9 @@ class DecodeAttentionConfig(AttnShape):
             raise ValueError(f"num_threads must be a multiple of 32 in 32..1024, got {self.num_threads}")
         if self.mma_depth not in (0, 1, 2, 3):
             raise ValueError(f"mma_depth must be 0, 1, 2 or 3, got {self.mma_depth}")
-        if self.mma and self.num_threads > 256:
-            raise ValueError(f"the tensor-core path runs at most 256 threads a CTA (about 200 registers a "
-                             f"thread fill the register file), got {self.num_threads}")
+        if self.mma and self.num_threads > MMA_MAX_THREADS:
+            raise ValueError(f"the tensor-core path runs at most {MMA_MAX_THREADS} threads a CTA (about 200 "
+                             f"registers a thread fill the register file), got {self.num_threads}")
 
     @property
     def grid(self) -> int:
