@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from cf_cute.attention import AttentionTuning, attention_block, attention_block_unfused, linear_attention
 
 # tuning variants timed with --variants (name -> AttentionTuning), at the auto cluster size
-VARIANTS = {"unroll4": AttentionTuning(unroll=4), "no-prefetch": AttentionTuning(l2_prefetch=False),
+VARIANTS = {"unroll4": AttentionTuning(unroll=4), "prefetch": AttentionTuning(l2_prefetch=True),
             "attn-unroll4": AttentionTuning(attn_unroll=4), "pipeline": AttentionTuning(pipeline_tiles=True),
-            "early-wo": AttentionTuning(early_wo_prefetch=True), "threads512": AttentionTuning(num_threads=512),
+            "early-wo": AttentionTuning(early_wo_prefetch=True, l2_prefetch=True),
+            "threads512": AttentionTuning(num_threads=512),
             "fold8": AttentionTuning(attn_fold_budget=8),     # softmax rescales shared by 8 / G tokens
             "attn-cuda-cores": AttentionTuning(attn_tensor_cores=False),   # GQA attention on CUDA cores
             "attn-depth1": AttentionTuning(attn_mma_depth=1)}  # GQA: the next step's loads in flight

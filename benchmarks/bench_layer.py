@@ -8,7 +8,7 @@ are timed with CUDA events (median over repetitions, µs per block).
 
     python benchmarks/bench_layer.py [--batch 1,16] [--context 1024,4096]
                                      [--hidden 4096 --intermediate 11008 --heads 32 --kv-heads 32]
-                                     [--mlp-variants k2,k1,c1,c4,no-prefetch] [--no-layer]
+                                     [--mlp-variants k2,k1,c1,c4,prefetch] [--no-layer]
 
 Floors: MLP = (gate + up + down weights) / measured read bandwidth; layer = MLP
 + attention weights + the KV cache read.
@@ -35,7 +35,7 @@ from cf_cute.reference import MLPWeights, rope_tables  # noqa: E402
 
 MLP_VARIANTS = {"k4": MLPTuning(k_parts=4), "k1": MLPTuning(k_parts=1), "pipeline": MLPTuning(pipeline=True),
                 "c1": MLPTuning(cluster_size=1), "c2": MLPTuning(cluster_size=2),
-                "c4": MLPTuning(cluster_size=4), "no-prefetch": MLPTuning(l2_prefetch=False),
+                "c4": MLPTuning(cluster_size=4), "prefetch": MLPTuning(l2_prefetch=True),
                 "unroll4": MLPTuning(unroll=4), "shared-x": MLPTuning(shared_x=True),
                 "no-shared-x": MLPTuning(shared_x=False), "no-pipeline": MLPTuning(pipeline=False),
                 "k4-no-pipeline": MLPTuning(k_parts=4, pipeline=False), "early": MLPTuning(early_loads=True),

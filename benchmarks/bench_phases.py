@@ -1,7 +1,7 @@
 """Where the time of the fused attention and MLP blocks goes: per-phase durations
 from ``%globaltimer`` stamps that the kernels write when built with
 ``AttentionTuning(phase_timer=True)`` / ``MLPTuning(phase_timer=True)`` (thread 0
-of every CTA, six points).
+of every CTA; six points in the MLP, nine in the attention block).
 
     python benchmarks/bench_phases.py [--context 1024,16384] [--batch 1]
     python benchmarks/bench_phases.py --block mlp [--batch 1,16]
@@ -11,9 +11,11 @@ reduce-scatter and SiLU; wait = the grid barrier; down = phase B.
 
 Phases (per CTA, ns; "median" and "max" over the CTAs, then the median over
 launches of rotating weight/KV sets): qkv = norm + QKV GEMV + its cluster
-reduce; attn = RoPE, KV append and the CTA's share of the attention; merge =
-the cluster merge of the attention partials; wait = the grid barrier; o_proj =
-phase B. "span" is the launch from the first CTA's start to the last CTA's end.
+reduce; rope_append = RoPE and the KV append (two CTA barriers); attend = thread
+0's attention loop (the CTA's share of the tokens, warp 0's stream); stash = the
+rest of the CTA's warps, their merge and the copy out; gather = the cluster
+gather of (m, l), i.e. waiting for the cluster's slowest CTA; merge = the scaled o
+reduce-scatter and cluster barrier; wait = the grid barrier; o_proj = phase B. "span" is the launch from the first CTA's start to the last CTA's end.
 Timer reads cost a few ns; the stamps are for attribution, the benchmark of
 record is bench_attention.py.
 """
@@ -21,6 +23,7 @@ record is bench_attention.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 
@@ -34,27 +37,31 @@ from cf_cute.reference import rope_tables
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import attention_sets, markdown_table, stamp  # noqa: E402
 
-PHASES = ("qkv", "attn", "merge", "wait", "o_proj")
+# (phase names, the stamp indices that bound them in time order: phase i runs from stamp
+# order[i] to stamp order[i + 1]; AttentionBlockConfig.phase_timer / MLPBlockConfig.phase_timer)
+PHASES = ("qkv", "rope_append", "attend", "stash", "gather", "merge", "wait", "o_proj")
+ATTN_ORDER = (0, 1, 6, 7, 2, 8, 3, 4, 5)
 MLP_PHASES = ("norm", "gate_up", "reduce", "wait", "down")
+MLP_ORDER = (0, 1, 2, 3, 4, 5)
 
 
 def stamp_words(barrier: torch.Tensor, grid: int) -> torch.Tensor:
-    """The stamp words of a ``grid``-CTA launch as [CTA, 8] (the state may go on past them:
+    """The stamp words of a ``grid``-CTA launch as [CTA, STAMP_WORDS] (the state may go on past them:
     the MLP's tail counters and partials)."""
     W = GridBarrier.STAMP_WORDS
     return barrier[GridBarrier.STATE_WORDS:GridBarrier.STATE_WORDS + W * grid].view(grid, W)
 
 
-def record(barrier: torch.Tensor, grid: int, per: dict, spans: list, names) -> None:
-    """Add one launch's stamps (``stamp_words``) to ``per[name] = (medians, maxima)`` over
-    the CTAs and its span to ``spans``."""
-    t = stamp_words(barrier, grid)[:, :6].to(torch.int64).cpu()
+def record(barrier: torch.Tensor, grid: int, per: dict, spans: list, names, order) -> None:
+    """Add one launch's stamps (``stamp_words``, taken in ``order``) to ``per[name] =
+    (medians, maxima)`` over the CTAs and its span to ``spans``."""
+    t = stamp_words(barrier, grid)[:, list(order)].to(torch.int64).cpu()
     t = (t - t[:, :1].min()) % 2**32                 # globaltimer_lo wraps: differences only
-    d = t[:, 1:6] - t[:, 0:5]
+    d = t[:, 1:] - t[:, :-1]
     for k, name in enumerate(names):
         per[name][0].append(float(d[:, k].float().median()))
         per[name][1].append(float(d[:, k].max()))
-    spans.append(float(t[:, 5].max() - t[:, 0].min()))
+    spans.append(float(t[:, -1].max() - t[:, 0].min()))
 
 
 def placement(barrier: torch.Tensor, grid: int, place: list) -> None:
@@ -102,7 +109,7 @@ def mlp_main(a) -> int:
             mlp_block(hidden, p, tuning=tuning, workspace=ws)
             torch.cuda.synchronize()
             if i >= 3:
-                record(ws.barrier, cfg.grid, per, spans, MLP_PHASES)
+                record(ws.barrier, cfg.grid, per, spans, MLP_PHASES, MLP_ORDER)
         rows.append(summary([batch, f"{cfg.num_clusters}x{cfg.cluster_size}"], per, spans, MLP_PHASES))
     print(f"\nFused MLP block phases, µs (median / max over CTAs), Llama-2-7B shape, bf16 ({stamp()}):\n")
     print(markdown_table(["batch", "grid"] + list(MLP_PHASES) + ["span"], rows))
@@ -117,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--launches", type=int, default=40)
     ap.add_argument("--threads", type=int, default=256, help="threads per CTA (AttentionTuning.num_threads)")
     ap.add_argument("--cluster-size", type=int, default=None, help="attention only (default: the planner's)")
+    ap.add_argument("--variant", default="", help="attention only: a tuning variant of bench_attention.py")
     ap.add_argument("--block", choices=["attention", "mlp"], default="attention")
     ap.add_argument("--heads", type=int, default=32, help="attention only (GQA: --kv-heads 8)")
     ap.add_argument("--kv-heads", type=int, default=32)
@@ -130,6 +138,9 @@ def main(argv=None) -> int:
         return mlp_main(a)
     dev, dt, H, heads, kv_heads, hd = "cuda", torch.bfloat16, a.hidden, a.heads, a.kv_heads, 128
     tuning = AttentionTuning(phase_timer=True, num_threads=a.threads)
+    if a.variant:
+        from bench_attention import VARIANTS
+        tuning = dataclasses.replace(VARIANTS[a.variant], phase_timer=True, num_threads=a.threads)
     rows, places = [], []
     print(f"threads per CTA: {a.threads}", flush=True)
     for batch in (int(b) for b in a.batch.split(",")):
@@ -155,12 +166,12 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 if i < 3:
                     continue
-                record(ws.barrier, wcfg.grid, per, spans, PHASES)
+                record(ws.barrier, wcfg.grid, per, spans, PHASES, ATTN_ORDER)
                 placement(ws.barrier, wcfg.grid, place)
             rows.append(summary([batch, ctx], per, spans, PHASES))
             places.append(placement_row([batch, ctx], place))
     print(f"\nFused attention block phases, µs (median / max over CTAs), H={H}, {heads}/{kv_heads} heads x {hd}, "
-          f"bf16 ({stamp()}):\n")
+          f"bf16{', variant ' + a.variant if a.variant else ''} ({stamp()}):\n")
     print(markdown_table(["batch", "context"] + list(PHASES) + ["span"], rows))
     print("\nPlacement (median over launches): SMs holding a CTA, SMs holding two or more, median qkv µs of "
           "CTAs sharing an SM / alone:\n")

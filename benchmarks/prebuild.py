@@ -73,7 +73,7 @@ def _mlp_configs(batches):
     out = [c for H, I in SHAPES for b in (1, 3, 16) for c in plan(b, H, I, residual=b != 3)]
     out += [c for H, I, b in LAYOUT_CASES for lay in ("tiled", "linear") for c in plan(b, H, I, layout=lay)]
     for t in (mlp.MLPTuning(cluster_size=1), mlp.MLPTuning(cluster_size=4, k_parts=2),
-              mlp.MLPTuning(k_parts=1, l2_prefetch=False), mlp.MLPTuning(cluster_size=2, num_clusters=40),
+              mlp.MLPTuning(k_parts=1, l2_prefetch=True), mlp.MLPTuning(cluster_size=2, num_clusters=40),
               mlp.MLPTuning(pipeline=False), mlp.MLPTuning(early_loads=True),
               mlp.MLPTuning(pipeline=False, early_loads=True),
               mlp.MLPTuning(cluster_size=2, num_clusters=40, tail_pieces=None),
@@ -87,7 +87,7 @@ def _mlp_configs(batches):
         for t in MLP_VARIANTS.values():
             out += plan(b, 4096, 11008, tuning=t)
         for H, I in ((4096, 11008), (4096, 14336)):
-            out += plan(b, H, I)
+            out += plan(b, H, I) + plan(b, H, I, tuning=MLP_VARIANTS["prefetch"])
             for v in LINEAR_VARIANTS:
                 out += plan(b, H, I, tuning=variant_tuning(v)[1], layout="linear")
     for b, paged in ((1, False), (4, True)):       # test_decoder_layer_matches_transformers
@@ -123,12 +123,15 @@ def _qkv_test_configs():
     return out
 
 
-def _attn_configs(contexts, batches):
-    """The attention-block kernels: tests/test_attention_block.py and benchmarks/bench_attention.py."""
+def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
+    """The attention-block kernels: tests/test_attention_block.py and benchmarks/bench_attention.py
+    (Llama shapes with ``kv_heads`` KV heads at the default cluster size; every tuning variant of
+    bench_attention.py, or the ``variants`` named; each also with phase stamps, for bench_phases.py)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_attention_block import FUSED_CASES, LAYOUT_CASES, LAYOUT_UNFUSED_CASE, fused_config
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_attention import VARIANTS as ATTN_VARIANTS
+    from cf_cute.attention import default_cluster_size
     from cf_cute.fused.attention_block import AttentionBlockConfig
     out = [fused_config(*c) for c in FUSED_CASES if c[5] is not None]
     for path, i in LAYOUT_CASES:            # test_tiled_and_linear_weights_give_the_same_bits
@@ -144,25 +147,30 @@ def _attn_configs(contexts, batches):
     out += _unfused(16, 32, 32, 128, 4096, 1024, False, True)            # the case that falls back
     out += _unfused(5, 32, 32, 128, 4096, 1024, True, False, 4)          # test_unfused_matches_reference
     out += _unfused(16, 32, 8, 128, 4096, 1024, True, True)              # test_unfused_planned_matches_reference
-    for b in batches:                       # benchmarks/bench_attention.py, Llama-2-7B shape
-        for ctx in contexts:
-            variants = [(4, {k: v for k, v in dataclasses.asdict(t).items() if k != "num_threads"})
-                        for t in ATTN_VARIANTS.values() if t.num_threads == 256]
-            for c, tune in ((4, {}), (4, dict(phase_timer=True)), (2, dict(num_threads=512)),
-                            (2, dict(num_threads=512, phase_timer=True)), (4, dict(w_layout="linear")),
-                            *variants) if b == 1 else ():
-                out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
-                                                head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
-                                                cluster_size=c, **{"w_layout": "tiled", **tune}))
-            if b == 16:
-                out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
-                                                head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
-                                                cluster_size=2, w_layout="tiled"))
-                try:
-                    out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False)
-                    out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False, layout="linear")
-                except ValueError:          # over the 32-bit index limit: the benchmark skips it too
-                    pass
+    for kv in kv_heads:                     # benchmarks/bench_attention.py and bench_phases.py, Llama shapes
+        c = default_cluster_size(kv, 4096)
+        names = list(ATTN_VARIANTS) if variants is None else variants
+        tunings = [{k: v for k, v in dataclasses.asdict(ATTN_VARIANTS[n]).items() if k != "num_threads"}
+                   for n in names if ATTN_VARIANTS[n].num_threads == 256]
+        for b in batches:
+            for ctx in contexts:
+                shapes = [(c, {**t, **p}) for t in [{}] + tunings for p in ({}, dict(phase_timer=True))]
+                if kv == 32:
+                    shapes += [(2, dict(num_threads=512)), (2, dict(num_threads=512, phase_timer=True)),
+                               (4, dict(w_layout="linear"))]
+                for cs, tune in shapes if b == 1 else ():
+                    out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=kv,
+                                                    head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
+                                                    cluster_size=cs, **{"w_layout": "tiled", **tune}))
+                if b == 16 and kv == 32:
+                    out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
+                                                    head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
+                                                    cluster_size=2, w_layout="tiled"))
+                    try:
+                        out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False)
+                        out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False, layout="linear")
+                    except ValueError:      # over the 32-bit index limit: the benchmark skips it too
+                        pass
     return out
 
 
@@ -178,8 +186,9 @@ GROUPS = {"attn": _attn_configs, "qkv": lambda contexts, batches: _qkv_test_conf
           "mlp": lambda contexts, batches: _mlp_configs(batches), "mla": _mla_items}
 
 
-def _select(groups, contexts, batches) -> list:
-    return list(dict.fromkeys(c for g in GROUPS if g in groups for c in GROUPS[g](contexts, batches)))
+def _select(groups, contexts, batches, **attn) -> list:
+    return list(dict.fromkeys(c for g in GROUPS if g in groups
+                              for c in GROUPS[g](contexts, batches, **(attn if g == "attn" else {}))))
 
 
 def _build(cfg):
@@ -219,11 +228,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="1,16")
     ap.add_argument("--only", default=",".join(GROUPS),
                     help=f"comma-separated kernel groups to build, of {', '.join(GROUPS)} (default: all)")
+    ap.add_argument("--kv-heads", default="32", help="attention benchmark shapes: KV heads of 32 query heads")
+    ap.add_argument("--variants", default=None,
+                    help="attention benchmark: tuning variants to build (comma-separated; default all)")
     a = ap.parse_args(argv)
     groups = set(a.only.split(","))
     if groups - set(GROUPS):
         ap.error(f"unknown group(s) {sorted(groups - set(GROUPS))}; choose from {', '.join(GROUPS)}")
-    cfgs = _select(groups, [int(c) for c in a.context.split(",")], [int(b) for b in a.batch.split(",")])
+    cfgs = _select(groups, [int(c) for c in a.context.split(",")], [int(b) for b in a.batch.split(",")],
+                   kv_heads=[int(k) for k in a.kv_heads.split(",")],
+                   variants=None if a.variants is None else [v for v in a.variants.split(",") if v])
     # spawn: on a GPU machine the parent may have touched CUDA, which a forked child cannot re-initialise
     with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
         for cfg, dt in zip(cfgs, ex.map(_build, cfgs)):

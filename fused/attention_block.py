@@ -66,6 +66,10 @@ class AttentionBlockConfig(QKVFields):
     L2 for the W_o rows before the grid barrier; ``pipeline_tiles`` covers the QKV stage only;
     ``w_layout`` is the memory order of both w_qkv and W_o), plus the attention's and the
     block's own."""
+    l2_prefetch: bool = False     # QKVFields' knob, here off: asking L2 for each warp's first QKV tile and for
+                                  # the W_o rows made the block slower (H200, batch 1: MHA 1K 53.1 -> 49.3 µs
+                                  # without, 4K 66.8 -> 62.2, 16K 118.0 -> 113.2, 32K 185.8 -> 181.6; GQA 1K
+                                  # 48.4 -> 46.4, 4K 51.2 -> 49.6)
     attn_unroll: int = 8          # tokens per token group loaded together (H200, batch 1: 4 -> 8 is
                                   # 2.7% faster at 4K, 4.7% at 16K, 6.1% at 32K, level at 1K and GQA)
     attn_fold_budget: int = 1     # heads x tokens folded per softmax rescale (DecodeAttention.fold): one token a
@@ -75,8 +79,10 @@ class AttentionBlockConfig(QKVFields):
     attn_mma_depth: int = 0       # tensor cores: steps of K / V loads in flight a warp (0: at each step's start)
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
-    phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 2 attention
-                                  # done, 3 merge done, 4 grid barrier passed, 5 end)
+    phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 6 RoPE and
+                                  # KV append done, 7 thread 0's attention loop
+                                  # done (the last request's), 2 attention done, 8 (m, l)
+                                  # gathered, 3 merge done, 4 grid barrier passed, 5 end)
 
     @property
     def o_k(self) -> int:
@@ -242,6 +248,7 @@ class AttentionBlock:
                 self.front._cache_store(mK, mTable, b, pos, g, d, sPart[b * R + G * hd + d])
                 self.front._cache_store(mV, mTable, b, pos, g, d, sPart[b * R + (G + 1) * hd + d])
         cute.arch.barrier()
+        self.gbar.stamp(mBar, bidx, 6)
 
         if const_expr(cfg.l2_prefetch and cfg.early_wo_prefetch):       # W_o rows, while attention runs
             prefetch_tiles_l2(mWo, bidx, cfg.grid, (cfg.hidden // 16 + cfg.grid - 1) // cfg.grid, warp,
@@ -252,6 +259,7 @@ class AttentionBlock:
             if const_expr(self.attn.cfg.mma):        # q in sPart is scaled for exp2 already
                 qa = self.attn.load_q_mma_smem(sPart, b * R, lane)
                 self.attn.attend_mma(qa, 1.0, mK, mV, mTable, b, g, start, end, sGM, sGL, sGO)
+                self.gbar.stamp(mBar, bidx, 7)
                 self.attn.merge_stash(sGM, sGL, sGO, sTile)
             else:
                 q = cute.make_rmem_tensor((G, 8), Float32)
@@ -260,6 +268,7 @@ class AttentionBlock:
                         q[h, j] = sPart[b * R + h * hd + d8 * 8 + j]
                 m, l, o = self.attn.new_state()
                 self.attn.attend(mK, mV, mTable, b, g, start, end, q, m, l, o)
+                self.gbar.stamp(mBar, bidx, 7)
                 self.attn.merge_groups(m, l, o, sGM, sGL, sGO, sTile)
             for e in cutlass.range(tidx, G * hd, T, unroll=1):
                 sO[b * G * hd + e] = sTile[e]
@@ -274,6 +283,7 @@ class AttentionBlock:
 
         # ---- merge over the cluster: (m, l) of every CTA, then o scaled and reduce-scattered
         sAll = self.gat_ml.gather(bufs_ml, sML, Int32(0))
+        self.gbar.stamp(mBar, bidx, 8)
         V = self.red_o.per_thread
         n_o = self.red_o.num_elems                  # values per round: B / o_rounds requests
         p0 = self.red_o.thread_offset(tidx)

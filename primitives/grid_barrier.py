@@ -28,9 +28,9 @@ Protocol (thread 0 of each CTA, between two CTA-wide barriers)::
 Only integer atomics, for synchronisation; results stay atomic-free.
 
 Phase stamps (diagnostics, ``GridBarrier(n, stamps=True)``): the state grows to
-``2 + 8 * num_ctas`` words and ``stamp(state, cta, k)`` has thread 0 write
-``%globaltimer_lo`` to ``state[2 + 8 * cta + k]`` (k < 7); stamp 0 also writes
-the CTA's ``%smid`` to word 7 (``SMID_WORD``), so a reader can see how the
+``2 + 16 * num_ctas`` words and ``stamp(state, cta, k)`` has thread 0 write
+``%globaltimer_lo`` to ``state[2 + 16 * cta + k]`` (k < 15); stamp 0 also writes
+the CTA's ``%smid`` to word 15 (``SMID_WORD``), so a reader can see how the
 launch was placed (two CTAs on one SM stream at half speed each). Without
 stamps it compiles to nothing. ``state_words`` gives the size for the host.
 """
@@ -102,8 +102,8 @@ def max_resident_clusters(cluster_size: int, smem_bytes: int | None = None, num_
 
 class GridBarrier:
     STATE_WORDS = 2       # [count, generation]
-    STAMP_WORDS = 8       # per CTA, after the state, with stamps
-    SMID_WORD = 7         # of a CTA's stamp words: its %smid (written with stamp 0)
+    STAMP_WORDS = 16      # per CTA, after the state, with stamps
+    SMID_WORD = 15        # of a CTA's stamp words: its %smid (written with stamp 0)
 
     def __init__(self, num_ctas: int, stamps: bool = False):
         if not isinstance(num_ctas, int) or num_ctas <= 0:
@@ -120,6 +120,7 @@ class GridBarrier:
     def stamp(self, mState: cute.Tensor, cta: Int32, k: cutlass.Constexpr[int]):
         """Phase stamp k of CTA ``cta`` (thread 0), when built with ``stamps``."""
         if const_expr(self.stamps):
+            assert 0 <= k < self.SMID_WORD, f"stamp index {k} out of range"
             if cute.arch.thread_idx()[0] == 0:
                 mState[self.STATE_WORDS + cta * self.STAMP_WORDS + k] = cute.arch.globaltimer_lo()
                 if const_expr(k == 0):

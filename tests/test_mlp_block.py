@@ -33,7 +33,7 @@ def _weights(H, I, device, dtype):
 @pytest.mark.parametrize("cluster,clusters,batch", [(1, 132, 1), (2, 66, 16), (4, 30, 3), (8, 16, 1)])
 def test_compiles_with_dsmem_and_grid_barrier(cluster, clusters, batch):
     cfg = MLPBlockConfig(batch=batch, hidden=4096, intermediate=11008, num_clusters=clusters,
-                         cluster_size=cluster, has_residual=True)
+                         cluster_size=cluster, has_residual=True, l2_prefetch=True)
     ptx = compile_for_inspection(MLPBlock, cfg, arg_specs(cfg)).__ptx__
     assert "mma.sync.aligned.m16n8k16" in ptx and "atom.global.acq_rel.add" in ptx
     assert "cp.async.bulk.prefetch.L2" in ptx
@@ -53,7 +53,7 @@ def test_tiled_weights_compile_to_the_same_loads(batch):
     counts = {}
     for layout in ("linear", "tiled"):
         cfg = MLPBlockConfig(batch=batch, hidden=4096, intermediate=11008, num_clusters=66, cluster_size=2,
-                             w_layout=layout)
+                             w_layout=layout, l2_prefetch=True)
         ptx = compile_for_inspection(MLPBlock, cfg, arg_specs(cfg)).__ptx__
         counts[layout] = [ptx.count(s) for s in ("ld.global.v4", "mma.sync", "cp.async.bulk.prefetch.L2")]
     assert counts["tiled"] == counts["linear"] and min(counts["tiled"]) > 0
@@ -195,7 +195,7 @@ def test_tiled_and_linear_weights_give_the_same_bits(H, I, batch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tuning", [MLPTuning(cluster_size=1), MLPTuning(cluster_size=4, k_parts=2),
-                                    MLPTuning(k_parts=1, l2_prefetch=False), MLPTuning(cluster_size=2, num_clusters=40),
+                                    MLPTuning(k_parts=1, l2_prefetch=True), MLPTuning(cluster_size=2, num_clusters=40),
                                     MLPTuning(pipeline=False), MLPTuning(early_loads=True),
                                     MLPTuning(pipeline=False, early_loads=True),
                                     MLPTuning(cluster_size=2, num_clusters=40, tail_pieces=None),
