@@ -27,7 +27,7 @@ from cf_cute.attention import AttentionTuning, attention_block, attention_block_
 VARIANTS = {"unroll4": AttentionTuning(unroll=4), "prefetch": AttentionTuning(l2_prefetch=True),
             "attn-unroll4": AttentionTuning(attn_unroll=4), "pipeline": AttentionTuning(pipeline_tiles=True),
             "early-wo": AttentionTuning(early_wo_prefetch=True, l2_prefetch=True),
-            "threads512": AttentionTuning(num_threads=512),
+            "threads512": AttentionTuning(num_threads=512), "threads128": AttentionTuning(num_threads=128),
             "fold8": AttentionTuning(attn_fold_budget=8),     # softmax rescales shared by 8 / G tokens
             "attn-cuda-cores": AttentionTuning(attn_tensor_cores=False),   # GQA attention on CUDA cores
             "attn-depth1": AttentionTuning(attn_mma_depth=1)}  # GQA: the next step's loads in flight

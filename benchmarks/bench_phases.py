@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="1")
     ap.add_argument("--sets", type=int, default=8)
     ap.add_argument("--launches", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=256, help="threads per CTA (AttentionTuning.num_threads)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads per CTA (AttentionTuning.num_threads; default: the variant's or the block's)")
     ap.add_argument("--cluster-size", type=int, default=None, help="attention only (default: the planner's)")
     ap.add_argument("--variant", default="", help="attention only: a tuning variant of bench_attention.py")
     ap.add_argument("--block", choices=["attention", "mlp"], default="attention")
@@ -137,12 +138,13 @@ def main(argv=None) -> int:
     if a.block == "mlp":
         return mlp_main(a)
     dev, dt, H, heads, kv_heads, hd = "cuda", torch.bfloat16, a.hidden, a.heads, a.kv_heads, 128
-    tuning = AttentionTuning(phase_timer=True, num_threads=a.threads)
+    threads = {} if a.threads is None else dict(num_threads=a.threads)
+    tuning = AttentionTuning(phase_timer=True, **threads)
     if a.variant:
         from bench_attention import VARIANTS
-        tuning = dataclasses.replace(VARIANTS[a.variant], phase_timer=True, num_threads=a.threads)
+        tuning = dataclasses.replace(VARIANTS[a.variant], phase_timer=True, **threads)
     rows, places = [], []
-    print(f"threads per CTA: {a.threads}", flush=True)
+    print(f"threads per CTA: {tuning.num_threads}", flush=True)
     for batch in (int(b) for b in a.batch.split(",")):
         for ctx in (int(c) for c in a.context.split(",")):
             L = ctx + 1
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
                                     cluster_size=a.cluster_size)   # builds the workspace
                     from cf_cute.attention import _workspaces
                     wcfg, ws = next((k[0], v) for k, v in _workspaces.items()
-                                    if k[0].phase_timer and k[0].num_threads == a.threads and k[0].max_len == L)
+                                    if k[0].phase_timer and k[0].num_threads == tuning.num_threads
+                                    and k[0].max_len == L)
                 attention_block(hidden, p, kc, vc, positions, cos, sin, tuning=tuning, workspace=ws,
                                 cluster_size=a.cluster_size)
                 torch.cuda.synchronize()

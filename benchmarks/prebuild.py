@@ -150,8 +150,8 @@ def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
     for kv in kv_heads:                     # benchmarks/bench_attention.py and bench_phases.py, Llama shapes
         c = default_cluster_size(kv, 4096)
         names = list(ATTN_VARIANTS) if variants is None else variants
-        tunings = [{k: v for k, v in dataclasses.asdict(ATTN_VARIANTS[n]).items() if k != "num_threads"}
-                   for n in names if ATTN_VARIANTS[n].num_threads == 256]
+        tunings = [{k: v for k, v in dataclasses.asdict(ATTN_VARIANTS[n]).items() if k != "num_threads" or kv != 32}
+                   for n in names if ATTN_VARIANTS[n].num_threads == 256 or kv != 32]
         for b in batches:
             for ctx in contexts:
                 shapes = [(c, {**t, **p}) for t in [{}] + tunings for p in ({}, dict(phase_timer=True))]

@@ -63,13 +63,11 @@ _STEP = 32
 @dataclasses.dataclass(frozen=True)
 class AttentionBlockConfig(QKVFields):
     """The QKV stage's fields (:class:`~.qkv_rope.QKVFields`; ``l2_prefetch`` also asks
-    L2 for the W_o rows before the grid barrier; ``pipeline_tiles`` covers the QKV stage only;
+    L2 for the W_o rows before the grid barrier -- off: on the H200 at batch 1 the block is
+    faster without, MHA 1K 53.1 -> 49.3 µs, 4K 66.8 -> 62.2, 16K 118.0 -> 113.2, 32K
+    185.8 -> 181.6, GQA 1K 48.4 -> 46.4, 4K 51.2 -> 49.6; ``pipeline_tiles`` covers the QKV stage only;
     ``w_layout`` is the memory order of both w_qkv and W_o), plus the attention's and the
     block's own."""
-    l2_prefetch: bool = False     # QKVFields' knob, here off: asking L2 for each warp's first QKV tile and for
-                                  # the W_o rows made the block slower (H200, batch 1: MHA 1K 53.1 -> 49.3 µs
-                                  # without, 4K 66.8 -> 62.2, 16K 118.0 -> 113.2, 32K 185.8 -> 181.6; GQA 1K
-                                  # 48.4 -> 46.4, 4K 51.2 -> 49.6)
     attn_unroll: int = 8          # tokens per token group loaded together (H200, batch 1: 4 -> 8 is
                                   # 2.7% faster at 4K, 4.7% at 16K, 6.1% at 32K, level at 1K and GQA)
     attn_fold_budget: int = 1     # heads x tokens folded per softmax rescale (DecodeAttention.fold): one token a

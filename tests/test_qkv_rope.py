@@ -1,5 +1,6 @@
 """Fused (residual) + RMSNorm + QKV + RoPE + KV append (first half of issue 3)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -64,7 +65,8 @@ def test_tiled_weights_compile_to_the_same_loads(grid_wide):
                 torch.empty(512, 64, dtype=torch.float32, device="meta"), torch.empty(1, 512, 8, 128, **m), None)
         kw = dict(num_heads=32, num_kv_heads=8, rope_style="neox", eps=1e-5, has_residual=False, layout=layout)
         cfg = qkv_project_config(*args, **kw) if grid_wide else qkv_rope_config(*args, cluster_size=4, **kw)
-        assert cfg.w_layout == layout
+        assert cfg.w_layout == layout and not cfg.l2_prefetch
+        cfg = dataclasses.replace(cfg, l2_prefetch=True)           # the knob's loads keep their count too
         ptx = compile_for_inspection(QKVProject if grid_wide else QKVRope, cfg, arg_specs(cfg)).__ptx__
         counts[layout] = [ptx.count(s) for s in ("ld.global.v4", "mma.sync", "cp.async.bulk.prefetch.L2")]
     assert counts["tiled"] == counts["linear"] and min(counts["tiled"]) > 0
