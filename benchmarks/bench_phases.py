@@ -15,7 +15,8 @@ reduce; rope_append = RoPE and the KV append (two CTA barriers); attend = thread
 0's attention loop (the CTA's share of the tokens, warp 0's stream); stash = the
 rest of the CTA's warps, their merge and the copy out; gather = the cluster
 gather of (m, l), i.e. waiting for the cluster's slowest CTA; merge = the scaled o
-reduce-scatter and cluster barrier; wait = the grid barrier; o_proj = phase B. "span" is the launch from the first CTA's start to the last CTA's end.
+reduce-scatter and cluster barrier; wait = the grid barrier; o_proj = phase B.
+"span" is the launch from the first CTA's start to the last CTA's end.
 Timer reads cost a few ns; the stamps are for attribution, the benchmark of
 record is bench_attention.py.
 """
