@@ -147,6 +147,10 @@ def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
     out += _unfused(16, 32, 32, 128, 4096, 1024, False, True)            # the case that falls back
     out += _unfused(5, 32, 32, 128, 4096, 1024, True, False, 4)          # test_unfused_matches_reference
     out += _unfused(16, 32, 8, 128, 4096, 1024, True, True)              # test_unfused_planned_matches_reference
+    for i in (3, 5):                        # test_gqa_attention_knobs
+        knob = fused_config(*FUSED_CASES[i])
+        out += [dataclasses.replace(knob, attn_mma_depth=1), dataclasses.replace(knob, attn_tensor_cores=False),
+                dataclasses.replace(knob, num_threads=128)]
     for kv in kv_heads:                     # benchmarks/bench_attention.py and bench_phases.py, Llama shapes
         c = default_cluster_size(kv, 4096)
         names = list(ATTN_VARIANTS) if variants is None else variants
