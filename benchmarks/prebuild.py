@@ -82,12 +82,12 @@ def _mlp_configs(batches):
     out += plan(4, 2048, 8192)
     out += plan(16, 4096, 11008, tuning=mlp.MLPTuning(tail_pieces=None))   # test_deterministic_graph_capturable...
     out += plan(3, 2048, 8192, tuning=mlp.MLPTuning(pdl=True))     # test_chained_launches_overlap_safely
+    # benchmarks/bench_layer.py: every MLP variant at Llama-2-7B's shape, the prefetch one at Llama-3-8B's
     for b in batches:
-        out += plan(b, 4096, 11008)
-        for t in MLP_VARIANTS.values():
-            out += plan(b, 4096, 11008, tuning=t)
-        for H, I in ((4096, 11008), (4096, 14336)):
-            out += plan(b, H, I) + plan(b, H, I, tuning=MLP_VARIANTS["prefetch"])
+        for H, I, tunings in ((4096, 11008, MLP_VARIANTS.values()), (4096, 14336, [MLP_VARIANTS["prefetch"]])):
+            out += plan(b, H, I)
+            for t in tunings:
+                out += plan(b, H, I, tuning=t)
             for v in LINEAR_VARIANTS:
                 out += plan(b, H, I, tuning=variant_tuning(v)[1], layout="linear")
     for b, paged in ((1, False), (4, True)):       # test_decoder_layer_matches_transformers
@@ -154,8 +154,9 @@ def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
     for kv in kv_heads:                     # benchmarks/bench_attention.py and bench_phases.py, Llama shapes
         c = default_cluster_size(kv, 4096)
         names = list(ATTN_VARIANTS) if variants is None else variants
-        tunings = [{k: v for k, v in dataclasses.asdict(ATTN_VARIANTS[n]).items() if k != "num_threads" or kv != 32}
-                   for n in names if ATTN_VARIANTS[n].num_threads == 256 or kv != 32]
+        # MHA's 512-thread variants run at clusters of 2: the extra shapes below
+        tunings = [dataclasses.asdict(ATTN_VARIANTS[n]) for n in names
+                   if kv != 32 or ATTN_VARIANTS[n].num_threads == 256]
         for b in batches:
             for ctx in contexts:
                 shapes = [(c, {**t, **p}) for t in [{}] + tunings for p in ({}, dict(phase_timer=True))]
