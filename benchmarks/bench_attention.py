@@ -28,9 +28,11 @@ VARIANTS = {"unroll4": AttentionTuning(unroll=4), "prefetch": AttentionTuning(l2
             "attn-unroll4": AttentionTuning(attn_unroll=4), "pipeline": AttentionTuning(pipeline_tiles=True),
             "early-wo": AttentionTuning(early_wo_prefetch=True, l2_prefetch=True),
             "threads512": AttentionTuning(num_threads=512), "threads128": AttentionTuning(num_threads=128),
+            "threads256": AttentionTuning(num_threads=256),    # GQA: 128 threads by default since session 12
             "fold8": AttentionTuning(attn_fold_budget=8),     # softmax rescales shared by 8 / G tokens
             "attn-cuda-cores": AttentionTuning(attn_tensor_cores=False),   # GQA attention on CUDA cores
-            "attn-depth1": AttentionTuning(attn_mma_depth=1)}  # GQA: the next step's loads in flight
+            "attn-depth1": AttentionTuning(attn_mma_depth=1),  # GQA: the next step's loads in flight
+            "attn-depth0": AttentionTuning(attn_mma_depth=0)}  # GQA: loads at each step's start
 from cf_cute.reference import AttentionWeights, rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

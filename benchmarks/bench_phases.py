@@ -145,7 +145,6 @@ def main(argv=None) -> int:
         from bench_attention import VARIANTS
         tuning = dataclasses.replace(VARIANTS[a.variant], phase_timer=True, **threads)
     rows, places = [], []
-    print(f"threads per CTA: {tuning.num_threads}", flush=True)
     for batch in (int(b) for b in a.batch.split(",")):
         for ctx in (int(c) for c in a.context.split(",")):
             L = ctx + 1
@@ -163,8 +162,9 @@ def main(argv=None) -> int:
                                     cluster_size=a.cluster_size)   # builds the workspace
                     from cf_cute.attention import _workspaces
                     wcfg, ws = next((k[0], v) for k, v in _workspaces.items()
-                                    if k[0].phase_timer and k[0].num_threads == tuning.num_threads
+                                    if k[0].phase_timer and tuning.num_threads in (None, k[0].num_threads)
                                     and k[0].max_len == L)
+                    print(f"threads per CTA: {wcfg.num_threads}", flush=True)
                 attention_block(hidden, p, kc, vc, positions, cos, sin, tuning=tuning, workspace=ws,
                                 cluster_size=a.cluster_size)
                 torch.cuda.synchronize()

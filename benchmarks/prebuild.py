@@ -79,7 +79,7 @@ def _mlp_configs(batches):
               mlp.MLPTuning(cluster_size=2, num_clusters=40, tail_pieces=None),
               mlp.MLPTuning(cluster_size=1, num_clusters=120, tail_pieces=None)):
         out += plan(5, 2048, 8192, torch.float16, tuning=t)
-    out += plan(4, 2048, 8192)
+    out += plan(4, 2048, 8192) + plan(2, 2048, 8192)
     out += plan(16, 4096, 11008, tuning=mlp.MLPTuning(tail_pieces=None))   # test_deterministic_graph_capturable...
     out += plan(3, 2048, 8192, tuning=mlp.MLPTuning(pdl=True))     # test_chained_launches_overlap_safely
     # benchmarks/bench_layer.py: every MLP variant at Llama-2-7B's shape, the prefetch one at Llama-3-8B's
@@ -90,12 +90,12 @@ def _mlp_configs(batches):
                 out += plan(b, H, I, tuning=t)
             for v in LINEAR_VARIANTS:
                 out += plan(b, H, I, tuning=variant_tuning(v)[1], layout="linear")
-    for b, paged in ((1, False), (4, True)):       # test_decoder_layer_matches_transformers
+    for b, paged in ((1, False), (2, True)):       # test_decoder_layer_matches_transformers
         out.append(AttentionBlockConfig(batch=b, hidden=2048, num_heads=32, num_kv_heads=8, head_dim=64,
                                         max_len=256, max_positions=256, cluster_size=16, paged=paged,
                                         num_pages=b * 256 // 16 + 5 if paged else 0, w_layout="tiled"))
     # tests/test_runner.py's small Llama (hidden 512, 8/2 heads of 64, intermediate 1024, cache 256)
-    for b in (1, 3):
+    for b in (1, 2):
         out += plan(b, 512, 1024)
         out.append(AttentionBlockConfig(batch=b, hidden=512, num_heads=8, num_kv_heads=2, head_dim=64,
                                         max_len=256, max_positions=256, cluster_size=16, w_layout="tiled"))
@@ -131,7 +131,7 @@ def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
     from test_attention_block import FUSED_CASES, LAYOUT_CASES, LAYOUT_UNFUSED_CASE, fused_config
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_attention import VARIANTS as ATTN_VARIANTS
-    from cf_cute.attention import default_cluster_size
+    from cf_cute.attention import FUSED_MAX_BATCH, default_cluster_size
     from cf_cute.fused.attention_block import AttentionBlockConfig
     out = [fused_config(*c) for c in FUSED_CASES if c[5] is not None]
     for path, i in LAYOUT_CASES:            # test_tiled_and_linear_weights_give_the_same_bits
@@ -148,22 +148,23 @@ def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
     out += _unfused(5, 32, 32, 128, 4096, 1024, True, False, 4)          # test_unfused_matches_reference
     out += _unfused(16, 32, 8, 128, 4096, 1024, True, True)              # test_unfused_planned_matches_reference
     for i in (3, 5):                        # test_gqa_attention_knobs
-        knob = fused_config(*FUSED_CASES[i])
-        out += [dataclasses.replace(knob, attn_mma_depth=1), dataclasses.replace(knob, attn_tensor_cores=False),
-                dataclasses.replace(knob, num_threads=128)]
+        out += [fused_config(*FUSED_CASES[i], attn_mma_depth=0), fused_config(*FUSED_CASES[i], attn_tensor_cores=False),
+                fused_config(*FUSED_CASES[i], num_threads=256)]
     for kv in kv_heads:                     # benchmarks/bench_attention.py and bench_phases.py, Llama shapes
         c = default_cluster_size(kv, 4096)
         names = list(ATTN_VARIANTS) if variants is None else variants
         # MHA's 512-thread variants run at clusters of 2: the extra shapes below
         tunings = [dataclasses.asdict(ATTN_VARIANTS[n]) for n in names
-                   if kv != 32 or ATTN_VARIANTS[n].num_threads == 256]
+                   if kv != 32 or ATTN_VARIANTS[n].num_threads in (None, 256)]
         for b in batches:
             for ctx in contexts:
                 shapes = [(c, {**t, **p}) for t in [{}] + tunings for p in ({}, dict(phase_timer=True))]
                 if kv == 32:
                     shapes += [(2, dict(num_threads=512)), (2, dict(num_threads=512, phase_timer=True)),
                                (4, dict(w_layout="linear"))]
-                for cs, tune in shapes if b == 1 else ():
+                # batch > 1: the automatic single launch (up to FUSED_MAX_BATCH) with each variant, unstamped
+                fused = shapes if b == 1 else [(c, t) for t in [{}] + tunings] if b <= FUSED_MAX_BATCH else []
+                for cs, tune in fused:
                     out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=kv,
                                                     head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
                                                     cluster_size=cs, **{"w_layout": "tiled", **tune}))
@@ -171,11 +172,12 @@ def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
                     out.append(AttentionBlockConfig(batch=b, hidden=4096, num_heads=32, num_kv_heads=32,
                                                     head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
                                                     cluster_size=2, w_layout="tiled"))
-                    try:
-                        out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False)
+                try:                        # --unfused: the three launches
+                    out += _unfused(b, 32, kv, 128, 4096, ctx + 1, False, False) if b > 1 else []
+                    if b == 16 and kv == 32:
                         out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False, layout="linear")
-                    except ValueError:      # over the 32-bit index limit: the benchmark skips it too
-                        pass
+                except ValueError:          # over the 32-bit index limit: the benchmark skips it too
+                    pass
     return out
 
 

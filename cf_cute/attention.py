@@ -52,10 +52,13 @@ __all__ = ["PackedAttention", "pack_attention", "linear_attention", "attention_b
 
 
 # Above this batch the automatic choice is the three-launch path: the single launch attends to
-# its requests one after another inside each CTA, and at batch 16 (clusters of 2, one per KV
-# head) ran at 0.58-0.85x the torch CUDA-graph block on an H200 where three launches keep up
-# with torch (benchmarks/RESULTS.md). An explicit cluster_size still forces the single launch.
-FUSED_MAX_BATCH = 8
+# its requests one after another inside each CTA, on one cluster per KV head. H200, Llama-2-7B and
+# Llama-3-8B shapes, 1K / 4K / 16K (benchmarks/RESULTS.md, session 12): the single launch is
+# faster at batch 2 (MHA 56.8 / 82.1 / 186.2 µs against 64.3 / 92.0 / 202.1; GQA 51.1 / 60.8 /
+# 99.0 against 57.1 / 63.4 / 98.1), three launches from batch 3 on (GQA 56.0 / 67.7 / 113.4 against
+# 60.8 / 72.8 / 116.3; batch 8 60.2 / 94.1 / 229.3 against 93.0 / 130.2 / 277.9). An explicit
+# cluster_size still forces the single launch.
+FUSED_MAX_BATCH = 2
 
 _BLOCK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AttentionBlockConfig)}
 
@@ -68,12 +71,12 @@ class AttentionTuning:
     attn_unroll: int = _BLOCK_DEFAULTS["attn_unroll"]
     attn_fold_budget: int = _BLOCK_DEFAULTS["attn_fold_budget"]
     attn_tensor_cores: bool = _BLOCK_DEFAULTS["attn_tensor_cores"]
-    attn_mma_depth: int = _BLOCK_DEFAULTS["attn_mma_depth"]
+    attn_mma_depth: int | None = _BLOCK_DEFAULTS["attn_mma_depth"]
     l2_prefetch: bool = _BLOCK_DEFAULTS["l2_prefetch"]
     pipeline_tiles: bool = _BLOCK_DEFAULTS["pipeline_tiles"]
     early_wo_prefetch: bool = _BLOCK_DEFAULTS["early_wo_prefetch"]
     phase_timer: bool = _BLOCK_DEFAULTS["phase_timer"]       # per-CTA stamps in workspace.barrier[2:]
-    num_threads: int = _BLOCK_DEFAULTS["num_threads"]
+    num_threads: int | None = _BLOCK_DEFAULTS["num_threads"]
     pdl: bool = _BLOCK_DEFAULTS["pdl"]                       # programmatic dependent launch
 
 

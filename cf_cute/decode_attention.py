@@ -42,26 +42,27 @@ def sm_count(device: torch.device) -> int:
 
 
 def default_cluster_size(batch: int, num_kv_heads: int, sm_count: int = 132, *, tensor_cores: bool = False) -> int:
-    """CTAs per (request, KV head).
+    """CTAs per (request, KV head): a power of two, measured alone on an H200 (Llama-2-7B and
+    Llama-3-8B shapes, 1K / 4K / 16K; benchmarks/RESULTS.md, sessions 5 and 12).
 
-    CUDA cores (MHA): one when the (request, KV head) pairs alone give most SMs a CTA,
-    else enough splits of the context for about two CTAs per SM (at most 8). Measured
-    alone on an H200 (benchmarks/RESULTS.md, session 5): Llama-2-7B shape at batch 16
-    (512 pairs) ran 75 µs at 1K with one CTA per pair against 96 µs with clusters of 4,
-    and 254 against 293 µs at 4K; at batch 1 clusters of 8 were best or within 10% of it.
+    CUDA cores (MHA, 256 threads a CTA): one when the (request, KV head) pairs alone give
+    every SM three CTAs (batch 16, 512 pairs: 75 µs at 1K against 96 with clusters of 4), else
+    the smallest of 2, 4, 8 that gives about two CTAs an SM or more: batch 1 clusters of 8
+    (256 CTAs), batch 2 of 4 (16K: 131.7 µs against 160.3 with 8), batch 3 of 4, batch 4 to 8
+    of 2 (batch 4, 16K: 253.8 µs against 341.2 with one CTA a pair and 310.0 with 4).
 
-    Tensor cores (GQA, :func:`default_num_threads` = 128 threads a CTA, two CTAs an SM):
-    as many as keep every CTA resident in one wave, ``2 * sm_count // pairs`` (1 to 16).
-    H200, 8 KV heads (RESULTS.md, session 10): batch 9 (72 pairs) took 149 µs at 16K with
-    3 against 176 with 4 (a second wave) and 178 with 1; batch 16 (128 pairs) is level
-    with 1 and 2."""
+    Tensor cores (GQA, :func:`default_num_threads` = 128 threads a CTA): the largest of 16, 8,
+    4, 2, 1 with at most 1.5 CTAs an SM (more do not fit the SMs' clusters in one wave):
+    8 KV heads, 16K, batch 2 clusters of 8 (53.1 µs against 65.7 with 16), batch 4 to 6 of 4
+    (batch 4: 93.2 against 105.7 with 8), batch 8 of 2 (159.6 against 192.1 with 4), batch 16
+    of 1 (level with 2)."""
     pairs = batch * num_kv_heads
     if tensor_cores:
-        return max(1, min(16, 2 * sm_count // pairs))
-    if 4 * pairs >= 3 * sm_count:
+        return next(c for c in (16, 8, 4, 2, 1) if 2 * pairs * c <= 3 * sm_count or c == 1)
+    if pairs >= 3 * sm_count:
         return 1
     c = 2
-    while c < 8 and pairs * c < 2 * sm_count:
+    while c < 8 and 10 * pairs * c < 19 * sm_count:
         c *= 2
     return c
 

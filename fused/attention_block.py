@@ -49,7 +49,7 @@ from cutlass import Float32, Int32, const_expr
 from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
-from .decode_attention import MMA_MAX_THREADS, DecodeAttention, DecodeAttentionConfig
+from .decode_attention import MMA_MAX_THREADS, DecodeAttention, DecodeAttentionConfig, takes_tensor_cores
 from .mma_gemv import weight_view
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .qkv_rope import QKVFields, QKVRope, QKVRopeConfig
@@ -74,13 +74,27 @@ class AttentionBlockConfig(QKVFields):
                                   # rescale here (H200, GQA batch 1: 8, i.e. 2 tokens, was 1-3% slower; more
                                   # spills in the 128 registers)
     attn_tensor_cores: bool = True    # GQA: the attention on tensor cores (DecodeAttention.attend_mma)
-    attn_mma_depth: int = 0       # tensor cores: steps of K / V loads in flight a warp (0: at each step's start)
+    attn_mma_depth: int | None = None  # tensor cores: steps of K / V loads in flight a warp beyond the current one
+                                  # (0: at each step's start); None: 1 at 128 threads (221 registers, no
+                                  # stack), else 0 (the 128-register cap of two 256-thread CTAs an SM).
+                                  # H200, GQA, 128 threads, depth 1 vs 0: 16K 62.9 vs 67.3 µs at batch 1,
+                                  # 89.0 vs 99.0 at batch 2; level at 1K and 4K
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
+    num_threads: int | None = None    # threads a CTA; None: 128 when the attention runs on tensor cores (GQA;
+                                  # two CTAs an SM), else 256. H200, Llama-3-8B shape, batch 1, 128 vs 256
+                                  # threads: 43.3 vs 45.6 µs at 1K, 47.7 vs 50.3 at 4K, 66.1 vs 65.4 at 16K
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 6 RoPE and
                                   # KV append done, 7 thread 0's attention loop
                                   # done (the last request's), 2 attention done, 8 (m, l)
                                   # gathered, 3 merge done, 4 grid barrier passed, 5 end)
+
+    def __post_init__(self):
+        if self.num_threads is None:          # resolved here, so every construction plans the same CTA
+            tc = takes_tensor_cores(self.num_heads, self.num_kv_heads, self.attn_tensor_cores)
+            object.__setattr__(self, "num_threads", 128 if tc else 256)
+        if self.attn_mma_depth is None:
+            object.__setattr__(self, "attn_mma_depth", 1 if self.num_threads <= 128 else 0)
 
     @property
     def o_k(self) -> int:

@@ -52,12 +52,13 @@ FUSED_CASES = [
 ]
 
 
-def fused_config(heads, kv_heads, hd, H, batch, cluster, paged, residual, rope, L=1024, layout="tiled"):
-    """The config ``attention_block`` plans for these operands (weights as pack_attention gives them)."""
+def fused_config(heads, kv_heads, hd, H, batch, cluster, paged, residual, rope, L=1024, layout="tiled", **knobs):
+    """The config ``attention_block`` plans for these operands (weights as pack_attention gives
+    them; ``knobs``: AttentionTuning's fields)."""
     return AttentionBlockConfig(batch=batch, hidden=H, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
                                 max_len=L, max_positions=L, cluster_size=cluster or 4, paged=paged,
                                 num_pages=batch * L // 16 + 5 if paged else 0, rope_style=rope,
-                                has_residual=residual, w_layout=layout)
+                                has_residual=residual, w_layout=layout, **knobs)
 
 
 @pytest.mark.parametrize("case", FUSED_CASES[:2] + FUSED_CASES[3:4])
@@ -98,8 +99,32 @@ def test_fused_config_errors():
         AttentionBlock(fused_config(32, 32, 128, 4000, 1, 4, False, False, "neox"))
     with pytest.raises(ValueError, match="64-bit indexing"):            # 16 x 32769 x 32 x 128 >= 2^31
         fused_config(32, 32, 128, 4096, 16, 4, False, False, "neox", L=32769).validate()
-    with pytest.raises(ValueError, match="does not fit"):
-        AttentionBlock(fused_config(32, 8, 128, 4096, 16, 1, False, False, "neox"))
+    with pytest.raises(ValueError, match="does not fit"):              # (at the default 128 threads it fits)
+        AttentionBlock(fused_config(32, 8, 128, 4096, 16, 1, False, False, "neox", num_threads=256))
+
+
+def test_fused_config_threads_default():
+    """128 threads a CTA when the attention runs on tensor cores (GQA), else 256; resolved in
+    the config itself, so the torch API, the tests and the prebuild plan the same kernel."""
+    from cf_cute.attention import AttentionTuning, attention_block_config
+    assert fused_config(*FUSED_CASES[3]).num_threads == 128                            # GQA
+    assert fused_config(*FUSED_CASES[3], attn_tensor_cores=False).num_threads == 256   # GQA on CUDA cores
+    assert fused_config(*FUSED_CASES[0]).num_threads == 256                            # MHA
+    assert fused_config(*FUSED_CASES[3], num_threads=256).num_threads == 256
+    # one more step of K / V loads in flight a warp where 128 threads leave the registers for it
+    assert fused_config(*FUSED_CASES[3]).attn_mma_depth == 1
+    assert fused_config(*FUSED_CASES[3], num_threads=256).attn_mma_depth == 0
+    assert fused_config(*FUSED_CASES[0]).attn_mma_depth == 0
+    assert AttentionTuning().num_threads is None
+    heads, kv_heads, hd, H, batch, cluster, paged, residual, rope = FUSED_CASES[3]
+    packed = pack_attention(_weights(H, heads, kv_heads, hd, "cpu", torch.bfloat16), num_heads=heads,
+                            num_kv_heads=kv_heads, rope_style=rope)
+    kc, _, table = make_kv_cache(batch, 1024, kv_heads, hd, paged, "cpu", torch.bfloat16)
+    for tuning in (None, AttentionTuning(attn_tensor_cores=False)):
+        cfg = attention_block_config(torch.empty(batch, H, dtype=torch.bfloat16), packed, kc,
+                                     rope_tables(1024, hd, 500000.0)[0], table, cluster_size=cluster,
+                                     has_residual=residual, tuning=tuning)
+        assert cfg == fused_config(*FUSED_CASES[3], **dataclasses.asdict(tuning or AttentionTuning()))
 
 
 def _run_case(case, fn, L=1024, positions=None, **extra):
@@ -203,12 +228,14 @@ def test_gqa_attention_knobs(case_index):
     case = FUSED_CASES[case_index]
     out, ref, kc, vc, ref_cache, args, kw = _run_case(case, attention_block)
     hidden, packed, k0, v0, positions, cos, sin = args
-    for tuning in (AttentionTuning(attn_mma_depth=1), AttentionTuning(attn_tensor_cores=False),
-                   AttentionTuning(num_threads=128)):
+    threads = fused_config(*case).num_threads
+    for tuning in (AttentionTuning(attn_mma_depth=0), AttentionTuning(attn_tensor_cores=False),
+                   AttentionTuning(num_threads=256)):
         k2, v2 = kc.clone(), vc.clone()                # the append rewrites the same slots
         again = attention_block(hidden, packed, k2, v2, positions, cos, sin, out=torch.full_like(out, float("nan")),
                                 tuning=tuning, **kw)
-        same_threads = tuning.num_threads == AttentionTuning().num_threads
+        same_threads = fused_config(*case, attn_tensor_cores=tuning.attn_tensor_cores,
+                                    num_threads=tuning.num_threads).num_threads == threads
         if tuning.attn_tensor_cores and same_threads:
             assert torch.equal(again, out), tuning
         else:
@@ -225,14 +252,14 @@ def test_unfused_plan_sizes_divide_the_shapes():
     # the sizes measured fastest on an H200 (benchmarks/RESULTS.md, session 5)
     assert unfused_plan(16, 4096, 32, 32, 128) == UnfusedPlan(qkv=None, attn=1, wo=8, wo_block_m=128)
     assert unfused_plan(16, 4096, 32, 32, 80).qkv == 8      # head_dim 80: no grid-wide QKV
-    # GQA takes the tensor-core kernel: one wave of two 128-thread CTAs an SM (session 10)
-    assert unfused_plan(16, 4096, 32, 8, 128).attn == 2
-    assert unfused_plan(9, 4096, 32, 8, 128).attn == 3
-    assert unfused_plan(1, 4096, 32, 8, 128).attn == 16
+    # GQA takes the tensor-core kernel: a power of two, at most 1.5 CTAs an SM (session 12)
+    assert [unfused_plan(B, 4096, 32, 8, 128).attn for B in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]
+    # MHA on CUDA cores: about two CTAs an SM or more, one a pair from three CTAs an SM on
+    assert [unfused_plan(B, 4096, 32, 32, 128).attn for B in (1, 2, 3, 4, 8, 16)] == [8, 4, 4, 2, 2, 1]
     for B, H, heads, kv, hd in ((1, 2080, 13, 1, 160), (16, 3072, 24, 8, 128), (3, 512, 8, 2, 64)):
         p = unfused_plan(B, H, heads, kv, hd)
         assert (p.qkv is None or H % (32 * p.qkv) == 0) and (heads * hd) % (32 * p.wo) == 0 and H % p.wo_block_m == 0
-        assert 1 <= p.attn <= 16 and p.attn * B * kv <= 2 * 132 or p.attn == 1
+        assert 1 <= p.attn <= 16 and (p.attn & (p.attn - 1)) == 0
 
 
 @pytest.mark.gpu

@@ -77,11 +77,12 @@ def test_bad_requests_are_clear_errors(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 3, 10])
+@pytest.mark.parametrize("batch", [1, 2, 10])
 def test_fused_decode_matches_transformers(tmp_path, batch):
     """Greedy generation on the fused kernels agrees with transformers' for 32 steps,
     and every request's logits at every decode step match transformers' forward pass on
-    the same tokens (batch 10: the three-launch attention path, GQA on tensor cores)."""
+    the same tokens (batch 1 and 2: the single-launch attention block; batch 10: the
+    three-launch path, GQA on tensor cores)."""
     hf = _tiny_hf(tmp_path).cuda()
     model = LlamaModel.from_pretrained(tmp_path, max_batch=batch, max_len=256)
     prompts = [[int(t) for t in torch.randint(0, 384, (n,))] for n in (17, 5, 33, 9, 2, 40, 12, 3, 27, 20)[:batch]]
