@@ -51,14 +51,15 @@ def default_cluster_size(batch: int, num_kv_heads: int, sm_count: int = 132, *, 
     (256 CTAs), batch 2 of 4 (16K: 131.7 µs against 160.3 with 8), batch 3 of 4, batch 4 to 8
     of 2 (batch 4, 16K: 253.8 µs against 341.2 with one CTA a pair and 310.0 with 4).
 
-    Tensor cores (GQA, :func:`default_num_threads` = 128 threads a CTA): the largest of 16, 8,
-    4, 2, 1 with at most 1.5 CTAs an SM (more do not fit the SMs' clusters in one wave):
-    8 KV heads, 16K, batch 2 clusters of 8 (53.1 µs against 65.7 with 16), batch 4 to 6 of 4
-    (batch 4: 93.2 against 105.7 with 8), batch 8 of 2 (159.6 against 192.1 with 4), batch 16
-    of 1 (level with 2)."""
+    Tensor cores (GQA): the largest power of two (16 at most) whose grid runs in one wave at
+    two CTAs an SM (:func:`_one_wave`), then :func:`default_num_threads` takes 256 threads
+    where one CTA an SM holds the grid. 8 KV heads, 16K (session 12): batch 2 clusters of 8
+    (53.1 µs against 65.7 with 16), batch 4 to 6 of 4 (batch 4: 92.5 against 104.1 with 8),
+    batch 8 of 2 at 256 threads (127.3, the floor, against 158.9 at 128 threads and 190.0 with
+    4), batch 16 of 2 (243.1 against 306.1 with 1)."""
     pairs = batch * num_kv_heads
     if tensor_cores:
-        return next(c for c in (16, 8, 4, 2, 1) if 2 * pairs * c <= 3 * sm_count or c == 1)
+        return next(c for c in (16, 8, 4, 2, 1) if _one_wave(pairs * c, c, 2, sm_count) or c == 1)
     if pairs >= 3 * sm_count:
         return 1
     c = 2
@@ -67,10 +68,23 @@ def default_cluster_size(batch: int, num_kv_heads: int, sm_count: int = 132, *, 
     return c
 
 
-def default_num_threads(tensor_cores: bool) -> int:
-    """Threads a CTA: 128 on tensor cores (about 200 registers a thread: two CTAs an SM),
-    256 on CUDA cores."""
-    return 128 if tensor_cores else 256
+def _one_wave(ctas: int, cluster_size: int, per_sm: int, sm_count: int) -> bool:
+    """Whether ``ctas`` CTAs in clusters of ``cluster_size``, ``per_sm`` CTAs an SM, run in one
+    wave: clusters of 4 or more live inside a GPC and leave about a tenth of the SMs without one
+    (an H100 holds 30 clusters of 4 at one CTA an SM, 120 CTAs on 132 SMs)."""
+    slots = per_sm * sm_count
+    return ctas <= (slots if cluster_size <= 2 else 9 * slots // 10)
+
+
+def default_num_threads(tensor_cores: bool, ctas: int | None = None, cluster_size: int = 1,
+                        sm_count: int = 132) -> int:
+    """Threads a CTA: on CUDA cores 256; on tensor cores 128 (about 200 registers a thread:
+    two CTAs an SM), or 256 when the grid of ``ctas`` runs in one wave at one CTA an SM (twice
+    the warps at the same residency: batch 8, 8 KV heads, clusters of 2, 16K 127.3 against
+    158.9 µs, H200, session 12)."""
+    if not tensor_cores:
+        return 256
+    return 256 if ctas is not None and _one_wave(ctas, cluster_size, 1, sm_count) else 128
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,9 @@ def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     check_tensor("k_cache", k_cache, dtype=q.dtype, shape=(None, None, None, hd), cuda=False)
     check_tensor("v_cache", v_cache, dtype=q.dtype, shape=tuple(k_cache.shape), cuda=False)
     kv_heads = k_cache.shape[2]
-    threads = tuning.num_threads or default_num_threads(takes_tensor_cores(heads, kv_heads, tuning.tensor_cores))
+    threads = tuning.num_threads or default_num_threads(takes_tensor_cores(heads, kv_heads, tuning.tensor_cores),
+                                                        B * kv_heads * cluster_size, cluster_size,
+                                                        sm_count(q.device))
     cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
                                 cluster_size=cluster_size, dtype=dtype_name(q.dtype), num_threads=threads,
                                 tensor_cores=tuning.tensor_cores, mma_depth=tuning.mma_depth,

@@ -252,8 +252,8 @@ def test_unfused_plan_sizes_divide_the_shapes():
     # the sizes measured fastest on an H200 (benchmarks/RESULTS.md, session 5)
     assert unfused_plan(16, 4096, 32, 32, 128) == UnfusedPlan(qkv=None, attn=1, wo=8, wo_block_m=128)
     assert unfused_plan(16, 4096, 32, 32, 80).qkv == 8      # head_dim 80: no grid-wide QKV
-    # GQA takes the tensor-core kernel: a power of two, at most 1.5 CTAs an SM (session 12)
-    assert [unfused_plan(B, 4096, 32, 8, 128).attn for B in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]
+    # GQA takes the tensor-core kernel: a power of two, one wave at two CTAs an SM (session 12)
+    assert [unfused_plan(B, 4096, 32, 8, 128).attn for B in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 2]
     # MHA on CUDA cores: about two CTAs an SM or more, one a pair from three CTAs an SM on
     assert [unfused_plan(B, 4096, 32, 32, 128).attn for B in (1, 2, 3, 4, 8, 16)] == [8, 4, 4, 2, 2, 1]
     for B, H, heads, kv, hd in ((1, 2080, 13, 1, 160), (16, 3072, 24, 8, 128), (3, 512, 8, 2, 64)):

@@ -26,6 +26,26 @@ def test_compiles(cluster, heads, kv_heads, hd, paged):
         assert "mapa.shared::cluster" in ptx and "barrier.cluster" in ptx
 
 
+def test_default_grid_and_threads():
+    """The automatic (cluster size, threads) of a 132-SM Hopper, measured best on an H200
+    (benchmarks/RESULTS.md, session 12): GQA keeps its grid to one wave at two 128-thread
+    CTAs an SM and takes 256 threads where one CTA an SM holds the grid; MHA 256 threads."""
+    from cf_cute.decode_attention import decode_attention_config, default_cluster_size
+    m = dict(device="meta", dtype=torch.bfloat16)
+
+    def plan(B, heads, kv):
+        c = default_cluster_size(B, kv, tensor_cores=heads > kv)
+        k = torch.empty(B, 1024, kv, 128, **m)
+        return c, decode_attention_config(torch.empty(B, heads, 128, **m), k, k, None, c).num_threads
+    assert [plan(B, 32, 8) for B in (1, 2, 4, 6, 8, 16)] == [(16, 128), (8, 128), (4, 128), (4, 128), (2, 256),
+                                                            (2, 128)]
+    assert [plan(B, 32, 32) for B in (1, 2, 3, 4, 8, 16)] == [(8, 256), (4, 256), (4, 256), (2, 256), (2, 256),
+                                                             (1, 256)]
+    k = torch.empty(8, 1024, 8, 128, **m)                    # an explicit thread count is kept
+    assert decode_attention_config(torch.empty(8, 32, 128, **m), k, k, None, 2,
+                                   DecodeAttentionTuning(num_threads=128)).num_threads == 128
+
+
 def test_bad_config_and_inputs_raise():
     with pytest.raises(ValueError, match="head_dim"):
         DecodeAttentionConfig(batch=1, num_heads=4, num_kv_heads=4, head_dim=96, max_len=16).validate()
