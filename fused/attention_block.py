@@ -82,8 +82,9 @@ class AttentionBlockConfig(QKVFields):
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     num_threads: int | None = None    # threads a CTA; None: 128 when the attention runs on tensor cores (GQA;
-                                  # two CTAs an SM), else 256. H200, Llama-3-8B shape, batch 1, 128 vs 256
-                                  # threads: 43.3 vs 45.6 µs at 1K, 47.7 vs 50.3 at 4K, 66.1 vs 65.4 at 16K
+                                  # two CTAs an SM), else 256. H200, Llama-3-8B shape, batch 1, 128 threads
+                                  # (depth 1) vs 256 (depth 0): 44.2 vs 46.2 µs at 1K, 48.1 vs 50.1 at 4K,
+                                  # 62.9 vs 65.4 at 16K
     phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 6 RoPE and
                                   # KV append done, 7 thread 0's attention loop
                                   # done (the last request's), 2 attention done, 8 (m, l)
