@@ -7,6 +7,10 @@ turns each compile (5-30 s of device time) into a load of a few ms.
 
     CF_CUTE_CACHE_DIR=.device/cfcache python benchmarks/prebuild.py [--jobs 2] [--context 1024,4096]
         [--only attn,qkv,mlp,mla]
+
+With ``--pick DIR`` the entries of the selected kernels, and only those, are also copied
+into DIR: keep a full cache elsewhere (``CF_CUTE_CACHE_DIR=~/cfcache``) and ship only what a
+device call needs (``--pick .device/cfcache``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -199,6 +204,14 @@ def _select(groups, contexts, batches, **attn) -> list:
 
 
 def _build(cfg):
+    """Seconds to build (or load) ``cfg`` into the disk cache (-1: nothing to build), and the
+    cache entries it touched."""
+    from cf_cute.jit import cache_files
+    seen = len(cache_files())
+    return _build_one(cfg), cache_files()[seen:]
+
+
+def _build_one(cfg):
     from cf_cute import decode_attention, gemv, qkv_rope
     from cf_cute.attention import _fused_kernel
     from cf_cute.fused.attention_block import AttentionBlockConfig, AttentionBlock
@@ -238,6 +251,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", default="32", help="attention benchmark shapes: KV heads of 32 query heads")
     ap.add_argument("--variants", default=None,
                     help="attention benchmark: tuning variants to build (comma-separated; default all)")
+    ap.add_argument("--pick", default=None, metavar="DIR",
+                    help="also copy the selected kernels' cache entries (and only those) into DIR, e.g. "
+                         ".device/cfcache: a device call carries 64 MiB, the DSL bundle 54 of them")
     a = ap.parse_args(argv)
     groups = set(a.only.split(","))
     if groups - set(GROUPS):
@@ -247,9 +263,18 @@ def main(argv=None) -> int:
                    variants=None if a.variants is None else [v for v in a.variants.split(",") if v])
     # spawn: on a GPU machine the parent may have touched CUDA, which a forked child cannot re-initialise
     with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-        for cfg, dt in zip(cfgs, ex.map(_build, cfgs)):
+        picked = set()
+        for cfg, (dt, files) in zip(cfgs, ex.map(_build, cfgs)):
             name = f"{cfg[0].__name__} {cfg[1]}" if isinstance(cfg, tuple) else cfg
             print(f"{dt:6.1f} s  {name}", flush=True)
+            picked.update(files)
+    if a.pick:
+        for f in sorted(picked):            # <cache dir>/<DSL version>/<digest>.o
+            dest = Path(a.pick) / f.parent.name
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / f.name)
+        print(f"picked {len(picked)} entries, {sum(f.stat().st_size for f in picked) / 2**20:.1f} MiB, "
+              f"into {a.pick}", flush=True)
     return 0
 
 

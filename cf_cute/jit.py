@@ -45,6 +45,7 @@ __all__ = [
     "source_fingerprint",
     "cache_dir",
     "clear_memory_cache",
+    "cache_files",
 ]
 
 _DTYPE_NAMES = ("bfloat16", "float16", "float32", "int32", "int64", "uint8", "int8")
@@ -172,6 +173,13 @@ def cache_dir() -> Path | None:
 
 _memory: dict[CacheKey, Any] = {}
 _lock = threading.Lock()
+_files: list[Path] = []     # disk-cache entries this process loaded or wrote, in order
+
+
+def cache_files() -> list[Path]:
+    """The disk-cache entries this process has loaded or written, in order (for shipping
+    only the entries a run needs, e.g. ``benchmarks/prebuild.py --pick``)."""
+    return list(_files)
 
 
 def clear_memory_cache() -> None:
@@ -257,6 +265,8 @@ def compile_kernel(kernel_cls: type, cfg, args: Sequence, *, disk: bool = True) 
                 fn = _disk_load(path, fname)
             else:
                 fn = compiled
+        if path is not None:
+            _files.append(path)
         _memory[key] = fn
         return fn
 

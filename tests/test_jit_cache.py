@@ -17,9 +17,11 @@ def test_disk_cache_reloads_without_recompiling(tmp_path, monkeypatch):
     monkeypatch.setenv("CF_CUTE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CF_CUTE_DISK_CACHE", "1")
     jit.clear_memory_cache()
+    seen = len(jit.cache_files())
     f1 = jit.compile_kernel(SplitKGemv, CFG, ARGS)
     files = list(tmp_path.rglob("*.o"))
     assert len(files) == 1 and files[0].stat().st_size > 0
+    assert jit.cache_files()[seen:] == files                       # the entry written is recorded
     assert jit.compile_kernel(SplitKGemv, CFG, ARGS) is f1         # memory hit
     jit.clear_memory_cache()
 
@@ -28,6 +30,7 @@ def test_disk_cache_reloads_without_recompiling(tmp_path, monkeypatch):
     monkeypatch.setattr(jit, "_compile", no_compile)
     f2 = jit.compile_kernel(SplitKGemv, CFG, ARGS)                 # disk hit
     assert callable(f2) and f2 is not f1
+    assert jit.cache_files()[seen:] == files * 2                   # the entry loaded is recorded too
 
 
 def test_key_changes_with_config_args_and_version(monkeypatch):
