@@ -84,7 +84,7 @@ def _mlp_configs(batches):
               mlp.MLPTuning(cluster_size=2, num_clusters=40, tail_pieces=None),
               mlp.MLPTuning(cluster_size=1, num_clusters=120, tail_pieces=None)):
         out += plan(5, 2048, 8192, torch.float16, tuning=t)
-    out += plan(4, 2048, 8192) + plan(2, 2048, 8192)
+    out += plan(4, 2048, 8192)                                     # test_matches_transformers_llama_mlp
     out += plan(16, 4096, 11008, tuning=mlp.MLPTuning(tail_pieces=None))   # test_deterministic_graph_capturable...
     out += plan(3, 2048, 8192, tuning=mlp.MLPTuning(pdl=True))     # test_chained_launches_overlap_safely
     # benchmarks/bench_layer.py: every MLP variant at Llama-2-7B's shape, the prefetch one at Llama-3-8B's
@@ -96,6 +96,7 @@ def _mlp_configs(batches):
             for v in LINEAR_VARIANTS:
                 out += plan(b, H, I, tuning=variant_tuning(v)[1], layout="linear")
     for b, paged in ((1, False), (2, True)):       # test_decoder_layer_matches_transformers
+        out += plan(b, 2048, 8192)
         out.append(AttentionBlockConfig(batch=b, hidden=2048, num_heads=32, num_kv_heads=8, head_dim=64,
                                         max_len=256, max_positions=256, cluster_size=16, paged=paged,
                                         num_pages=b * 256 // 16 + 5 if paged else 0, w_layout="tiled"))

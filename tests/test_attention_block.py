@@ -260,6 +260,7 @@ def test_unfused_plan_sizes_divide_the_shapes():
         p = unfused_plan(B, H, heads, kv, hd)
         assert (p.qkv is None or H % (32 * p.qkv) == 0) and (heads * hd) % (32 * p.wo) == 0 and H % p.wo_block_m == 0
         assert 1 <= p.attn <= 16 and (p.attn & (p.attn - 1)) == 0
+        assert p.attn * B * kv <= 2 * 132 or p.attn == 1            # GQA: one wave at two CTAs an SM
 
 
 @pytest.mark.gpu
