@@ -10,6 +10,9 @@ graph per set and the replays are timed with CUDA events (median).
                                          [--heads 32 --kv-heads 32 --hidden 4096]
                                          [--clusters 2,4] [--unfused]
 
+Head dim = hidden / heads. ``--unfused`` adds the single launch at its automatic cluster size
+("1 launch") and the three launches ("3 launches") beside the automatic choice.
+
 Floor = (QKV + O weights + the KV cache read) / measured read bandwidth.
 """
 
@@ -21,7 +24,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from cf_cute.attention import AttentionTuning, attention_block, attention_block_unfused, linear_attention
+from cf_cute.attention import (AttentionTuning, attention_block, attention_block_unfused, default_cluster_size,
+                               linear_attention)
 
 # tuning variants timed with --variants (name -> AttentionTuning), at the auto cluster size
 VARIANTS = {"unroll4": AttentionTuning(unroll=4), "prefetch": AttentionTuning(l2_prefetch=True),
@@ -32,7 +36,8 @@ VARIANTS = {"unroll4": AttentionTuning(unroll=4), "prefetch": AttentionTuning(l2
             "fold8": AttentionTuning(attn_fold_budget=8),     # softmax rescales shared by 8 / G tokens
             "attn-cuda-cores": AttentionTuning(attn_tensor_cores=False),   # GQA attention on CUDA cores
             "attn-depth1": AttentionTuning(attn_mma_depth=1),  # GQA: the next step's loads in flight
-            "attn-depth0": AttentionTuning(attn_mma_depth=0)}  # GQA: loads at each step's start
+            "attn-depth0": AttentionTuning(attn_mma_depth=0),  # GQA: loads at each step's start
+            "early-b": AttentionTuning(early_phase_b=True)}    # W_o's first loads before the grid barrier
 from cf_cute.reference import AttentionWeights, rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -79,7 +84,7 @@ def graphed(fn):
 def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: float, clusters, unfused: bool,
         variants=()):
     dev, dt = "cuda", torch.bfloat16
-    hd = 128
+    hd = H // heads
     L = ctx + 1
     cos, sin = rope_tables(L, hd, 10000.0)
     cos, sin = cos.to(dev), sin.to(dev)
@@ -87,15 +92,16 @@ def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: 
     items = attention_sets(sets, batch, ctx, heads=heads, kv_heads=kv_heads, hidden=H, head_dim=hd)
     results = {}
     names = (["torch eager", "torch graph", "cf_cute auto"] + [f"fused C={c}" for c in clusters]
-             + [f"auto {v}" for v in variants] + (["3 launches"] if unfused else []))
+             + [f"auto {v}" for v in variants] + (["1 launch", "3 launches"] if unfused else []))
+    c1 = default_cluster_size(kv_heads, H)           # the single launch's automatic cluster size
     for name in names:
         fns = []
         for w, packed, kc, vc, hidden in items:
             if name.startswith("torch"):
                 blk = TorchBlock(w, heads, kv_heads, cos, sin, ctx)
                 fns.append(lambda blk=blk, h=hidden, kc=kc, vc=vc: blk(h, kc, vc, positions))
-            elif name.startswith("fused") or name.startswith("cf_cute auto"):
-                c = int(name.split("=")[1]) if "=" in name else None
+            elif name.startswith("fused") or name.startswith("cf_cute auto") or name == "1 launch":
+                c = int(name.split("=")[1]) if "=" in name else c1 if name == "1 launch" else None
                 fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc, c=c:
                            attention_block(h, p, kc, vc, positions, cos, sin, cluster_size=c))
             elif name == "auto linear":          # the same weights in nn.Linear order (pack_attention tiles them)
@@ -142,7 +148,8 @@ def main(argv=None) -> int:
     rows = []
     for batch in (int(b) for b in a.batch.split(",")):
         for ctx in (int(c) for c in a.context.split(",")):
-            per_set = 2 * batch * (ctx + 1) * a.kv_heads * 128 * 2 + 2 * (a.heads + a.kv_heads) * 128 * a.hidden * 2
+            hd = a.hidden // a.heads
+            per_set = 2 * batch * (ctx + 1) * a.kv_heads * hd * 2 + 2 * (a.heads + a.kv_heads) * hd * a.hidden * 2
             sets = max(2, min(8, int(a.budget_gb * 1e9 // per_set)))
             res, floor_us, nbytes = run(ctx, batch, a.heads, a.kv_heads, a.hidden, sets, bw, clusters, a.unfused,
                                         [v for v in a.variants.split(",") if v])
@@ -150,7 +157,7 @@ def main(argv=None) -> int:
                 if name.startswith("torch"):
                     continue
                 rows.append(result_row([batch, ctx, sets], res, name, nbytes, bw))
-    print(f"\nAttention block, H={a.hidden}, {a.heads}/{a.kv_heads} heads x 128, bf16, read bandwidth "
+    print(f"\nAttention block, H={a.hidden}, {a.heads}/{a.kv_heads} heads x {a.hidden // a.heads}, bf16, read bandwidth "
           f"{bw:.0f} GB/s ({stamp()}):\n")
     print(markdown_table(["batch", "context", "sets", "cf_cute"] + RESULT_COLUMNS, rows))
     return 0

@@ -3,7 +3,8 @@ three-launch path, ``cf_cute.decode_attention``): the bandwidth floor, torch eag
 torch CUDA-graph SDPA, and cf_cute's kernel, one row per (KV heads, batch, context).
 ``--variants`` adds a column each: a variant is ``+``-joined settings, ``cuda-cores``
 (the CUDA-core kernel at GQA), ``cN`` (cluster size N), ``tN`` (N threads a CTA), ``dN``
-(tensor cores: N steps of loads in flight a warp), e.g. ``c2+t128``.
+(tensor cores: N steps of loads in flight a warp), ``sN`` (N clusters a request and KV
+head, merged through global memory), e.g. ``c2+s4+t256``.
 
     python benchmarks/bench_decode_attention.py [--kv-heads 8] [--heads 32] [--head-dim 128]
         [--batch 16] [--context 1024,4096,16384] [--variants cuda-cores,c1,c2+t128,d2]
@@ -24,12 +25,9 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import capture_graph, markdown_table, read_bandwidth_gbs, stamp, time_ms  # noqa: E402
 
-from cf_cute.fused.decode_attention import takes_tensor_cores  # noqa: E402
+from cf_cute.decode_attention import DecodeAttentionTuning, decode_attention, decode_attention_config  # noqa: E402
 
-from cf_cute.decode_attention import (DecodeAttentionTuning, decode_attention, default_cluster_size,  # noqa: E402
-                                     sm_count)
-
-_SETTINGS = {"t": "num_threads", "d": "mma_depth"}
+_SETTINGS = {"t": "num_threads", "d": "mma_depth", "s": "splits"}
 
 
 def variant_kwargs(name: str) -> dict:
@@ -43,7 +41,7 @@ def variant_kwargs(name: str) -> dict:
         elif part[:1] in _SETTINGS and part[1:].isdigit():
             tune[_SETTINGS[part[0]]] = int(part[1:])
         else:
-            raise SystemExit(f"unknown variant setting {part!r} in {name!r}: cuda-cores, cN, tN or dN")
+            raise SystemExit(f"unknown variant setting {part!r} in {name!r}: cuda-cores, cN, tN, dN or sN")
     return dict(kw, tuning=DecodeAttentionTuning(**tune))
 
 
@@ -74,7 +72,7 @@ def main() -> None:
     bw = read_bandwidth_gbs()
     print(f"# {stamp()}; read bandwidth {bw:.0f} GB/s", flush=True)
     H, KV, hd = a.heads, a.kv_heads, a.head_dim
-    header = ["KV heads", "batch", "context", "cluster", "floor µs", "torch eager µs", "torch graph µs", "cf_cute µs",
+    header = ["KV heads", "batch", "context", "cluster x splits", "floor µs", "torch eager µs", "torch graph µs", "cf_cute µs",
               "GB/s", "% of floor", "vs torch graph"] + [f"{v} µs" for v in variants]
     rows = []
     for B in map(int, a.batch.split(",")):
@@ -98,8 +96,8 @@ def main() -> None:
 
             t = ours()
             floor = (kv_bytes + 4 * B * H * hd) / (bw * 1e3)
-            c = default_cluster_size(B, KV, sm_count(lengths.device), tensor_cores=takes_tensor_cores(H, KV))
-            row = [KV, B, ctx, c, f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{t:.1f}",
+            cfg = decode_attention_config(*sets[0], None, None)
+            row = [KV, B, ctx, f"{cfg.cluster_size} x {cfg.splits}, {cfg.num_threads} thr", f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{t:.1f}",
                    f"{kv_bytes / t / 1e3:.0f}", f"{100 * floor / t:.0f}%", f"{graph / t:.2f}x"]
             row += [f"{ours(**kw):.1f}" for kw in variants.values()]
             print(" | ".join(map(str, row)), flush=True)

@@ -6,7 +6,7 @@ specs) is the same on the GPU machine, so shipping the cache folder there
 turns each compile (5-30 s of device time) into a load of a few ms.
 
     CF_CUTE_CACHE_DIR=.device/cfcache python benchmarks/prebuild.py [--jobs 2] [--context 1024,4096]
-        [--only attn,qkv,mlp,mla]
+        [--only attn,qkv,mlp,mla,dattn] [--dattn-variants c2+s4+t256,...]
 
 With ``--pick DIR`` the entries of the selected kernels, and only those, are also copied
 into DIR: keep a full cache elsewhere (``CF_CUTE_CACHE_DIR=~/cfcache``) and ship only what a
@@ -62,7 +62,7 @@ def _mlp_configs(batches):
     from cf_cute import mlp
     from cf_cute.fused.attention_block import AttentionBlockConfig
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_mlp_block import LAYOUT_CASES, SHAPES
+    from test_mlp_block import EARLY_PHASE_B_CASES, LAYOUT_CASES, SHAPES
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_layer import LINEAR_VARIANTS, MLP_VARIANTS, variant_tuning
 
@@ -85,6 +85,9 @@ def _mlp_configs(batches):
               mlp.MLPTuning(cluster_size=1, num_clusters=120, tail_pieces=None)):
         out += plan(5, 2048, 8192, torch.float16, tuning=t)
     out += plan(4, 2048, 8192)                                     # test_matches_transformers_llama_mlp
+    for H, I, b, sx in EARLY_PHASE_B_CASES:                        # test_early_phase_b_gives_the_same_bits
+        out += plan(b, H, I, tuning=mlp.MLPTuning(shared_x=sx)) + plan(b, H, I, tuning=mlp.MLPTuning(
+            shared_x=sx, early_phase_b=True))
     out += plan(16, 4096, 11008, tuning=mlp.MLPTuning(tail_pieces=None))   # test_deterministic_graph_capturable...
     out += plan(3, 2048, 8192, tuning=mlp.MLPTuning(pdl=True))     # test_chained_launches_overlap_safely
     # benchmarks/bench_layer.py: every MLP variant at Llama-2-7B's shape, the prefetch one at Llama-3-8B's
@@ -100,11 +103,17 @@ def _mlp_configs(batches):
         out.append(AttentionBlockConfig(batch=b, hidden=2048, num_heads=32, num_kv_heads=8, head_dim=64,
                                         max_len=256, max_positions=256, cluster_size=16, paged=paged,
                                         num_pages=b * 256 // 16 + 5 if paged else 0, w_layout="tiled"))
-    # tests/test_runner.py's small Llama (hidden 512, 8/2 heads of 64, intermediate 1024, cache 256)
-    for b in (1, 2):
-        out += plan(b, 512, 1024)
-        out.append(AttentionBlockConfig(batch=b, hidden=512, num_heads=8, num_kv_heads=2, head_dim=64,
-                                        max_len=256, max_positions=256, cluster_size=16, w_layout="tiled"))
+    # tests/test_runner.py's small Llama (hidden 512, 8/2 heads of 64, intermediate 1024, cache 256; its
+    # MHA twin, 8/8 heads, at batch 2): one launch at batch 1 and 2, three at batch 10
+    for b, kv in ((1, 2), (2, 8), (10, 2)):
+        out += plan(b, 512, 1024) + plan(b, 512, 1024, residual=True)
+        for residual in (False, True):
+            if b <= 2:
+                out.append(AttentionBlockConfig(batch=b, hidden=512, num_heads=8, num_kv_heads=kv, head_dim=64,
+                                                max_len=256, max_positions=256, cluster_size=16,
+                                                has_residual=residual, w_layout="tiled"))
+            else:
+                out += _unfused(b, 8, kv, 64, 512, 256, False, residual)
     return list(dict.fromkeys(out))
 
 
@@ -155,7 +164,7 @@ def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
     out += _unfused(16, 32, 8, 128, 4096, 1024, True, True)              # test_unfused_planned_matches_reference
     for i in (3, 5):                        # test_gqa_attention_knobs
         out += [fused_config(*FUSED_CASES[i], attn_mma_depth=0), fused_config(*FUSED_CASES[i], attn_tensor_cores=False),
-                fused_config(*FUSED_CASES[i], num_threads=256)]
+                fused_config(*FUSED_CASES[i], num_threads=256), fused_config(*FUSED_CASES[i], early_phase_b=True)]
     for kv in kv_heads:                     # benchmarks/bench_attention.py and bench_phases.py, Llama shapes
         c = default_cluster_size(kv, 4096)
         names = list(ATTN_VARIANTS) if variants is None else variants
@@ -179,7 +188,7 @@ def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
                                                     head_dim=128, max_len=ctx + 1, max_positions=ctx + 1,
                                                     cluster_size=2, w_layout="tiled"))
                 try:                        # --unfused: the three launches
-                    out += _unfused(b, 32, kv, 128, 4096, ctx + 1, False, False) if b > 1 else []
+                    out += _unfused(b, 32, kv, 128, 4096, ctx + 1, False, False)
                     if b == 16 and kv == 32:
                         out += _unfused(b, 32, 32, 128, 4096, ctx + 1, False, False, layout="linear")
                 except ValueError:          # over the 32-bit index limit: the benchmark skips it too
@@ -194,14 +203,38 @@ def _mla_items(contexts, batches):
     return mla_prebuild_configs(bench_contexts=tuple(contexts), bench_batches=tuple(batches))
 
 
+def _decode_attention_configs(contexts, batches, kv_heads=(8,), variants=None):
+    """tests/test_decode_attention.py's GPU tests, and benchmarks/bench_decode_attention.py: the
+    default kernel and every ``--dattn-variants`` variant (``c2+s4+t256``, ...) for each KV-head
+    count, batch and context (32 query heads of 128)."""
+    import torch
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_decode_attention import gpu_test_configs
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_decode_attention import variant_kwargs
+    from cf_cute.decode_attention import DecodeAttentionTuning, decode_attention_config
+    m = dict(device="meta", dtype=torch.bfloat16)
+    out = gpu_test_configs()
+    for kv in kv_heads:
+        for b in batches:
+            for ctx in contexts:
+                q, k = torch.empty(b, 32, 128, **m), torch.empty(b, ctx, kv, 128, **m)
+                for kw in [{}] + [variant_kwargs(v) for v in variants or []]:
+                    out.append(decode_attention_config(q, k, k, None, kw.get("cluster_size"),
+                                                       kw.get("tuning", DecodeAttentionTuning())))
+    return out
+
+
 # kernel groups for --only: each a function of (contexts, batches)
 GROUPS = {"attn": _attn_configs, "qkv": lambda contexts, batches: _qkv_test_configs(),
-          "mlp": lambda contexts, batches: _mlp_configs(batches), "mla": _mla_items}
+          "mlp": lambda contexts, batches: _mlp_configs(batches), "mla": _mla_items,
+          "dattn": _decode_attention_configs}
 
 
-def _select(groups, contexts, batches, **attn) -> list:
+def _select(groups, contexts, batches, attn=None, dattn=None) -> list:
+    kw = {"attn": attn or {}, "dattn": dattn or {}}
     return list(dict.fromkeys(c for g in GROUPS if g in groups
-                              for c in GROUPS[g](contexts, batches, **(attn if g == "attn" else {}))))
+                              for c in GROUPS[g](contexts, batches, **kw.get(g, {}))))
 
 
 def _build(cfg):
@@ -252,6 +285,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", default="32", help="attention benchmark shapes: KV heads of 32 query heads")
     ap.add_argument("--variants", default=None,
                     help="attention benchmark: tuning variants to build (comma-separated; default all)")
+    ap.add_argument("--dattn-variants", default="",
+                    help="decode-attention benchmark (group dattn): variants to build beside the default, "
+                         "e.g. c2+s4+t256,c1+s8+t256")
     ap.add_argument("--pick", default=None, metavar="DIR",
                     help="also copy the selected kernels' cache entries (and only those) into DIR, e.g. "
                          ".device/cfcache: a device call carries 64 MiB, the DSL bundle 54 of them")
@@ -259,9 +295,11 @@ def main(argv=None) -> int:
     groups = set(a.only.split(","))
     if groups - set(GROUPS):
         ap.error(f"unknown group(s) {sorted(groups - set(GROUPS))}; choose from {', '.join(GROUPS)}")
+    kv = [int(k) for k in a.kv_heads.split(",")]
     cfgs = _select(groups, [int(c) for c in a.context.split(",")], [int(b) for b in a.batch.split(",")],
-                   kv_heads=[int(k) for k in a.kv_heads.split(",")],
-                   variants=None if a.variants is None else [v for v in a.variants.split(",") if v])
+                   attn=dict(kv_heads=kv, variants=None if a.variants is None
+                             else [v for v in a.variants.split(",") if v]),
+                   dattn=dict(kv_heads=kv, variants=[v for v in a.dattn_variants.split(",") if v]))
     # spawn: on a GPU machine the parent may have touched CUDA, which a forked child cannot re-initialise
     with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
         picked = set()

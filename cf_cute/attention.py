@@ -47,7 +47,8 @@ from cf_cute.tiles import stored_weight, untile_weight
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
 __all__ = ["PackedAttention", "pack_attention", "linear_attention", "attention_block", "attention_block_unfused",
-           "attention_block_config", "default_cluster_size", "FUSED_MAX_BATCH", "AttentionWorkspace",
+           "attention_block_config", "default_cluster_size", "FUSED_MAX_BATCH", "single_launch_pays",
+           "AttentionWorkspace",
            "AttentionTuning", "UnfusedPlan", "unfused_plan", "arg_specs"]
 
 
@@ -57,8 +58,23 @@ __all__ = ["PackedAttention", "pack_attention", "linear_attention", "attention_b
 # faster at batch 2 (MHA 56.8 / 82.1 / 186.2 µs against 64.3 / 92.0 / 202.1; GQA 51.1 / 60.8 /
 # 99.0 against 57.1 / 63.4 / 98.1), three launches from batch 3 on (GQA 56.0 / 67.7 / 113.4 against
 # 60.8 / 72.8 / 116.3; batch 8 60.2 / 94.1 / 229.3 against 93.0 / 130.2 / 277.9). An explicit
-# cluster_size still forces the single launch.
+# cluster_size still forces the single launch. GQA: see single_launch_pays.
 FUSED_MAX_BATCH = 2
+
+
+def single_launch_pays(batch: int, hidden: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether :func:`attention_block`'s automatic choice is the single launch: MHA up to
+    ``FUSED_MAX_BATCH``; GQA (tensor-core attention) only while the weights are small enough
+    for the launch latencies to dominate, ``hidden * (batch + 1) <= 6144``. Since session 13
+    the three-launch path's decode attention splits each (request, KV head) over several
+    clusters and wins elsewhere. H200, µs at 1K / 16K, one launch against three:
+    Llama-3.2-1B shape (hidden 2048) batch 1 23.0 / 35.9 against 29.9 / 39.6, batch 2 27.4 / 51.3
+    against 31.9 / 49.4; Llama-3.2-3B (3072) batch 1 34.8 / 54.0 against 38.1 / 53.9, batch 2
+    42.8 / 79.3 against 40.4 / 68.7; Llama-3-8B (4096) batch 1 44.7 / 63.9 against 43.4 / 59.4,
+    batch 2 52.7 / 89.0 against 45.8 / 74.0."""
+    if batch > FUSED_MAX_BATCH:
+        return False
+    return not takes_tensor_cores(num_heads, num_kv_heads) or hidden * (batch + 1) <= 6144
 
 _BLOCK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AttentionBlockConfig)}
 
@@ -75,6 +91,7 @@ class AttentionTuning:
     l2_prefetch: bool = _BLOCK_DEFAULTS["l2_prefetch"]
     pipeline_tiles: bool = _BLOCK_DEFAULTS["pipeline_tiles"]
     early_wo_prefetch: bool = _BLOCK_DEFAULTS["early_wo_prefetch"]
+    early_phase_b: bool = _BLOCK_DEFAULTS["early_phase_b"]
     phase_timer: bool = _BLOCK_DEFAULTS["phase_timer"]       # per-CTA stamps in workspace.barrier[2:]
     num_threads: int | None = _BLOCK_DEFAULTS["num_threads"]
     pdl: bool = _BLOCK_DEFAULTS["pdl"]                       # programmatic dependent launch
@@ -282,7 +299,10 @@ def _planned(hidden, packed: PackedAttention, k_cache, cos, page_table, has_resi
            None if page_table is None else page_table.shape, has_residual, cluster_size, tuning)
     if key in _plans:
         return _plans[key]
-    if cluster_size is None and hidden.shape[0] > FUSED_MAX_BATCH:
+    B = hidden.shape[0]
+    if cluster_size is None and (B > FUSED_MAX_BATCH if tuning is not None
+                                 else not single_launch_pays(B, hidden.shape[1], packed.num_heads,
+                                                             packed.num_kv_heads)):
         cfg = None
     elif cluster_size is None:         # the largest cluster whose grid is resident at once
         cfg = _auto_config(hidden, packed, k_cache, cos, page_table, has_residual, dev, tuning)
@@ -306,15 +326,19 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
                     tuning: AttentionTuning | None = None) -> torch.Tensor:
     """One launch: (residual add) + RMSNorm + QKV + RoPE + KV append + decode
     attention + output projection + residual. Returns ``out [B, hidden]``.
-    ``cluster_size=None`` takes the largest cluster whose grid (one cluster per
-    KV head) is resident at once on this GPU, and falls back to
-    :func:`attention_block_unfused` when there is none (Llama-2-7B at batch 16:
-    its 128 CTAs of 216 KB do not fit the 120 SMs that hold clusters of 4).
+    ``cluster_size=None`` is the automatic choice: :func:`attention_block_unfused`
+    where :func:`single_launch_pays` says so (GQA above small models; anything above
+    ``FUSED_MAX_BATCH``),
+    else the largest cluster whose grid (one cluster per KV head) is resident at
+    once on this GPU, falling back to the three launches when there is none
+    (Llama-2-7B at batch 16: its 128 CTAs of 216 KB do not fit the 120 SMs that hold
+    clusters of 4). ``tuning`` (the single launch's knobs) takes the single launch up
+    to ``FUSED_MAX_BATCH`` whatever the heads; an explicit ``cluster_size`` at any batch.
     Positions on the CPU are range-checked before the launch; on the GPU they
     are clamped to the cache by the kernel (no host sync)."""
     dev = hidden.device.index if hidden.device.index is not None else 0
     cfg = _planned(hidden, packed, k_cache, cos, page_table, residual is not None, cluster_size, tuning, dev)
-    if cfg is None:                    # three launches (batch above FUSED_MAX_BATCH, or no resident grid)
+    if cfg is None:                    # three launches (single_launch_pays says no, or no resident grid)
         return attention_block_unfused(hidden, packed, k_cache, v_cache, positions, cos, sin,
                                        residual=residual, page_table=page_table, out=out)
     cluster_size = cfg.cluster_size

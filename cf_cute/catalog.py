@@ -78,7 +78,8 @@ def _gemv(cfg: SplitKGemvConfig) -> Entry:
 def _attn_entry(kind: str, kernel_cls: type, cfg, arg_specs, ptx_kind: str | None) -> Entry:
     hidden = f" H={cfg.hidden}" if hasattr(cfg, "hidden") else ""
     return Entry(f"{kind} b={cfg.batch} {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim}{hidden} "
-                 f"C={cfg.cluster_size}{' paged' if cfg.paged else ''}", kernel_cls, cfg, arg_specs(cfg), ptx_kind)
+                 f"C={cfg.cluster_size}{f' S={cfg.splits}' if getattr(cfg, 'splits', 1) > 1 else ''}"
+                 f"{' paged' if cfg.paged else ''}", kernel_cls, cfg, arg_specs(cfg), ptx_kind)
 
 
 def _attention(cfg: DecodeAttentionConfig) -> Entry:
@@ -181,6 +182,9 @@ def entries() -> Iterator[Entry]:
         yield _attention(DecodeAttentionConfig(batch=16, num_heads=32, num_kv_heads=8, head_dim=128,
                                                max_len=4096, cluster_size=c, paged=True, num_pages=4096,
                                                num_threads=128))        # GQA on tensor cores: 128 threads
+    for heads, kv_heads in ((32, 32), (32, 8)):      # clusters merged through global memory
+        yield _attention(DecodeAttentionConfig(batch=4, num_heads=heads, num_kv_heads=kv_heads, head_dim=128,
+                                               max_len=4096, cluster_size=2, splits=2, num_threads=256))
     for heads, kv_heads in ((32, 32), (32, 8)):
         yield _qkv_project(16, heads, kv_heads)
     for batch in (1, 16):

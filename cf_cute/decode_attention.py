@@ -24,7 +24,7 @@ from cf_cute.jit import TensorSpec, compile_kernel
 from cf_cute.validate import check_operands, check_tensor, dtype_name, host_index_checked, kv_cache_layout
 
 __all__ = ["decode_attention", "decode_attention_config", "DecodeAttentionTuning", "default_cluster_size",
-           "default_num_threads", "sm_count", "arg_specs"]
+           "default_num_threads", "default_splits", "sm_count", "arg_specs", "split_state"]
 
 _NAMES = ("q", "k_cache", "v_cache", "page_table", "lengths", "out")
 
@@ -51,14 +51,18 @@ def default_cluster_size(batch: int, num_kv_heads: int, sm_count: int = 132, *, 
     (256 CTAs), batch 2 of 4 (16K: 131.7 µs against 160.3 with 8), batch 3 of 4, batch 4 to 8
     of 2 (batch 4, 16K: 253.8 µs against 341.2 with one CTA a pair and 310.0 with 4).
 
-    Tensor cores (GQA): the largest power of two (16 at most) whose grid runs in one wave at
-    two CTAs an SM (:func:`_one_wave`), then :func:`default_num_threads` takes 256 threads
-    where one CTA an SM holds the grid. 8 KV heads, 16K (session 12): batch 2 clusters of 8
-    (53.1 µs against 65.7 with 16), batch 4 to 6 of 4 (batch 4: 92.5 against 104.1 with 8),
-    batch 8 of 2 at 256 threads (127.3, the floor, against 158.9 at 128 threads and 190.0 with
-    4), batch 16 of 2 (243.1 against 306.1 with 1)."""
+    Tensor cores (GQA): clusters of 2 wherever the pairs' clusters of 2 fit one wave at one
+    CTA an SM; :func:`default_splits` then gives each pair as many clusters as still fit and
+    :func:`default_num_threads` 256 threads: 128 CTAs of eight warps from batch 1 to 8 with 8
+    KV heads (H200, session 13, 16K: batch 1 26.7 µs against 34.7 with one cluster of 16,
+    batch 2 42.6 against 52.9 with 8, batch 4 72.6 against 93.6 with 4; session 12: batch 8
+    127.3, the floor, against 158.9 at 128 threads and 190.0 with 4). Above that, the largest
+    power of two (16 at most) whose grid runs in one wave at two 128-thread CTAs an SM
+    (:func:`_one_wave`): batch 16 clusters of 2 (243.1 against 306.1 with 1)."""
     pairs = batch * num_kv_heads
     if tensor_cores:
+        if _one_wave(pairs * 2, 2, 1, sm_count):
+            return 2
         return next(c for c in (16, 8, 4, 2, 1) if _one_wave(pairs * c, c, 2, sm_count) or c == 1)
     if pairs >= 3 * sm_count:
         return 1
@@ -66,6 +70,25 @@ def default_cluster_size(batch: int, num_kv_heads: int, sm_count: int = 132, *, 
     while c < 8 and 10 * pairs * c < 19 * sm_count:
         c *= 2
     return c
+
+
+def default_splits(batch: int, num_kv_heads: int, cluster_size: int, sm_count: int = 132, *,
+                   tensor_cores: bool = False) -> int:
+    """Clusters a (request, KV head), merged through global memory (``last_arrival``). On
+    tensor cores the largest power of two (16 at most) whose grid of ``cluster_size`` clusters
+    still runs in one wave at one CTA an SM, so that :func:`default_num_threads` takes 256
+    threads: fewer pairs than a wave holds would leave warps idle (H200, 8 KV heads, clusters
+    of 2 at 256 threads, 1K / 4K / 16K: batch 1 with 8 splits 9.4 / 14.4 / 26.7 µs, 16 (two
+    waves) slower; batch 2 with 4 splits 11.4 / 18.6 / 42.6, 8: 16.6 / 25.1 / 50.1; batch 4
+    with 2 splits 14.4 / 27.0 / 72.6, 4: 20.2 / 34.1 / 79.2). 1 on CUDA cores (MHA, not
+    measured with splits) and where the pairs fill a wave already."""
+    if not tensor_cores:
+        return 1
+    pairs = batch * num_kv_heads
+    s = 1
+    while s < 16 and _one_wave(pairs * cluster_size * s * 2, cluster_size, 1, sm_count):
+        s *= 2
+    return s
 
 
 def _one_wave(ctas: int, cluster_size: int, per_sm: int, sm_count: int) -> bool:
@@ -94,33 +117,57 @@ class DecodeAttentionTuning:
     tensor_cores: bool = True         # GQA (2 or more query heads a KV head) on tensor cores; MHA: CUDA cores
     num_threads: int | None = None    # threads a CTA (None: default_num_threads)
     mma_depth: int = 1                # tensor cores: 16-token steps of loads a warp keeps in flight
+    splits: int | None = None         # clusters a (request, KV head) (None: default_splits)
 
 
 def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            page_table: torch.Tensor | None, cluster_size: int,
+                            page_table: torch.Tensor | None, cluster_size: int | None,
                             tuning: DecodeAttentionTuning = DecodeAttentionTuning()) -> DecodeAttentionConfig:
+    """The kernel config for these operands (meta tensors will do); ``cluster_size=None``,
+    ``tuning.splits=None`` and ``tuning.num_threads=None`` take :func:`default_cluster_size`,
+    :func:`default_splits` and :func:`default_num_threads` (in that order)."""
     check_tensor("q", q, dtype=(torch.bfloat16, torch.float16), shape=(None, None, None), cuda=False)
     B, heads, hd = q.shape
     check_tensor("k_cache", k_cache, dtype=q.dtype, shape=(None, None, None, hd), cuda=False)
     check_tensor("v_cache", v_cache, dtype=q.dtype, shape=tuple(k_cache.shape), cuda=False)
     kv_heads = k_cache.shape[2]
-    threads = tuning.num_threads or default_num_threads(takes_tensor_cores(heads, kv_heads, tuning.tensor_cores),
-                                                        B * kv_heads * cluster_size, cluster_size,
-                                                        sm_count(q.device))
+    tc = takes_tensor_cores(heads, kv_heads, tuning.tensor_cores)
+    sms = sm_count(q.device)
+    if cluster_size is None:
+        cluster_size = default_cluster_size(B, kv_heads, sms, tensor_cores=tc)
+    splits = tuning.splits or default_splits(B, kv_heads, cluster_size, sms, tensor_cores=tc)
+    threads = tuning.num_threads or default_num_threads(tc, B * kv_heads * splits * cluster_size, cluster_size, sms)
     cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
                                 cluster_size=cluster_size, dtype=dtype_name(q.dtype), num_threads=threads,
-                                tensor_cores=tuning.tensor_cores, mma_depth=tuning.mma_depth,
+                                tensor_cores=tuning.tensor_cores, mma_depth=tuning.mma_depth, splits=splits,
                                 **kv_cache_layout(k_cache, page_table, B))
     cfg.validate()
     return cfg
 
 
 def arg_specs(cfg: DecodeAttentionConfig) -> list:
-    """Fake-tensor specs of (q, k_cache, v_cache, page_table, lengths, out)."""
+    """Fake-tensor specs of (q, k_cache, v_cache, page_table, lengths, out, work, counters)."""
     q = (cfg.batch, cfg.num_heads, cfg.head_dim)
     return [TensorSpec(cfg.dtype, q), TensorSpec(cfg.dtype, cfg.kv_shape), TensorSpec(cfg.dtype, cfg.kv_shape),
             TensorSpec("int32", cfg.table_shape, align=4), TensorSpec("int32", (cfg.batch,), align=4),
-            TensorSpec(cfg.dtype, q)]
+            TensorSpec(cfg.dtype, q), TensorSpec("float32", (cfg.work_elems,), align=4),
+            TensorSpec("int32", (cfg.count_elems,), align=4)]
+
+
+_split_states: dict = {}
+
+
+def split_state(cfg: DecodeAttentionConfig, device) -> tuple:
+    """The (partials, arrival counters) operands of ``cfg`` on ``device``: allocated (the
+    counters zeroed) on first use and reused by every later call, CUDA-graph replays
+    included (the last arrival resets its counter). One pair a config and device, so two
+    launches of one config must not run concurrently on different streams."""
+    key = (cfg, torch.device(device))
+    st = _split_states.get(key)
+    if st is None:
+        st = _split_states.setdefault(key, (torch.empty(cfg.work_elems, dtype=torch.float32, device=device),
+                                            torch.zeros(cfg.count_elems, dtype=torch.int32, device=device)))
+    return st
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,13 +180,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      out: torch.Tensor | None = None,
                      tuning: DecodeAttentionTuning = DecodeAttentionTuning()) -> torch.Tensor:
     """``cluster_size=None``: :func:`default_cluster_size` for this batch, KV-head
-    count and GPU. GQA caches (2 or more query heads a KV head) take the tensor-core
+    count and GPU; ``tuning.splits=None``: :func:`default_splits` clusters a (request,
+    KV head). GQA caches (2 or more query heads a KV head) take the tensor-core
     kernel (a warp a token stream) unless ``tuning.tensor_cores`` is off; MHA always the
     CUDA-core one."""
-    if cluster_size is None:
-        kv_heads = k_cache.shape[2] if k_cache.dim() == 4 else 1
-        cluster_size = default_cluster_size(q.shape[0], kv_heads, sm_count(q.device),
-                                            tensor_cores=takes_tensor_cores(q.shape[1], kv_heads, tuning.tensor_cores))
     cfg = decode_attention_config(q, k_cache, v_cache, page_table, cluster_size, tuning)
     check_tensor("lengths", lengths, dtype=torch.int32, shape=(cfg.batch,), cuda=False, align=4)
     lengths = host_index_checked(lengths, 1, cfg.max_len, "lengths", q.device)
@@ -151,5 +195,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = torch.empty_like(q)
     check_tensor("out", out, dtype=q.dtype, shape=tuple(q.shape), cuda=False)
     check_operands(_NAMES, q, k_cache, v_cache, page_table, lengths, out, align=(16, 16, 16, 4, 4, 16))
-    _kernel(cfg)(q, k_cache, v_cache, page_table, lengths, out)
+    _kernel(cfg)(q, k_cache, v_cache, page_table, lengths, out, *split_state(cfg, q.device))
     return out

@@ -61,6 +61,7 @@ class MLPTuning:
     num_threads: int = _DEFAULTS["num_threads"]
     pdl: bool = _DEFAULTS["pdl"]            # programmatic dependent launch (overlaps the previous kernel's tail)
     early_loads: bool | None = None       # None: phase A's first W loads before the norm front above batch 8
+    early_phase_b: bool = _DEFAULTS["early_phase_b"]   # phase B's first W_down loads before the grid barrier
     tail_pieces: int | None = 0           # 0: the busiest clusters take the leftover units; None: ``tail_plan``
                                           # (H200, Llama-2-7B: batch 1 81.5 vs 82.2 µs, batch 16 91.0 vs 88.9)
 

@@ -80,6 +80,7 @@ class AttentionBlockConfig(QKVFields):
                                   # H200, GQA, 128 threads, depth 1 vs 0: 16K 62.9 vs 67.3 µs at batch 1,
                                   # 89.0 vs 99.0 at batch 2; level at 1K and 4K
     early_wo_prefetch: bool = False   # ask L2 for the W_o rows before the attention loop, not after
+    early_phase_b: bool = False   # phase B's first block of W_o loads issued before the grid barrier
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     num_threads: int | None = None    # threads a CTA; None: 128 when the attention runs on tensor cores (GQA;
                                   # two CTAs an SM), else 256. H200, Llama-3-8B shape, batch 1, 128 threads
@@ -327,12 +328,18 @@ class AttentionBlock:
         self.gbar.stamp(mBar, bidx, 3)
 
         # ================= grid barrier: all of attn is written
-        self.gbar.sync(mBar)
-        cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its prologue
-        self.gbar.stamp(mBar, bidx, 4)
+        def barrier():
+            self.gbar.sync(mBar)
+            cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its prologue
+            self.gbar.stamp(mBar, bidx, 4)
 
-        # ================= phase B: output projection rows, full K, + h
+        if const_expr(not cfg.early_phase_b):
+            barrier()
+
+        # ================= phase B: output projection rows, full K, + h (early_phase_b: the
+        # barrier runs after the first block of W_o loads is issued)
         MT = cfg.hidden // 16
         residual_gemv_tiles(mWo, mAttn, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
-                            (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual)
+                            (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual,
+                            front=barrier if cfg.early_phase_b else None)
         self.gbar.stamp(mBar, bidx, 5)

@@ -31,9 +31,26 @@ groups (``attend_mma``, :mod:`.decode_attention_mma`)::
                     O^T += V^T P^T   hd/16 m16n8k16, dims on M, P^T = S's accumulators as they lie
              stash (m, l, O) per warp -> merged in warp order -> the same partial tile
 
+Splits (``splits = S > 1``): S clusters a (request, KV head), for grids that one
+cluster a pair leaves too small (few requests, few KV heads). The pair's tokens are
+cut into S x C parts, cluster s taking parts s C .. s C + C - 1; each cluster merges
+its C partials over DSMEM as above, then goes through global memory::
+
+    cluster s, CTA r:   its elements e = r T + tidx, ... of the cluster-merged o
+                        (relative to the cluster's m) -> work[pair, s, e];
+                        (m, l) of every head -> work[pair, s, G hd + r 2G ...]
+                        (a copy a rank: rank r's merge reads only what rank r's
+                        CTAs wrote)
+    last_arrival(count[pair, r], S)   integer atomic; the last of the S rank-r CTAs:
+                        merges elements e of the S rows in split order -> o
+
+    work [pairs, S, G*hd + C*2*G] fp32, count [pairs, C] int32 (zeroed once; the
+    last arrival resets it: graph replays need nothing)
+
 The weights exp2(m_part - m_max) are taken as 0 for empty parts (m = -inf), so
-CTAs with no tokens (n < C) contribute nothing. Deterministic: fixed merge
-orders, no atomics.
+CTAs with no tokens (n < S C) contribute nothing. Deterministic: fixed merge
+orders, no float atomics (the arrival counters are integers and decide only who
+merges, never the order).
 
 Caches: contiguous ``[B, max_len, kv_heads, hd]`` or paged
 ``[num_pages, page_size, kv_heads, hd]`` with ``page_table [B, max_pages]``
@@ -50,16 +67,17 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterGather, cluster_sync
+from cf_cute.primitives import ClusterGather, cluster_sync, last_arrival
 from cf_cute.primitives.plan import check_smem
 
 from ._attn_shape import AttnShape
 from .decode_attention_mma import TensorCoreAttention
 
-__all__ = ["DecodeAttentionConfig", "DecodeAttention", "takes_tensor_cores", "MMA_MAX_THREADS"]
+__all__ = ["DecodeAttentionConfig", "DecodeAttention", "takes_tensor_cores", "MMA_MAX_THREADS", "MAX_SPLITS"]
 
 _LOG2E = 1.4426950408889634
 MMA_MAX_THREADS = 256             # the tensor-core path's ~200 registers a thread fill the register file above this
+MAX_SPLITS = 64
 
 
 def takes_tensor_cores(num_heads: int, num_kv_heads: int, tensor_cores: bool = True) -> bool:
@@ -87,6 +105,7 @@ class DecodeAttentionConfig(AttnShape):
     tensor_cores: bool = True     # GQA (G >= 2): scores and P V on tensor cores, a warp a token stream
                                   # (DecodeAttention.attend_mma); MHA keeps the CUDA-core path
     mma_depth: int = 1            # tensor cores: 16-token steps of K / V loads in flight a warp
+    splits: int = 1               # clusters a (request, KV head), merged through global memory (last_arrival)
 
     @property
     def mma(self) -> bool:
@@ -99,13 +118,30 @@ class DecodeAttentionConfig(AttnShape):
             raise ValueError(f"num_threads must be a multiple of 32 in 32..1024, got {self.num_threads}")
         if self.mma_depth not in (0, 1, 2, 3):
             raise ValueError(f"mma_depth must be 0, 1, 2 or 3, got {self.mma_depth}")
+        if not isinstance(self.splits, int) or not 1 <= self.splits <= MAX_SPLITS:
+            raise ValueError(f"splits must be an integer in 1..{MAX_SPLITS}, got {self.splits!r}")
         if self.mma and self.num_threads > MMA_MAX_THREADS:
             raise ValueError(f"the tensor-core path runs at most {MMA_MAX_THREADS} threads a CTA (about 200 "
                              f"registers a thread fill the register file), got {self.num_threads}")
 
     @property
     def grid(self) -> int:
-        return self.batch * self.num_kv_heads * self.cluster_size
+        return self.batch * self.num_kv_heads * self.splits * self.cluster_size
+
+    @property
+    def work_row(self) -> int:
+        """fp32 words a split's partial takes in the workspace: o [G*hd] | (m, l) [C, 2, G]."""
+        return self.group * self.head_dim + self.cluster_size * 2 * self.group
+
+    @property
+    def work_elems(self) -> int:
+        """fp32 words of the split workspace (1, never read, without splits)."""
+        return self.batch * self.num_kv_heads * self.splits * self.work_row if self.splits > 1 else 1
+
+    @property
+    def count_elems(self) -> int:
+        """int32 arrival counters, one a (request, KV head, cluster rank); 1, never read, without splits."""
+        return self.batch * self.num_kv_heads * self.cluster_size if self.splits > 1 else 1
 
 
 class DecodeAttention(TensorCoreAttention):
@@ -131,13 +167,13 @@ class DecodeAttention(TensorCoreAttention):
         self.fold = max(f for f in range(1, cfg.unroll + 1)
                         if cfg.unroll % f == 0 and f * G <= max(cfg.fold_budget, G))
         self.smem_bytes = (self.gat.smem_bytes + 4 * self.tile_elems + 4 * self.groups * G * (2 + hd)
-                           + 4 * 16)
+                           + 4 * 16 + (16 if cfg.splits > 1 else 0))
         check_smem(f"DecodeAttention({G} heads per KV head, cluster {cfg.cluster_size})", self.smem_bytes)
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
-                 mLen: cute.Tensor, mO: cute.Tensor, stream):
-        self.kernel(mQ, mK, mV, mTable, mLen, mO).launch(
+                 mLen: cute.Tensor, mO: cute.Tensor, mWork: cute.Tensor, mCount: cute.Tensor, stream):
+        self.kernel(mQ, mK, mV, mTable, mLen, mO, mWork, mCount).launch(
             grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1],
             cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
 
@@ -277,18 +313,38 @@ class DecodeAttention(TensorCoreAttention):
                 sPart[G * hd + G + h] = lsum
         cute.arch.barrier()
 
+    @cute.jit
+    def _cluster_merge(self, sAll: cute.Tensor, e: Int32, h: Int32):
+        """Element e (head h) of the cluster's C partial tiles ``sAll``, merged in rank
+        order: (o relative to mx, mx, l relative to mx)."""
+        G, hd, C = self.cfg.group, self.cfg.head_dim, self.cfg.cluster_size
+        mx = -Float32.inf
+        for r in cutlass.range_constexpr(C):
+            mx = cute.arch.fmax(mx, sAll[G * hd + h, r])
+        acc = Float32(0.0)
+        lsum = Float32(0.0)
+        for r in cutlass.range_constexpr(C):
+            w = Float32(0.0)
+            if sAll[G * hd + h, r] != -Float32.inf:
+                w = cute.math.exp2(sAll[G * hd + h, r] - mx, fastmath=True)
+            acc = acc + w * sAll[e, r]
+            lsum = lsum + w * sAll[G * hd + G + h, r]
+        return acc, mx, lsum
+
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
-               mLen: cute.Tensor, mO: cute.Tensor):
+               mLen: cute.Tensor, mO: cute.Tensor, mWork: cute.Tensor, mCount: cute.Tensor):
         cfg = self.cfg
-        G, hd, C, T = cfg.group, cfg.head_dim, cfg.cluster_size, cfg.num_threads
+        G, hd, C, T, S = cfg.group, cfg.head_dim, cfg.cluster_size, cfg.num_threads, cfg.splits
         TPT, NG = self.tpt, self.groups
         tidx = cute.arch.thread_idx()[0]
         bidx = cute.arch.block_idx()[0]
         rank = Int32(cute.arch.block_idx_in_cluster())
         cl = bidx // C
-        b = cl // cfg.num_kv_heads
-        g = cl % cfg.num_kv_heads
+        pair = cl // S                       # (request, KV head)
+        split = cl % S
+        b = pair // cfg.num_kv_heads
+        g = pair % cfg.num_kv_heads
 
         smem = cutlass.memory.SmemAllocator()
         bufs = self.gat.allocate(smem)
@@ -301,8 +357,8 @@ class DecodeAttention(TensorCoreAttention):
 
         # memory safety for unchecked device-side lengths / page indices: clamp
         n = cutlass.max(cutlass.min(mLen[b], Int32(cfg.max_len)), Int32(0))
-        chunk = (n + C - 1) // C
-        start = rank * chunk
+        chunk = (n + S * C - 1) // (S * C)
+        start = (split * C + rank) * chunk
         end = cutlass.min(n, start + chunk)
         if const_expr(cfg.mma):
             qa = self.load_q_mma(mQ, b, g, cute.arch.lane_idx())
@@ -321,19 +377,44 @@ class DecodeAttention(TensorCoreAttention):
         # ---- one DSMEM round: every CTA gets every CTA's partial tile
         cute.arch.cluster_wait()
         sAll = self.gat.gather(bufs, sPart, Int32(0))
-        for e in cutlass.range(rank * T + tidx, G * hd, C * T, unroll=1):
-            h = e // hd
-            mx = -Float32.inf
-            for r in cutlass.range_constexpr(C):
-                mx = cute.arch.fmax(mx, sAll[G * hd + h, r])
-            acc = Float32(0.0)
-            lsum = Float32(0.0)
-            for r in cutlass.range_constexpr(C):
-                w = Float32(0.0)
-                if sAll[G * hd + h, r] != -Float32.inf:
-                    w = cute.math.exp2(sAll[G * hd + h, r] - mx, fastmath=True)
-                acc = acc + w * sAll[e, r]
-                lsum = lsum + w * sAll[G * hd + G + h, r]
-            mO[b, g * G + h, e % hd] = self.dtype(acc / lsum)
-        self.gat.release(bufs, Int32(0))
+        if const_expr(S == 1):
+            for e in cutlass.range(rank * T + tidx, G * hd, C * T, unroll=1):
+                h = e // hd
+                acc, mx, lsum = self._cluster_merge(sAll, e, h)
+                mO[b, g * G + h, e % hd] = self.dtype(acc / lsum)
+            self.gat.release(bufs, Int32(0))
+        else:
+            # ---- splits: this cluster's partial to the workspace, row (pair, split):
+            # o [G*hd] (relative to the cluster's m), then (m, l) [C, 2, G] (a copy a rank,
+            # so that rank r's merge reads only what rank r's CTAs wrote)
+            R = cfg.work_row
+            row = (pair * S + split) * R
+            for e in cutlass.range(rank * T + tidx, G * hd, C * T, unroll=1):
+                acc, mx, lsum = self._cluster_merge(sAll, e, e // hd)
+                mWork[row + e] = acc
+            for h in cutlass.range(tidx, G, T, unroll=1):
+                acc, mx, lsum = self._cluster_merge(sAll, h, h)
+                mWork[row + G * hd + rank * 2 * G + h] = mx
+                mWork[row + G * hd + rank * 2 * G + G + h] = lsum
+            self.gat.release(bufs, Int32(0))
+            sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
+            # ---- the last of the S clusters' rank-r CTAs merges elements e = r*T + tidx, ... in split order
+            if last_arrival(mCount, pair * C + rank, S, sFlag) == Int32(1):
+                base = pair * S * R
+                for e in cutlass.range(rank * T + tidx, G * hd, C * T, unroll=1):
+                    h = e // hd
+                    ml = G * hd + rank * 2 * G + h
+                    mx = -Float32.inf
+                    for sp in cutlass.range_constexpr(S):
+                        mx = cute.arch.fmax(mx, mWork[base + sp * R + ml])
+                    acc = Float32(0.0)
+                    lsum = Float32(0.0)
+                    for sp in cutlass.range_constexpr(S):
+                        ms = mWork[base + sp * R + ml]
+                        w = Float32(0.0)
+                        if ms != -Float32.inf:
+                            w = cute.math.exp2(ms - mx, fastmath=True)
+                        acc = acc + w * mWork[base + sp * R + e]
+                        lsum = lsum + w * mWork[base + sp * R + ml + G]
+                    mO[b, g * G + h, e % hd] = self.dtype(acc / lsum)
         self.gat.teardown()

@@ -89,6 +89,7 @@ class MLPBlockConfig(PairedGrid):
     shared_x: bool = False        # phase B: the CTA's W_down tiles in lock-step (act read once, tile 2 from HBM early)
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
     early_loads: bool = False     # phase A's first block of W loads issued before the norm front
+    early_phase_b: bool = False   # phase B's first block of W_down loads issued before the grid barrier
     w_layout: str = "linear"      # memory order of W_gate_up and W_down (mma_gemv.WEIGHT_LAYOUTS)
     tail_pieces: int = 0          # P > 0: the units past the last full round split in K into P pieces
                                   # over all clusters (module docstring); 0: the busiest clusters take them
@@ -401,13 +402,19 @@ class MLPBlock:
         self.gbar.stamp(mBar, bidx, 3)
 
         # ================= grid barrier: all of act is written
-        self.gbar.sync(mBar)
-        cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its prologue
-        self.gbar.stamp(mBar, bidx, 4)
+        def barrier():
+            self.gbar.sync(mBar)
+            cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its prologue
+            self.gbar.stamp(mBar, bidx, 4)
 
-        # ================= phase B: down projection rows, full K, + h
+        if const_expr(not cfg.early_phase_b):
+            barrier()
+
+        # ================= phase B: down projection rows, full K, + h (early_phase_b: the
+        # barrier runs after the first block of W_down loads is issued)
         MT = cfg.hidden // 16
         residual_gemv_tiles(mWd, mAct, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
                             (MT + cfg.grid - 1) // cfg.grid, B, NW,
-                            cfg.phase_b_unroll, cfg.has_residual, cfg.shared_x)
+                            cfg.phase_b_unroll, cfg.has_residual, cfg.shared_x,
+                            front=barrier if cfg.early_phase_b else None)
         self.gbar.stamp(mBar, bidx, 5)

@@ -195,12 +195,21 @@ def _load_w(mW: cute.Tensor, row0: Int32, kv0: Int32, lane: Int32, s: cutlass.Co
     dst[None, 0, slot].store(cute.local_tile(mW, (1, 8), (row0 + r, kv)).load().reshape((8,)))
     dst[None, 1, slot].store(cute.local_tile(mW, (1, 8), (row0 + r + 8, kv)).load().reshape((8,)))
     if const_expr(x_rows > 0):
-        for nt in cutlass.range_constexpr(n_tiles):
-            n = nt * 8 + r
-            if n < x_rows:
-                xdst[None, nt, slot].store(cute.local_tile(mX, (1, 8), (n, kv)).load().reshape((8,)))
-            else:
-                xdst[None, nt, slot].fill(0.0)
+        _load_x(kv0, lane, s, slot, mX, xdst, x_rows, n_tiles)
+
+
+@cute.jit
+def _load_x(kv0: Int32, lane: Int32, s: cutlass.Constexpr[int], slot: cutlass.Constexpr[int], mX: cute.Tensor,
+            xdst: cute.Tensor, x_rows: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int]):
+    """The x fragments of MMA step s (``mX [x_rows, K]`` global) into ``xdst[:, :, slot]``."""
+    r = lane // 4
+    kv = kv0 + 4 * s + lane % 4
+    for nt in cutlass.range_constexpr(n_tiles):
+        n = nt * 8 + r
+        if n < x_rows:
+            xdst[None, nt, slot].store(cute.local_tile(mX, (1, 8), (n, kv)).load().reshape((8,)))
+        else:
+            xdst[None, nt, slot].fill(0.0)
 
 
 @cute.jit
@@ -245,8 +254,9 @@ def warp_gemv_tile(atom, mW: cute.Tensor, row0: Int32, k0: Int32, sX: cute.Tenso
     column 0 is ``k0``. ``x_rows = B > 0``: ``sX`` is the global ``[B, K]``
     activation itself, read alongside W.
     ``front``: a Python callable traced right after the first block of W loads is
-    issued and before anything reads x, e.g. the RMSNorm that fills ``sX``: the
-    first HBM round trip then runs under it (see :func:`_stream`).
+    issued and before anything reads x, e.g. the RMSNorm that fills ``sX``, or the grid
+    barrier after which a global x (``x_rows > 0``) is complete: the first HBM round
+    trip then runs under it (see :func:`_stream`).
     """
     _stream(atom, mW, [row0], [acc], k0 // 8, sX, lane, k_steps, n_tiles, unroll, x_rows, front=front)
 
@@ -320,15 +330,16 @@ def warp_gemv_rows(atom, mW: cute.Tensor, rows: list, k0: Int32, sX: cute.Tensor
 
 def warp_gemv_tiles_shared_x(atom, mW: cute.Tensor, rows: list, k0: Int32, mX: cute.Tensor, lane: Int32,
                              k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
-                             unroll: cutlass.Constexpr[int], x_rows: cutlass.Constexpr[int]) -> list:
+                             unroll: cutlass.Constexpr[int], x_rows: cutlass.Constexpr[int], front=None) -> list:
     """:func:`warp_gemv_tile` over the 16-row tiles starting at ``rows`` (a Python list of
     row indices) in lock-step: each MMA step loads W of every tile but x (from global,
     ``x_rows`` requests) once, so a CTA that owns several tiles reads its x slice once
     instead of once per tile, and every tile's first HBM reads start at once. Measured
     (H200, the MLP's W_down, two tiles a CTA): 2% faster at batch 1, 4% slower at batch
-    16, where the register blocks per tile must be halved. Returns one accumulator per tile."""
+    16, where the register blocks per tile must be halved. Returns one accumulator per tile.
+    ``front`` as in :func:`warp_gemv_tile` (after every tile's first block of W loads)."""
     accs = [new_acc(n_tiles) for _ in rows]
-    _stream(atom, mW, rows, accs, k0 // 8, mX, lane, k_steps, n_tiles, unroll, x_rows, lockstep=True)
+    _stream(atom, mW, rows, accs, k0 // 8, mX, lane, k_steps, n_tiles, unroll, x_rows, lockstep=True, front=front)
     return accs
 
 
@@ -338,7 +349,8 @@ def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.
     the tiles ``rows[j]`` one after the other (``lockstep``: all of them together,
     x loaded once per step), in blocks of ``unroll`` MMA steps over two register
     buffers, block i+1 loaded before block i is multiplied into ``accs[j]``. ``front()``,
-    when given, is traced between the first block's loads and the first MMA."""
+    when given, is traced between the first block's W loads and the first MMA; a global x
+    (``x_rows > 0``) of the first block is loaded after it."""
     dt = mW.element_type
     n_blocks = (k_steps + unroll - 1) // unroll
     groups = [list(range(len(rows)))] if lockstep else [[j] for j in range(len(rows))]
@@ -346,16 +358,19 @@ def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.
     wbufs = [cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt) for _ in groups[0]]
     xbuf = cute.make_rmem_tensor(cute.make_layout((8, n_tiles if x_rows > 0 else 1, 2 * unroll)), dt)
 
-    def load(i: int, slot0: int):
+    def load(i: int, slot0: int, with_x: bool = True):
         g, blk = seq[i]
         for u in range(min(unroll, k_steps - blk * unroll)):
             for w, j in enumerate(g):        # x with the group's first tile only
                 _load_w(mW, rows[j], kv0, lane, blk * unroll + u, wbufs[w], slot0 + u, sX, xbuf,
-                        x_rows if w == 0 else 0, n_tiles)
+                        x_rows if w == 0 and with_x else 0, n_tiles)
 
-    load(0, 0)
+    load(0, 0, with_x=front is None)
     if front is not None:
         front()
+        if x_rows > 0:                       # x may be written by the front (e.g. before a grid barrier)
+            for u in range(min(unroll, k_steps)):
+                _load_x(kv0, lane, u, u, sX, xbuf, x_rows, n_tiles)
     for i, (g, blk) in enumerate(seq):
         if i + 1 < len(seq):
             load(i + 1, ((i + 1) % 2) * unroll)

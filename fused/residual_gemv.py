@@ -73,12 +73,16 @@ def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, 
                         mOut: cute.Tensor, sRed: cute.Tensor, first: Int32, stride: cutlass.Constexpr[int],
                         count: cutlass.Constexpr[int], batch: cutlass.Constexpr[int],
                         num_warps: cutlass.Constexpr[int], unroll: cutlass.Constexpr[int],
-                        has_residual: cutlass.Constexpr[bool], shared_x: cutlass.Constexpr[bool] = False):
+                        has_residual: cutlass.Constexpr[bool], shared_x: cutlass.Constexpr[bool] = False,
+                        front=None):
     """See the module docstring. ``mW [M, K]``, ``mX [B, K]``, ``mHidden``/``mResidual``/
     ``mOut [B, M]``; ``count = ceil(M/16 / stride)``, tiles past M/16 skipped.
     ``shared_x``: the CTA's tiles in one lock-step pipeline that reads x once for all of
     them (``warp_gemv_tiles_shared_x``; a tile past M/16 is computed on the last tile and
-    dropped); otherwise tile after tile."""
+    dropped); otherwise tile after tile. ``front``: traced after the first tile's first
+    block of W loads and before any x load (every thread of the CTA runs it exactly once,
+    tile or not), e.g. the grid barrier that completes x: the first W round trip runs
+    under the barrier's wait."""
     B, NW = batch, num_warps
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
@@ -88,7 +92,8 @@ def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, 
     atom = mma_atom(mW.element_type)
     if const_expr(shared_x):
         rows = [cutlass.min(first + i * stride, Int32(MT - 1)) * 16 for i in range(count)]
-        accs = warp_gemv_tiles_shared_x(atom, mW, rows, warp * kw, mX, lane, kw // _STEP, n_tiles, unroll, B)
+        accs = warp_gemv_tiles_shared_x(atom, mW, rows, warp * kw, mX, lane, kw // _STEP, n_tiles, unroll, B,
+                                        front=front)
         for i in cutlass.range_constexpr(count):
             mt = first + i * stride
             if mt < MT:
@@ -98,5 +103,9 @@ def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, 
             mt = first + i * stride
             if mt < MT:
                 acc = new_acc(n_tiles)
-                warp_gemv_tile(atom, mW, mt * 16, warp * kw, mX, acc, lane, kw // _STEP, n_tiles, unroll, B)
+                warp_gemv_tile(atom, mW, mt * 16, warp * kw, mX, acc, lane, kw // _STEP, n_tiles, unroll, B,
+                               front=front if i == 0 else None)
                 _finish_tile(acc, mt, mHidden, mResidual, mOut, sRed, B, NW, has_residual)
+            else:
+                if const_expr(i == 0 and front is not None):
+                    front()

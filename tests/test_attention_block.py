@@ -221,16 +221,17 @@ def test_fused_with_512_threads_matches_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case_index", [3, 5])
 def test_gqa_attention_knobs(case_index):
-    """GQA blocks: loads in flight change speed, never bits; the CUDA-core attention
-    (``attn_tensor_cores=False``) and 128-thread CTAs (four warps: another split-K order in
-    the QKV phase) match the reference too."""
+    """GQA blocks: loads in flight change speed, never bits (the attention's depth, W_o's
+    first loads before the grid barrier); the CUDA-core attention (``attn_tensor_cores=False``)
+    and 256-thread CTAs (eight warps: another split-K order in the QKV phase) match the
+    reference too."""
     from cf_cute.attention import AttentionTuning
     case = FUSED_CASES[case_index]
     out, ref, kc, vc, ref_cache, args, kw = _run_case(case, attention_block)
     hidden, packed, k0, v0, positions, cos, sin = args
     threads = fused_config(*case).num_threads
-    for tuning in (AttentionTuning(attn_mma_depth=0), AttentionTuning(attn_tensor_cores=False),
-                   AttentionTuning(num_threads=256)):
+    for tuning in (AttentionTuning(attn_mma_depth=0), AttentionTuning(early_phase_b=True),
+                   AttentionTuning(attn_tensor_cores=False), AttentionTuning(num_threads=256)):
         k2, v2 = kc.clone(), vc.clone()                # the append rewrites the same slots
         again = attention_block(hidden, packed, k2, v2, positions, cos, sin, out=torch.full_like(out, float("nan")),
                                 tuning=tuning, **kw)
@@ -247,13 +248,26 @@ def test_gqa_attention_knobs(case_index):
             torch.testing.assert_close(v2.float().cpu(), ref_cache.v, rtol=2e-2, atol=2e-2)
 
 
+def test_single_launch_policy():
+    """attention_block's automatic path, as measured on an H200 (benchmarks/RESULTS.md, session
+    13): MHA one launch up to batch 2; GQA one launch only for small models (Llama-3.2-1B at
+    batch 1 and 2, -3B at batch 1), three launches from Llama-3-8B's size on."""
+    from cf_cute.attention import single_launch_pays
+    assert [single_launch_pays(b, 4096, 32, 32) for b in (1, 2, 3)] == [True, True, False]
+    shapes = ((2048, 32), (3072, 24), (4096, 32))
+    assert [single_launch_pays(1, H, heads, 8) for H, heads in shapes] == [True, True, False]
+    assert [single_launch_pays(2, H, heads, 8) for H, heads in shapes] == [True, False, False]
+    assert not single_launch_pays(3, 512, 8, 2)
+
+
 def test_unfused_plan_sizes_divide_the_shapes():
     from cf_cute.attention import UnfusedPlan, unfused_plan
     # the sizes measured fastest on an H200 (benchmarks/RESULTS.md, session 5)
     assert unfused_plan(16, 4096, 32, 32, 128) == UnfusedPlan(qkv=None, attn=1, wo=8, wo_block_m=128)
     assert unfused_plan(16, 4096, 32, 32, 80).qkv == 8      # head_dim 80: no grid-wide QKV
-    # GQA takes the tensor-core kernel: a power of two, one wave at two CTAs an SM (session 12)
-    assert [unfused_plan(B, 4096, 32, 8, 128).attn for B in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 2]
+    # GQA takes the tensor-core kernel: clusters of 2 (split further below batch 8, session 13),
+    # then a power of two, one wave at two CTAs an SM (session 12)
+    assert [unfused_plan(B, 4096, 32, 8, 128).attn for B in (1, 2, 4, 8, 16)] == [2, 2, 2, 2, 2]
     # MHA on CUDA cores: about two CTAs an SM or more, one a pair from three CTAs an SM on
     assert [unfused_plan(B, 4096, 32, 32, 128).attn for B in (1, 2, 3, 4, 8, 16)] == [8, 4, 4, 2, 2, 1]
     for B, H, heads, kv, hd in ((1, 2080, 13, 1, 160), (16, 3072, 24, 8, 128), (3, 512, 8, 2, 64)):

@@ -212,6 +212,26 @@ def test_every_grid_and_knob_matches_reference(tuning):
     _check(out, reference_mlp(hidden.cpu(), cpu))
 
 
+EARLY_PHASE_B_CASES = [(2048, 8192, 5, False), (2048, 8192, 1, True), (512, 1024, 3, None)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,I,batch,shared_x", EARLY_PHASE_B_CASES)
+def test_early_phase_b_gives_the_same_bits(H, I, batch, shared_x):
+    """W_down's first loads issued before the grid barrier (``early_phase_b``) change timing
+    only: the same bits, tile after tile and in lock-step (``shared_x``); with hidden 512 (32
+    row tiles) most CTAs have no phase-B tile and must still pass the barrier."""
+    w = _weights(H, I, "cuda", torch.bfloat16)
+    packed = pack_mlp(w)
+    hidden = torch.randn(batch, H, device="cuda", dtype=torch.bfloat16)
+    base = mlp_block(hidden, packed, tuning=MLPTuning(shared_x=shared_x))
+    out = torch.full_like(base, float("nan"))
+    mlp_block(hidden, packed, out=out, tuning=MLPTuning(shared_x=shared_x, early_phase_b=True))
+    assert torch.equal(out, base)
+    cpu = MLPWeights(*(t.float().cpu() for t in (w.norm, w.w_gate, w.w_up, w.w_down)))
+    _check(base, reference_mlp(hidden.cpu(), cpu))
+
+
 @pytest.mark.gpu
 def test_matches_transformers_llama_mlp():
     from transformers import LlamaConfig
