@@ -163,10 +163,10 @@ def attention_block_unfused(hidden: torch.Tensor, packed: PackedAttention, k_cac
                             v_cache: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                             *, residual: torch.Tensor | None = None, page_table: torch.Tensor | None = None,
                             cluster_size: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The same block as three launches (baseline for the fused kernel, and what
-    ``attention_block`` runs above ``FUSED_MAX_BATCH`` or when no single-launch grid
-    is resident at once). ``cluster_size=None``: each launch at its own
-    :func:`unfused_plan` size; an int forces it on all three."""
+    """The same block as three launches (what ``attention_block`` runs where
+    :func:`single_launch_pays` says no, or when no single-launch grid is resident at
+    once). ``cluster_size=None``: each launch at its own :func:`unfused_plan` size; an
+    int forces it on all three."""
     B, H = hidden.shape
     hd = packed.wo.shape[1] // packed.num_heads
     if cluster_size is None:

@@ -22,7 +22,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync
+from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync, last_arrival
 from cf_cute.primitives.plan import check_grid, plan_fragment
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "GlobalExchangeKernel",
     "GridBarrierHarnessConfig",
     "GridBarrierHarnessKernel",
+    "LastArrivalHarnessConfig",
+    "LastArrivalHarnessKernel",
 ]
 
 
@@ -323,3 +325,48 @@ class GridBarrierHarnessKernel:
             for t in cutlass.range(T, unroll=1):
                 tot = tot + sAcc[t]
             mOut[bidx] = tot
+
+
+@dataclass(frozen=True)
+class LastArrivalHarnessConfig:
+    groups: int
+    members: int                  # CTAs a group; groups * members may exceed what is resident at once
+    num_threads: int = 128
+
+
+class LastArrivalHarnessKernel:
+    """CTA (g, s) (``bidx = g * members + s``) copies ``x[g, s, :]`` to ``work[g, s, :]`` and
+    arrives on ``count[g]``; the last of the group's CTAs writes ``out[g, t] = sum_s work[g, s,
+    t]`` summed in member order (fp32) and ``last[g] = s``. Expected: ``out`` equal bit for bit
+    to the in-order fp32 sum of ``x`` over members, whichever member arrived last, and every
+    counter back at 0."""
+
+    def __init__(self, cfg: LastArrivalHarnessConfig):
+        if cfg.groups < 1 or cfg.members < 1:
+            raise ValueError(f"groups and members must be positive, got {cfg.groups}, {cfg.members}")
+        self.cfg = cfg
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mWork: cute.Tensor, mCount: cute.Tensor, mOut: cute.Tensor,
+                 mLast: cute.Tensor, stream):
+        self.kernel(mX, mWork, mCount, mOut, mLast).launch(
+            grid=[self.cfg.groups * self.cfg.members, 1, 1], block=[self.cfg.num_threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mWork: cute.Tensor, mCount: cute.Tensor, mOut: cute.Tensor,
+               mLast: cute.Tensor):
+        S = self.cfg.members
+        tidx = cute.arch.thread_idx()[0]
+        bidx = cute.arch.block_idx()[0]
+        g = bidx // S
+        s = bidx % S
+        smem = cutlass.memory.SmemAllocator()
+        sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
+        mWork[g, s, tidx] = mX[g, s, tidx]
+        if last_arrival(mCount, g, S, sFlag) == Int32(1):
+            acc = Float32(0.0)
+            for m in cutlass.range(S, unroll=1):
+                acc = acc + mWork[g, m, tidx]
+            mOut[g, tidx] = acc
+            if tidx == 0:
+                mLast[g] = s
