@@ -329,19 +329,14 @@ class AttentionBlock:
         cluster_sync()             # retires every collective of phase A
         self.gbar.stamp(mBar, bidx, 3)
 
-        # ================= grid barrier: all of attn is written
+        # ================= grid barrier: all of attn is written (early_phase_b: once phase B's
+        # first block of W loads is issued); the next kernel may start its prologue
         def barrier():
-            self.gbar.sync(mBar)
-            cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its prologue
-            self.gbar.stamp(mBar, bidx, 4)
+            self.gbar.sync_then_trigger(mBar, bidx, 4)
 
-        if const_expr(not cfg.early_phase_b):
-            barrier()
-
-        # ================= phase B: output projection rows, full K, + h (early_phase_b: the
-        # barrier runs after the first block of W_o loads is issued)
+        # ================= phase B: output projection rows, full K, + h
         MT = cfg.hidden // 16
         residual_gemv_tiles(mWo, mAttn, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
                             (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual,
-                            front=barrier if cfg.early_phase_b else None)
+                            front=barrier, early_front=cfg.early_phase_b)
         self.gbar.stamp(mBar, bidx, 5)

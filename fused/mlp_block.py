@@ -403,20 +403,15 @@ class MLPBlock:
             self._tail_combine(mBar, mAct, c, rank, tidx)
         self.gbar.stamp(mBar, bidx, 3)
 
-        # ================= grid barrier: all of act is written
+        # ================= grid barrier: all of act is written (early_phase_b: once phase B's
+        # first block of W loads is issued); the next kernel may start its prologue
         def barrier():
-            self.gbar.sync(mBar)
-            cute.arch.griddepcontrol_launch_dependents()   # the next kernel may start its prologue
-            self.gbar.stamp(mBar, bidx, 4)
+            self.gbar.sync_then_trigger(mBar, bidx, 4)
 
-        if const_expr(not cfg.early_phase_b):
-            barrier()
-
-        # ================= phase B: down projection rows, full K, + h (early_phase_b: the
-        # barrier runs after the first block of W_down loads is issued)
+        # ================= phase B: down projection rows, full K, + h
         MT = cfg.hidden // 16
         residual_gemv_tiles(mWd, mAct, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
                             (MT + cfg.grid - 1) // cfg.grid, B, NW,
                             cfg.phase_b_unroll, cfg.has_residual, cfg.shared_x,
-                            front=barrier if cfg.early_phase_b else None)
+                            front=barrier, early_front=cfg.early_phase_b)
         self.gbar.stamp(mBar, bidx, 5)

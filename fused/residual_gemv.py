@@ -74,15 +74,18 @@ def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, 
                         count: cutlass.Constexpr[int], batch: cutlass.Constexpr[int],
                         num_warps: cutlass.Constexpr[int], unroll: cutlass.Constexpr[int],
                         has_residual: cutlass.Constexpr[bool], shared_x: cutlass.Constexpr[bool] = False,
-                        front=None):
+                        front=None, early_front: cutlass.Constexpr[bool] = False):
     """See the module docstring. ``mW [M, K]``, ``mX [B, K]``, ``mHidden``/``mResidual``/
     ``mOut [B, M]``; ``count = ceil(M/16 / stride)``, tiles past M/16 skipped.
     ``shared_x``: the CTA's tiles in one lock-step pipeline that reads x once for all of
     them (``warp_gemv_tiles_shared_x``; a tile past M/16 is computed on the last tile and
-    dropped); otherwise tile after tile. ``front``: traced after the first tile's first
-    block of W loads and before any x load (every thread of the CTA runs it exactly once,
-    tile or not), e.g. the grid barrier that completes x: the first W round trip runs
-    under the barrier's wait."""
+    dropped); otherwise tile after tile. ``front`` (every thread of the CTA runs it exactly
+    once, tile or not), e.g. the grid barrier that completes x: first of all, or with
+    ``early_front`` after the first tile's first block of W loads and before any x load, so
+    that the first W round trip runs under the barrier's wait."""
+    if const_expr(front is not None and not early_front):
+        front()
+        front = None
     B, NW = batch, num_warps
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()

@@ -126,6 +126,14 @@ class GridBarrier:
                 if const_expr(k == 0):
                     mState[self.STATE_WORDS + cta * self.STAMP_WORDS + self.SMID_WORD] = Int32(cute.arch.smid())
 
+    def sync_then_trigger(self, mState: cute.Tensor, cta: Int32, k: int):
+        """:meth:`sync`, then ``griddepcontrol.launch_dependents`` (a programmatic dependent of
+        this launch may start its prologue: the phase after the barrier is this launch's last),
+        then :meth:`stamp` k. Traced inline (a Python method, usable as a ``front``)."""
+        self.sync(mState)
+        cute.arch.griddepcontrol_launch_dependents()
+        self.stamp(mState, cta, k)
+
     @cute.jit
     def sync(self, mState: cute.Tensor):
         """All threads of every CTA call this; returns once every CTA arrived,
