@@ -1,6 +1,6 @@
 """Torch-facing split-KV decode attention (``cf_cute.fused.decode_attention``).
 
-STATUS: GPU-tested on an H100.
+STATUS: GPU-tested on an H100; the tensor-core path and the splits on an H200.
 
 ``decode_attention(q, k_cache, v_cache, lengths, page_table=None)`` returns
 ``o [B, heads, head_dim]``: request b attends to its first ``lengths[b]``
@@ -10,6 +10,13 @@ cached tokens (contiguous ``[B, max_len, kv_heads, hd]`` caches, or paged
 the launch and copied to the device; device tensors are used as they are
 (no host synchronisation) and the kernel clamps them to the cache, so a bad
 value cannot read outside the cache but gives wrong results.
+
+The grid is chosen per batch and GPU (:func:`default_cluster_size`,
+:func:`default_splits`, :func:`default_num_threads`). With ``splits > 1`` each
+(request, KV head) spans several clusters whose results merge through a small
+workspace (:func:`split_state`: fp32 partials and int32 arrival counters, one pair per
+config and device, allocated on first use); calls that share it must not run
+concurrently on different streams.
 """
 
 from __future__ import annotations
