@@ -157,8 +157,8 @@ def main(argv=None) -> int:
                 if name.startswith("torch"):
                     continue
                 rows.append(result_row([batch, ctx, sets], res, name, nbytes, bw))
-    print(f"\nAttention block, H={a.hidden}, {a.heads}/{a.kv_heads} heads x {a.hidden // a.heads}, bf16, read bandwidth "
-          f"{bw:.0f} GB/s ({stamp()}):\n")
+    print(f"\nAttention block, H={a.hidden}, {a.heads}/{a.kv_heads} heads x {a.hidden // a.heads}, bf16, "
+          f"read bandwidth {bw:.0f} GB/s ({stamp()}):\n")
     print(markdown_table(["batch", "context", "sets", "cf_cute"] + RESULT_COLUMNS, rows))
     return 0
 

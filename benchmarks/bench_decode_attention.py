@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import capture_graph, markdown_table, read_bandwidth_gbs, stamp, time_ms  # noqa: E402
+from common import graph_us, markdown_table, read_bandwidth_gbs, stamp, time_ms  # noqa: E402
 
 from cf_cute.decode_attention import DecodeAttentionTuning, decode_attention, decode_attention_config  # noqa: E402
 
@@ -52,12 +52,6 @@ def _sets(n: int, batch: int, ctx: int, heads: int, kv_heads: int, hd: int):
              torch.randn(batch, ctx, kv_heads, hd, device=dev, dtype=dt)) for _ in range(n)]
 
 
-def _graph_us(calls: list, reps: int) -> float:
-    """µs per call: every call of ``calls`` in one CUDA graph, median of ``reps`` replays."""
-    g, _ = capture_graph(lambda: [c() for c in calls])
-    return 1e3 * time_ms(g.replay, reps=reps) / len(calls)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", type=int, default=32)
@@ -72,8 +66,8 @@ def main() -> None:
     bw = read_bandwidth_gbs()
     print(f"# {stamp()}; read bandwidth {bw:.0f} GB/s", flush=True)
     H, KV, hd = a.heads, a.kv_heads, a.head_dim
-    header = ["KV heads", "batch", "context", "cluster x splits", "floor µs", "torch eager µs", "torch graph µs", "cf_cute µs",
-              "GB/s", "% of floor", "vs torch graph"] + [f"{v} µs" for v in variants]
+    header = ["KV heads", "batch", "context", "cluster x splits", "floor µs", "torch eager µs", "torch graph µs",
+              "cf_cute µs", "GB/s", "% of floor", "vs torch graph"] + [f"{v} µs" for v in variants]
     rows = []
     for B in map(int, a.batch.split(",")):
         for ctx in map(int, a.context.split(",")):
@@ -88,17 +82,18 @@ def main() -> None:
                     q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), enable_gqa=KV != H)
 
             eager = 1e3 * time_ms(lambda: [torch_call(*s) for s in sets], reps=a.reps) / n
-            graph = _graph_us([lambda s=s: torch_call(*s) for s in sets], a.reps)
+            graph = graph_us([lambda s=s: torch_call(*s) for s in sets], a.reps)
 
             def ours(**kw):
-                return _graph_us([lambda s=s, o=o: decode_attention(*s, lengths, out=o, **kw)
+                return graph_us([lambda s=s, o=o: decode_attention(*s, lengths, out=o, **kw)
                                   for s, o in zip(sets, outs)], a.reps)
 
             t = ours()
             floor = (kv_bytes + 4 * B * H * hd) / (bw * 1e3)
             cfg = decode_attention_config(*sets[0], None, None)
-            row = [KV, B, ctx, f"{cfg.cluster_size} x {cfg.splits}, {cfg.num_threads} thr", f"{floor:.1f}", f"{eager:.1f}", f"{graph:.1f}", f"{t:.1f}",
-                   f"{kv_bytes / t / 1e3:.0f}", f"{100 * floor / t:.0f}%", f"{graph / t:.2f}x"]
+            row = [KV, B, ctx, f"{cfg.cluster_size} x {cfg.splits}, {cfg.num_threads} thr", f"{floor:.1f}",
+                   f"{eager:.1f}", f"{graph:.1f}", f"{t:.1f}", f"{kv_bytes / t / 1e3:.0f}", f"{100 * floor / t:.0f}%",
+                   f"{graph / t:.2f}x"]
             row += [f"{ours(**kw):.1f}" for kw in variants.values()]
             print(" | ".join(map(str, row)), flush=True)
             rows.append(row)

@@ -21,18 +21,13 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import attention_sets, capture_graph, markdown_table, read_bandwidth_gbs, stamp, time_ms  # noqa: E402
+from common import attention_sets, graph_us, markdown_table, read_bandwidth_gbs, stamp  # noqa: E402
 
 from cf_cute.attention import attention_block_unfused, unfused_plan  # noqa: E402
 from cf_cute.decode_attention import decode_attention, decode_attention_config, sm_count  # noqa: E402
 from cf_cute.gemv import splitk_gemv  # noqa: E402
 from cf_cute.qkv_rope import qkv_project, qkv_rope  # noqa: E402
 from cf_cute.reference import rope_tables  # noqa: E402
-
-
-def _graph_us(calls: list, reps: int = 20) -> float:
-    g, _ = capture_graph(lambda: [c() for c in calls])
-    return 1e3 * time_ms(g.replay, reps=reps) / len(calls)
 
 
 def run(B: int, ctx: int, H: int, heads: int, kv: int, bw: float, wo_variants=(), qkv_clusters=()) -> list:
@@ -53,20 +48,20 @@ def run(B: int, ctx: int, H: int, heads: int, kv: int, bw: float, wo_variants=()
     mids = [qkv(p, h, kc, vc) for _, p, kc, vc, h in sets]            # q, h of each set (for the later launches)
     outs = [decode_attention(q, kc, vc, lengths, cluster_size=plan.attn) for (q, _), (_, _, kc, vc, _) in
             zip(mids, sets)]
-    t = {"QKV": _graph_us([lambda s=s: qkv(s[1], s[4], s[2], s[3]) for s in sets]),
-         "attention": _graph_us([lambda q=q, s=s: decode_attention(q, s[2], s[3], lengths, cluster_size=plan.attn)
+    t = {"QKV": graph_us([lambda s=s: qkv(s[1], s[4], s[2], s[3]) for s in sets]),
+         "attention": graph_us([lambda q=q, s=s: decode_attention(q, s[2], s[3], lengths, cluster_size=plan.attn)
                                  for (q, _), s in zip(mids, sets)]),
-         "W_o": _graph_us([lambda o=o, h=h, s=s: splitk_gemv(o.view(B, -1), s[1].wo, residual=h,
+         "W_o": graph_us([lambda o=o, h=h, s=s: splitk_gemv(o.view(B, -1), s[1].wo, residual=h,
                                                              cluster_size=plan.wo, block_m=plan.wo_block_m,
                                                              layout=s[1].layout)
                            for o, (_, h), s in zip(outs, mids, sets)]),
-         "block": _graph_us([lambda s=s: attention_block_unfused(s[4], s[1], s[2], s[3], positions, cos, sin)
+         "block": graph_us([lambda s=s: attention_block_unfused(s[4], s[1], s[2], s[3], positions, cos, sin)
                              for s in sets])}
     for c in qkv_clusters:
-        t[f"QKV C={c}"] = _graph_us([lambda s=s, c=c: qkv_rope(s[4], s[1].norm, s[1].w_qkv, cos, sin, positions, s[2],
+        t[f"QKV C={c}"] = graph_us([lambda s=s, c=c: qkv_rope(s[4], s[1].norm, s[1].w_qkv, cos, sin, positions, s[2],
                                                                s[3], cluster_size=c, **front) for s in sets])
     for c, bm in wo_variants:
-        t[f"W_o C={c} x {bm}"] = _graph_us([lambda o=o, h=h, s=s, c=c, bm=bm: splitk_gemv(
+        t[f"W_o C={c} x {bm}"] = graph_us([lambda o=o, h=h, s=s, c=c, bm=bm: splitk_gemv(
             o.view(B, -1), s[1].wo, residual=h, cluster_size=c, block_m=bm, layout=s[1].layout)
             for o, (_, h), s in zip(outs, mids, sets)])
     acfg = decode_attention_config(mids[0][0], sets[0][2], sets[0][3], None, plan.attn)

@@ -50,6 +50,12 @@ def result_row(key: list, res: dict, name: str, nbytes: float, bw_gbs: float) ->
     return row
 
 
+def graph_us(calls: list, reps: int = 20) -> float:
+    """µs per call: every call of ``calls`` in one CUDA graph, median of ``reps`` replays."""
+    g, _ = capture_graph(lambda: [c() for c in calls])
+    return 1e3 * time_ms(g.replay, reps=reps) / len(calls)
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
