@@ -73,7 +73,8 @@ from cf_cute.primitives.plan import check_smem
 from ._attn_shape import AttnShape
 from .decode_attention_mma import TensorCoreAttention
 
-__all__ = ["DecodeAttentionConfig", "DecodeAttention", "takes_tensor_cores", "MMA_MAX_THREADS", "MAX_SPLITS"]
+__all__ = ["DecodeAttentionConfig", "DecodeAttention", "takes_tensor_cores", "merge_parts", "MMA_MAX_THREADS",
+           "MAX_SPLITS"]
 
 _LOG2E = 1.4426950408889634
 MMA_MAX_THREADS = 256             # the tensor-core path's ~200 registers a thread fill the register file above this
@@ -84,6 +85,27 @@ def takes_tensor_cores(num_heads: int, num_kv_heads: int, tensor_cores: bool = T
     """Whether the attention takes the tensor-core path (``attend_mma``): GQA (two or more
     query heads a KV head) unless ``tensor_cores`` is off; MHA always runs on CUDA cores."""
     return tensor_cores and num_heads // num_kv_heads >= 2
+
+
+@cute.jit
+def merge_parts(n: cutlass.Constexpr[int], m_of, o_of, l_of):
+    """Parts ``k = 0 .. n-1`` of an online softmax (base 2) merged in part order, the one
+    merge behind every level (warps in a CTA, CTAs in a cluster, clusters of a split):
+    ``m_of(k)`` the part's running max (-inf: empty, weight 0), ``o_of(k)`` and ``l_of(k)``
+    its output element and row sum relative to it. Returns ``(o, m, l)``, o and l relative
+    to m = max_k m_of(k)."""
+    mx = -Float32.inf
+    for k in cutlass.range_constexpr(n):
+        mx = cute.arch.fmax(mx, m_of(k))
+    acc = Float32(0.0)
+    lsum = Float32(0.0)
+    for k in cutlass.range_constexpr(n):
+        w = Float32(0.0)
+        if m_of(k) != -Float32.inf:
+            w = cute.math.exp2(m_of(k) - mx, fastmath=True)
+        acc = acc + w * o_of(k)
+        lsum = lsum + w * l_of(k)
+    return acc, mx, lsum
 
 
 @dataclass(frozen=True)
@@ -296,17 +318,7 @@ class DecodeAttention(TensorCoreAttention):
         cute.arch.barrier()
         for e in cutlass.range(tidx, G * hd, T, unroll=1):
             h = e // hd
-            mx = -Float32.inf
-            for k in cutlass.range_constexpr(NG):
-                mx = cute.arch.fmax(mx, sGM[k, h])
-            acc = Float32(0.0)
-            lsum = Float32(0.0)
-            for k in cutlass.range_constexpr(NG):
-                w = Float32(0.0)
-                if sGM[k, h] != -Float32.inf:
-                    w = cute.math.exp2(sGM[k, h] - mx, fastmath=True)
-                acc = acc + w * sGO[k, e]
-                lsum = lsum + w * sGL[k, h]
+            acc, mx, lsum = merge_parts(NG, lambda k: sGM[k, h], lambda k: sGO[k, e], lambda k: sGL[k, h])
             sPart[e] = acc
             if e % hd == 0:
                 sPart[G * hd + h] = mx
@@ -318,18 +330,7 @@ class DecodeAttention(TensorCoreAttention):
         """Element e (head h) of the cluster's C partial tiles ``sAll``, merged in rank
         order: (o relative to mx, mx, l relative to mx)."""
         G, hd, C = self.cfg.group, self.cfg.head_dim, self.cfg.cluster_size
-        mx = -Float32.inf
-        for r in cutlass.range_constexpr(C):
-            mx = cute.arch.fmax(mx, sAll[G * hd + h, r])
-        acc = Float32(0.0)
-        lsum = Float32(0.0)
-        for r in cutlass.range_constexpr(C):
-            w = Float32(0.0)
-            if sAll[G * hd + h, r] != -Float32.inf:
-                w = cute.math.exp2(sAll[G * hd + h, r] - mx, fastmath=True)
-            acc = acc + w * sAll[e, r]
-            lsum = lsum + w * sAll[G * hd + G + h, r]
-        return acc, mx, lsum
+        return merge_parts(C, lambda r: sAll[G * hd + h, r], lambda r: sAll[e, r], lambda r: sAll[G * hd + G + h, r])
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mTable: cute.Tensor,
@@ -404,17 +405,8 @@ class DecodeAttention(TensorCoreAttention):
                 for e in cutlass.range(rank * T + tidx, G * hd, C * T, unroll=1):
                     h = e // hd
                     ml = G * hd + rank * 2 * G + h
-                    mx = -Float32.inf
-                    for sp in cutlass.range_constexpr(S):
-                        mx = cute.arch.fmax(mx, mWork[base + sp * R + ml])
-                    acc = Float32(0.0)
-                    lsum = Float32(0.0)
-                    for sp in cutlass.range_constexpr(S):
-                        ms = mWork[base + sp * R + ml]
-                        w = Float32(0.0)
-                        if ms != -Float32.inf:
-                            w = cute.math.exp2(ms - mx, fastmath=True)
-                        acc = acc + w * mWork[base + sp * R + e]
-                        lsum = lsum + w * mWork[base + sp * R + ml + G]
+                    acc, mx, lsum = merge_parts(S, lambda sp: mWork[base + sp * R + ml],
+                                                lambda sp: mWork[base + sp * R + e],
+                                                lambda sp: mWork[base + sp * R + ml + G])
                     mO[b, g * G + h, e % hd] = self.dtype(acc / lsum)
         self.gat.teardown()
