@@ -99,7 +99,7 @@ def mlp_main(a) -> int:
     from cf_cute.mlp import MLPWorkspace, mlp_block, planned_config
     rows = []
     for batch in (int(b) for b in a.batch.split(",")):
-        sets = mlp_sets(a.sets, batch, 4096, 11008)
+        sets = mlp_sets(a.sets, batch, a.hidden, a.intermediate)
         tuning = MLPTuning(phase_timer=True, unroll=a.unroll)
         cfg = planned_config(sets[0][1], sets[0][0], tuning=tuning)
         ws = MLPWorkspace.new(cfg, "cuda")
@@ -112,7 +112,8 @@ def mlp_main(a) -> int:
             if i >= 3:
                 record(ws.barrier, cfg.grid, per, spans, MLP_PHASES, MLP_ORDER)
         rows.append(summary([batch, f"{cfg.num_clusters}x{cfg.cluster_size}"], per, spans, MLP_PHASES))
-    print(f"\nFused MLP block phases, µs (median / max over CTAs), Llama-2-7B shape, bf16 ({stamp()}):\n")
+    print(f"\nFused MLP block phases, µs (median / max over CTAs), hidden {a.hidden}, intermediate "
+          f"{a.intermediate}, bf16 ({stamp()}):\n")
     print(markdown_table(["batch", "grid"] + list(MLP_PHASES) + ["span"], rows))
     return 0
 
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=32, help="attention only (GQA: --kv-heads 8)")
     ap.add_argument("--kv-heads", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008, help="MLP only (Llama-3-8B: 14336)")
     ap.add_argument("--unroll", type=int, default=4,
                     help="MLP only: loads in flight per warp. At batch 1 the stamped build with unroll 8 spills "
                          "past the 255-register cap and hangs on the H200 (docs/NOTES.md); 4 measures the same "

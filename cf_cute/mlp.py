@@ -36,7 +36,7 @@ from cf_cute.tiles import stored_weight, untile_weight
 from cf_cute.validate import check_operands, check_tensor, dtype_name
 
 __all__ = ["PackedMLP", "pack_mlp", "linear_mlp", "mlp_block", "mlp_block_torch", "mlp_block_config",
-           "MLPWorkspace", "MLPTuning", "arg_specs", "grid_plan", "planned_config"]
+           "MLPWorkspace", "MLPTuning", "arg_specs", "grid_plan", "default_unroll", "planned_config"]
 
 # clusters of C resident at once at one CTA per SM on the H100 SXM (132 SMs) measured here
 # (cuOccupancyMaxActiveClusters; a cluster lives in one GPC of 14-18 SMs): the plan
@@ -52,7 +52,7 @@ class MLPTuning:
     ``cluster_size`` / ``num_clusters`` None: chosen by :func:`grid_plan`."""
     cluster_size: int | None = None
     num_clusters: int | None = None
-    unroll: int = _DEFAULTS["unroll"]
+    unroll: int | None = None             # None: :func:`default_unroll` (8, or 4 where 8 spills)
     k_parts: int = _DEFAULTS["k_parts"]
     l2_prefetch: bool = _DEFAULTS["l2_prefetch"]
     pipeline: bool | None = None          # None: one load pipeline per warp up to batch 8 (measured)
@@ -124,6 +124,21 @@ def grid_plan(units: int, resident: dict) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def default_unroll(cfg: MLPBlockConfig) -> int:
+    """MMA steps of W loads in flight a warp (``MLPBlockConfig.unroll``): 8, or 4 when phase A's
+    load pipeline holds more than four tiles' accumulators (``4 * n_tiles * J / units_per_pass``
+    fp32 registers, > 16). With those, unroll 8 runs out of the 255 registers and spills
+    (``cuobjdump -res-usage``, batch 1: Llama-3-8B's 7 tiles 264 bytes of stack; Llama-2-7B's 6
+    tiles none at batch 1, 224 bytes at batch 4, 328 at 8), while 4 tiles (Llama-3.2-1B and
+    -3B) do not. H200, µs, unroll 8 / 4 (benchmarks/RESULTS.md, session 14):
+    Llama-3-8B batch 1 97.8 / 91.0, 2 99.7 / 95.2, 4 107.4 / 96.3, 8 107.2 / 95.9;
+    Llama-2-7B 73.7 / 74.2, 77.6 / 76.6, 84.8 / 76.4, 86.2 / 79.8; Llama-3.2-1B (kept at 8)
+    36.6 / 34.9, 35.6 / 37.3, 37.1 / 39.6, 40.0 / 42.2. Without the pipeline (batch > 8)
+    there is no such accumulator block, and 8 is faster (batch 16: 82.0 / 98.5 µs)."""
+    tiles = cfg.units_per_cluster // cfg.units_per_pass
+    return 4 if cfg.pipeline and 4 * cfg.n_tiles * tiles > 16 else 8
+
+
 def tail_plan(units: int, num_clusters: int, units_per_pass: int, k_width: int) -> int:
     """Pieces P to cut each leftover unit into (``MLPBlockConfig.tail_pieces``), or 0.
 
@@ -169,9 +184,11 @@ def mlp_block_config(hidden: torch.Tensor, packed: PackedMLP, *, cluster_size: i
         kp = knobs["k_parts"]
         knobs["tail_pieces"] = tail_plan(I // 16, num_clusters, (knobs["num_threads"] // 32) // (2 * kp),
                                          H // cluster_size // kp) if H % (cluster_size * kp) == 0 else 0
+    unroll = knobs.pop("unroll")
     cfg = MLPBlockConfig(batch=B, hidden=H, intermediate=I, num_clusters=num_clusters, cluster_size=cluster_size,
                          eps=packed.eps, has_residual=has_residual, dtype=dtype_name(hidden.dtype),
                          w_layout=packed.layout, **knobs)
+    cfg = dataclasses.replace(cfg, unroll=unroll or default_unroll(cfg))
     cfg.validate()
     return cfg
 

@@ -127,6 +127,21 @@ def test_batch_dependent_defaults():
     assert not cfg.shared_x and cfg.pdl
 
 
+@pytest.mark.parametrize("H,I,batch,unroll", [(4096, 14336, 1, 4), (4096, 14336, 8, 4), (4096, 11008, 1, 4),
+                                               (2048, 8192, 1, 8), (3072, 8192, 4, 8), (4096, 14336, 16, 8)])
+def test_default_unroll_avoids_the_spilling_pipeline(H, I, batch, unroll):
+    """Unroll 4 where phase A's pipeline holds more than four tiles' accumulators (unroll 8
+    spills there), else 8; an explicit unroll wins."""
+    from cf_cute.mlp import mlp_block_config
+    packed = pack_mlp(MLPWeights(*(torch.empty(*s, dtype=torch.bfloat16, device="meta")
+                                   for s in ((H,), (I, H), (I, H), (H, I)))))
+    x = torch.empty(batch, H, dtype=torch.bfloat16, device="meta")
+    cfg = mlp_block_config(x, packed, cluster_size=2, num_clusters=66, has_residual=False)
+    assert cfg.unroll == unroll
+    assert mlp_block_config(x, packed, cluster_size=2, num_clusters=66, has_residual=False,
+                            tuning=MLPTuning(unroll=12 - unroll)).unroll == 12 - unroll
+
+
 def test_config_errors():
     ok = dict(batch=1, hidden=4096, intermediate=11008, num_clusters=66, cluster_size=2)
     MLPBlockConfig(**ok).validate()
