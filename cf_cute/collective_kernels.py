@@ -36,6 +36,8 @@ __all__ = [
     "GridBarrierHarnessKernel",
     "LastArrivalHarnessConfig",
     "LastArrivalHarnessKernel",
+    "LaunchProbeConfig",
+    "LaunchProbeKernel",
 ]
 
 
@@ -370,3 +372,38 @@ class LastArrivalHarnessKernel:
             mOut[g, tidx] = acc
             if tidx == 0:
                 mLast[g] = s
+
+
+@dataclass(frozen=True)
+class LaunchProbeConfig:
+    num_ctas: int
+    cluster_size: int = 1
+    num_threads: int = 256
+    cluster_sync: bool = False    # a cluster barrier at the start and one at the end (what a cluster
+                                  # collective's set-up and teardown add to a launch)
+
+
+class LaunchProbeKernel:
+    """An empty launch: thread 0 of CTA c writes ``out[c] = c`` (and, with ``cluster_sync``,
+    the CTAs of a cluster meet at a cluster barrier before and after). What a launch of this
+    grid costs before any work, for ``benchmarks/bench_launch.py``."""
+
+    def __init__(self, cfg: LaunchProbeConfig):
+        check_grid(cfg.num_ctas, cfg.cluster_size)
+        self.cfg = cfg
+
+    @cute.jit
+    def __call__(self, mOut: cute.Tensor, stream):
+        self.kernel(mOut).launch(grid=[self.cfg.num_ctas, 1, 1], block=[self.cfg.num_threads, 1, 1],
+                                 cluster=[self.cfg.cluster_size, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mOut: cute.Tensor):
+        tidx = cute.arch.thread_idx()[0]
+        bidx = cute.arch.block_idx()[0]
+        if const_expr(self.cfg.cluster_sync):
+            cluster_sync()
+        if tidx == 0:
+            mOut[bidx] = bidx
+        if const_expr(self.cfg.cluster_sync):
+            cluster_sync()

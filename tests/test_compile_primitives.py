@@ -104,3 +104,15 @@ def test_global_exchange_baseline_compiles():
         TensorSpec("float32", (2 * 2 * 4, 256)), ScalarSpec()])
     assert "barrier.cluster.arrive" in c.__ptx__ and "st.async" not in c.__ptx__
     assert "st.global.v4" in c.__ptx__ and "ld.global.v4" in c.__ptx__
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_launch_probe_compiles(sync):
+    """benchmarks/bench_launch.py's empty launch: cluster barriers only when asked for."""
+    from cf_cute.collective_kernels import LaunchProbeConfig, LaunchProbeKernel
+    from cf_cute.jit import TensorSpec, compile_for_inspection
+    cfg = LaunchProbeConfig(num_ctas=128, cluster_size=4, cluster_sync=sync)
+    ptx = compile_for_inspection(LaunchProbeKernel, cfg, [TensorSpec("int32", (128,), align=4)]).__ptx__
+    assert ("barrier.cluster.arrive" in ptx) is sync and "st.global" in ptx
+    with pytest.raises(ValueError, match="divisible"):
+        LaunchProbeKernel(LaunchProbeConfig(num_ctas=130, cluster_size=4))
