@@ -7,7 +7,7 @@ torch CUDA-graph SDPA, and cf_cute's kernel, one row per (KV heads, batch, conte
 head, merged through global memory), e.g. ``c2+s4+t256``.
 
     python benchmarks/bench_decode_attention.py [--kv-heads 8] [--heads 32] [--head-dim 128]
-        [--batch 16] [--context 1024,4096,16384] [--variants cuda-cores,c1,c2+t128,d2]
+        [--batch 16] [--context 1024,4096,16384] [--variants cuda-cores,c1,c2+t128,d2] [--phases]
 
 Bytes per call: every request's K and V rows up to its length (all ``ctx`` tokens here)
 plus q and o. Several caches rotate (more bytes than L2 holds), all calls of one
@@ -52,6 +52,44 @@ def _sets(n: int, batch: int, ctx: int, heads: int, kv_heads: int, hd: int):
              torch.randn(batch, ctx, kv_heads, hd, device=dev, dtype=dt)) for _ in range(n)]
 
 
+def phases(a) -> None:
+    """Each phase of the default kernel (``phase_timer``): the time from the previous stamp
+    of the same CTA (thread 0), median / max over CTAs, median over launches of rotating
+    caches; ``span``: first start to last end of a launch."""
+    from cf_cute.decode_attention import split_state
+    from cf_cute.fused.decode_attention import PHASES
+    H, KV, hd = a.heads, a.kv_heads, a.head_dim
+    tune = DecodeAttentionTuning(phase_timer=True)
+    rows = []
+    for B in map(int, a.batch.split(",")):
+        for ctx in map(int, a.context.split(",")):
+            n = max(2, math.ceil(3 * 60e6 / (2 * B * ctx * KV * hd * 2)))
+            sets = _sets(n, B, ctx, H, KV, hd)
+            lengths = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+            cfg = decode_attention_config(*sets[0], None, None, tune)
+            work = split_state(cfg, sets[0][0].device)[0]      # the tensors decode_attention uses
+            per, spans = [[] for _ in PHASES[1:]], []
+            for i in range(3 + 30):
+                decode_attention(*sets[i % n], lengths, tuning=tune)
+                torch.cuda.synchronize()
+                if i < 3:
+                    continue
+                st = work[cfg.stamp_base:].view(torch.int32).view(cfg.grid, len(PHASES)).to(torch.int64).cpu()
+                st = (st - st.min()) % 2**32
+                d = st[:, 1:] - st[:, :-1]
+                for k in range(len(PHASES) - 1):
+                    per[k].append((float(d[:, k].float().median()), float(d[:, k].max())))
+                spans.append(float(st[:, -1].max() - st[:, 0].min()))
+            med = lambda xs: sorted(xs)[len(xs) // 2] / 1e3  # noqa: E731
+            row = [KV, B, ctx, f"{cfg.cluster_size} x {cfg.splits}, {cfg.num_threads} thr"]
+            row += [f"{med([p[0] for p in per[k]]):.2f} / {med([p[1] for p in per[k]]):.2f}"
+                    for k in range(len(PHASES) - 1)] + [f"{med(spans):.2f}"]
+            print(" | ".join(map(str, row)), flush=True)
+            rows.append(row)
+    print(f"\nDecode attention phases, µs (median / max over CTAs), thread 0 ({stamp()}):\n")
+    print(markdown_table(["KV heads", "batch", "context", "grid"] + list(PHASES[1:]) + ["span"], rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", type=int, default=32)
@@ -61,7 +99,11 @@ def main() -> None:
     ap.add_argument("--context", default="1024,4096,16384")
     ap.add_argument("--variants", default="")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--phases", action="store_true",
+                    help="instead: the default kernel's phases from its stamped build (µs, median / max over CTAs)")
     a = ap.parse_args()
+    if a.phases:
+        return phases(a)
     variants = {v: variant_kwargs(v) for v in a.variants.split(",") if v}
     bw = read_bandwidth_gbs()
     print(f"# {stamp()}; read bandwidth {bw:.0f} GB/s", flush=True)

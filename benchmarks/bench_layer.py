@@ -36,7 +36,8 @@ from cf_cute.reference import MLPWeights, rope_tables  # noqa: E402
 MLP_VARIANTS = {"k4": MLPTuning(k_parts=4), "k1": MLPTuning(k_parts=1), "pipeline": MLPTuning(pipeline=True),
                 "early-b": MLPTuning(early_phase_b=True), "c1": MLPTuning(cluster_size=1),
                 "c2": MLPTuning(cluster_size=2), "c4": MLPTuning(cluster_size=4), "prefetch": MLPTuning(l2_prefetch=True),
-                "unroll4": MLPTuning(unroll=4), "unroll8": MLPTuning(unroll=8), "shared-x": MLPTuning(shared_x=True),
+                "unroll2": MLPTuning(unroll=2), "unroll4": MLPTuning(unroll=4), "unroll8": MLPTuning(unroll=8),
+                "shared-x": MLPTuning(shared_x=True),
                 "no-shared-x": MLPTuning(shared_x=False), "no-pipeline": MLPTuning(pipeline=False),
                 "k4-no-pipeline": MLPTuning(k_parts=4, pipeline=False), "early": MLPTuning(early_loads=True),
                 "tail": MLPTuning(tail_pieces=None)}

@@ -125,6 +125,7 @@ class DecodeAttentionTuning:
     num_threads: int | None = None    # threads a CTA (None: default_num_threads)
     mma_depth: int = 1                # tensor cores: 16-token steps of loads a warp keeps in flight
     splits: int | None = None         # clusters a (request, KV head) (None: default_splits)
+    phase_timer: bool = False         # per-CTA phase stamps past the workspace (bench_decode_attention.py --phases)
 
 
 def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -147,6 +148,7 @@ def decode_attention_config(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     cfg = DecodeAttentionConfig(batch=B, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
                                 cluster_size=cluster_size, dtype=dtype_name(q.dtype), num_threads=threads,
                                 tensor_cores=tuning.tensor_cores, mma_depth=tuning.mma_depth, splits=splits,
+                                phase_timer=tuning.phase_timer,
                                 **kv_cache_layout(k_cache, page_table, B))
     cfg.validate()
     return cfg

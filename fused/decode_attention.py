@@ -74,11 +74,14 @@ from ._attn_shape import AttnShape
 from .decode_attention_mma import TensorCoreAttention
 
 __all__ = ["DecodeAttentionConfig", "DecodeAttention", "takes_tensor_cores", "merge_parts", "MMA_MAX_THREADS",
-           "MAX_SPLITS"]
+           "MAX_SPLITS", "PHASES"]
 
 _LOG2E = 1.4426950408889634
 MMA_MAX_THREADS = 256             # the tensor-core path's ~200 registers a thread fill the register file above this
 MAX_SPLITS = 64
+# phase_timer stamps a CTA, in order: what ends at each (thread 0's view)
+PHASES = ("start", "attend", "warp_merge", "gather", "cluster_merge", "arrival", "end")
+STAMPS = len(PHASES)
 
 
 def takes_tensor_cores(num_heads: int, num_kv_heads: int, tensor_cores: bool = True) -> bool:
@@ -128,6 +131,8 @@ class DecodeAttentionConfig(AttnShape):
                                   # (DecodeAttention.attend_mma); MHA keeps the CUDA-core path
     mma_depth: int = 1            # tensor cores: 16-token steps of K / V loads in flight a warp
     splits: int = 1               # clusters a (request, KV head), merged through global memory (last_arrival)
+    phase_timer: bool = False     # diagnostics: thread 0 of each CTA stamps %globaltimer_lo into the int32
+                                  # words past the workspace (``stamp_base``; STAMPS a CTA: see PHASES)
 
     @property
     def mma(self) -> bool:
@@ -156,9 +161,15 @@ class DecodeAttentionConfig(AttnShape):
         return self.group * self.head_dim + self.cluster_size * 2 * self.group
 
     @property
-    def work_elems(self) -> int:
-        """fp32 words of the split workspace (1, never read, without splits)."""
+    def stamp_base(self) -> int:
+        """Words of the split workspace proper (1, never read, without splits)."""
         return self.batch * self.num_kv_heads * self.splits * self.work_row if self.splits > 1 else 1
+
+    @property
+    def work_elems(self) -> int:
+        """fp32 words of the workspace: the split partials, then (``phase_timer``) STAMPS int32
+        stamps a CTA."""
+        return self.stamp_base + (STAMPS * self.grid if self.phase_timer else 0)
 
     @property
     def count_elems(self) -> int:
@@ -357,6 +368,7 @@ class DecodeAttention(TensorCoreAttention):
         cute.arch.cluster_arrive_relaxed()
 
         # memory safety for unchecked device-side lengths / page indices: clamp
+        self._stamp(mWork, bidx, 0)
         n = cutlass.max(cutlass.min(mLen[b], Int32(cfg.max_len)), Int32(0))
         chunk = (n + S * C - 1) // (S * C)
         start = (split * C + rank) * chunk
@@ -364,6 +376,7 @@ class DecodeAttention(TensorCoreAttention):
         if const_expr(cfg.mma):
             qa = self.load_q_mma(mQ, b, g, cute.arch.lane_idx())
             self.attend_mma(qa, self.scale, mK, mV, mTable, b, g, start, end, sGM, sGL, sGO)
+            self._stamp(mWork, bidx, 1)
             self.merge_stash(sGM, sGL, sGO, sPart)
         else:
             q = self.load_q(mQ, b, g)
@@ -372,18 +385,23 @@ class DecodeAttention(TensorCoreAttention):
             # whole warps); a token group past the end loads a clamped token and skips
             # the update
             self.attend(mK, mV, mTable, b, g, start, end, q, m, l, o)
+            self._stamp(mWork, bidx, 1)
             # ---- merge the NG token groups of this CTA (fixed order)
             self.merge_groups(m, l, o, sGM, sGL, sGO, sPart)
+        self._stamp(mWork, bidx, 2)
 
         # ---- one DSMEM round: every CTA gets every CTA's partial tile
         cute.arch.cluster_wait()
         sAll = self.gat.gather(bufs, sPart, Int32(0))
+        self._stamp(mWork, bidx, 3)
         if const_expr(S == 1):
             for e in cutlass.range(rank * T + tidx, G * hd, C * T, unroll=1):
                 h = e // hd
                 acc, mx, lsum = self._cluster_merge(sAll, e, h)
                 mO[b, g * G + h, e % hd] = self.dtype(acc / lsum)
             self.gat.release(bufs, Int32(0))
+            self._stamp(mWork, bidx, 4)
+            self._stamp(mWork, bidx, 5)
         else:
             # ---- splits: this cluster's partial to the workspace, row (pair, split):
             # o [G*hd] (relative to the cluster's m), then (m, l) [C, 2, G] (a copy a rank,
@@ -398,9 +416,12 @@ class DecodeAttention(TensorCoreAttention):
                 mWork[row + G * hd + rank * 2 * G + h] = mx
                 mWork[row + G * hd + rank * 2 * G + G + h] = lsum
             self.gat.release(bufs, Int32(0))
+            self._stamp(mWork, bidx, 4)
             sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
             # ---- the last of the S clusters' rank-r CTAs merges elements e = r*T + tidx, ... in split order
-            if last_arrival(mCount, pair * C + rank, S, sFlag) == Int32(1):
+            last = last_arrival(mCount, pair * C + rank, S, sFlag)
+            self._stamp(mWork, bidx, 5)
+            if last == Int32(1):
                 base = pair * S * R
                 for e in cutlass.range(rank * T + tidx, G * hd, C * T, unroll=1):
                     h = e // hd
@@ -410,3 +431,14 @@ class DecodeAttention(TensorCoreAttention):
                                                 lambda sp: mWork[base + sp * R + ml + G])
                     mO[b, g * G + h, e % hd] = self.dtype(acc / lsum)
         self.gat.teardown()
+        self._stamp(mWork, bidx, 6)
+
+    @cute.jit
+    def _stamp(self, mWork: cute.Tensor, cta: Int32, k: cutlass.Constexpr[int]):
+        """``phase_timer``: thread 0 writes %globaltimer_lo to stamp k of CTA ``cta``."""
+        cfg = self.cfg
+        if const_expr(cfg.phase_timer):
+            if cute.arch.thread_idx()[0] == 0:
+                words = cute.make_tensor(cute.recast_ptr(mWork.iterator + cfg.stamp_base, dtype=Int32),
+                                         cute.make_layout(STAMPS * cfg.grid))
+                words[cta * STAMPS + k] = cute.arch.globaltimer_lo()

@@ -1,5 +1,6 @@
 """Split-KV decode attention over a cluster (the attention core of issue 3)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -41,6 +42,20 @@ def test_splits_compile(tensor_cores, splits, cluster):
     assert "fence.acq_rel.gpu" in ptx
     assert not any(op.startswith("red.") or (op.startswith("atom.") and ".f" in op) for op in ops), ops
     assert cluster == 1 or "mapa.shared::cluster" in ptx
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_phase_timer_stamps_past_the_workspace(splits):
+    """``phase_timer`` (bench_decode_attention.py --phases): %globaltimer_lo stamps in int32
+    words past the split workspace, which grows by STAMPS a CTA; off, nothing is stamped."""
+    from cf_cute.fused.decode_attention import PHASES
+    base = DecodeAttentionConfig(batch=1, num_heads=32, num_kv_heads=8, head_dim=128, max_len=1024,
+                                 cluster_size=2, splits=splits, num_threads=256)
+    cfg = dataclasses.replace(base, phase_timer=True)
+    assert cfg.work_elems == base.work_elems + len(PHASES) * cfg.grid and cfg.stamp_base == base.work_elems
+    ptx = compile_for_inspection(DecodeAttention, cfg, arg_specs(cfg)).__ptx__
+    assert ptx.count("%globaltimer_lo") == len(PHASES)
+    assert "%globaltimer" not in compile_for_inspection(DecodeAttention, base, arg_specs(base)).__ptx__
 
 
 def test_default_grid_and_threads():
