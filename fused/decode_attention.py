@@ -47,6 +47,10 @@ its C partials over DSMEM as above, then goes through global memory::
     work [pairs, S, G*hd + C*2*G] fp32, count [pairs, C] int32 (zeroed once; the
     last arrival resets it: graph replays need nothing)
 
+Diagnostics (``phase_timer``): thread 0 of CTA c writes ``%globaltimer_lo`` as int32 at
+``work[stamp_base + c * STAMPS + k]`` when phase k of :data:`PHASES` ends (the workspace
+grows by STAMPS words a CTA; ``benchmarks/bench_decode_attention.py --phases`` reads them).
+
 The weights exp2(m_part - m_max) are taken as 0 for empty parts (m = -inf), so
 CTAs with no tokens (n < S C) contribute nothing. Deterministic: fixed merge
 orders, no float atomics (the arrival counters are integers and decide only who
@@ -367,8 +371,8 @@ class DecodeAttention(TensorCoreAttention):
         self.gat.init(bufs)
         cute.arch.cluster_arrive_relaxed()
 
-        # memory safety for unchecked device-side lengths / page indices: clamp
         self._stamp(mWork, bidx, 0)
+        # memory safety for unchecked device-side lengths / page indices: clamp
         n = cutlass.max(cutlass.min(mLen[b], Int32(cfg.max_len)), Int32(0))
         chunk = (n + S * C - 1) // (S * C)
         start = (split * C + rank) * chunk
