@@ -128,10 +128,11 @@ def test_batch_dependent_defaults():
 
 
 @pytest.mark.parametrize("H,I,batch,unroll", [(4096, 14336, 1, 4), (4096, 14336, 8, 4), (4096, 11008, 1, 4),
-                                               (2048, 8192, 1, 8), (3072, 8192, 4, 8), (4096, 14336, 16, 8)])
+                                               (2048, 8192, 1, 4), (2048, 8192, 2, 8), (3072, 8192, 4, 8),
+                                               (4096, 14336, 16, 8)])
 def test_default_unroll_avoids_the_spilling_pipeline(H, I, batch, unroll):
-    """Unroll 4 where phase A's pipeline holds more than four tiles' accumulators (unroll 8
-    spills there), else 8; an explicit unroll wins."""
+    """Unroll 4 at batch 1 and where phase A's pipeline holds more than four tiles'
+    accumulators (unroll 8 spills there), else 8; an explicit unroll wins."""
     from cf_cute.mlp import mlp_block_config
     packed = pack_mlp(MLPWeights(*(torch.empty(*s, dtype=torch.bfloat16, device="meta")
                                    for s in ((H,), (I, H), (I, H), (H, I)))))
