@@ -189,7 +189,7 @@ def mlp_block_config(hidden: torch.Tensor, packed: PackedMLP, *, cluster_size: i
     cfg = MLPBlockConfig(batch=B, hidden=H, intermediate=I, num_clusters=num_clusters, cluster_size=cluster_size,
                          eps=packed.eps, has_residual=has_residual, dtype=dtype_name(hidden.dtype),
                          w_layout=packed.layout, **knobs)
-    cfg = dataclasses.replace(cfg, unroll=unroll or default_unroll(cfg))
+    cfg = dataclasses.replace(cfg, unroll=default_unroll(cfg) if unroll is None else unroll)
     cfg.validate()
     return cfg
 

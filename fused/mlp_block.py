@@ -140,6 +140,8 @@ class MLPBlockConfig(PairedGrid):
             raise ValueError(f"dtype must be 'bfloat16' or 'float16', got {self.dtype!r}")
         if not 1 <= self.batch <= 16:
             raise ValueError(f"batch must be 1..16, got {self.batch}")
+        if self.unroll < 1:
+            raise ValueError(f"unroll must be >= 1, got {self.unroll}")
         if self.cluster_size not in (1, 2, 4, 8, 16):
             raise ValueError(f"cluster_size must be 1, 2, 4, 8 or 16, got {self.cluster_size}")
         if self.num_threads % _WARP or not 64 <= self.num_threads <= 1024:

@@ -148,6 +148,7 @@ def test_config_errors():
     MLPBlockConfig(**ok).validate()
     for bad, msg in ((dict(intermediate=11000), "multiple of 16"), (dict(intermediate=11024), "down projection"),
                      (dict(batch=17), "batch"), (dict(hidden=4000), "hidden"), (dict(k_parts=3), "k_parts"),
+                     (dict(unroll=0), "unroll"),
                      (dict(dtype="float32"), "dtype"), (dict(cluster_size=3), "cluster_size"),
                      (dict(w_layout="blocked"), "w_layout")):
         with pytest.raises(ValueError, match=msg):
