@@ -55,11 +55,13 @@ def _sets(n: int, batch: int, ctx: int, heads: int, kv_heads: int, hd: int):
 def phases(a) -> None:
     """Each phase of the default kernel (``phase_timer``): the time from the previous stamp
     of the same CTA (thread 0), median / max over CTAs, median over launches of rotating
-    caches; ``span``: first start to last end of a launch."""
+    caches; ``span``: first start to last end of a launch (bench_phases.py's statistics)."""
+    from bench_phases import record_stamps, summary
     from cf_cute.decode_attention import split_state
     from cf_cute.fused.decode_attention import PHASES
     H, KV, hd = a.heads, a.kv_heads, a.head_dim
     tune = DecodeAttentionTuning(phase_timer=True)
+    names = PHASES[1:]
     rows = []
     for B in map(int, a.batch.split(",")):
         for ctx in map(int, a.context.split(",")):
@@ -67,27 +69,18 @@ def phases(a) -> None:
             sets = _sets(n, B, ctx, H, KV, hd)
             lengths = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
             cfg = decode_attention_config(*sets[0], None, None, tune)
-            work = split_state(cfg, sets[0][0].device)[0]      # the tensors decode_attention uses
-            per, spans = [[] for _ in PHASES[1:]], []
+            work = split_state(cfg, "cuda")[0]              # the workspace decode_attention uses
+            per, spans = {p: ([], []) for p in names}, []
             for i in range(3 + 30):
                 decode_attention(*sets[i % n], lengths, tuning=tune)
                 torch.cuda.synchronize()
-                if i < 3:
-                    continue
-                st = work[cfg.stamp_base:].view(torch.int32).view(cfg.grid, len(PHASES)).to(torch.int64).cpu()
-                st = (st - st.min()) % 2**32
-                d = st[:, 1:] - st[:, :-1]
-                for k in range(len(PHASES) - 1):
-                    per[k].append((float(d[:, k].float().median()), float(d[:, k].max())))
-                spans.append(float(st[:, -1].max() - st[:, 0].min()))
-            med = lambda xs: sorted(xs)[len(xs) // 2] / 1e3  # noqa: E731
-            row = [KV, B, ctx, f"{cfg.cluster_size} x {cfg.splits}, {cfg.num_threads} thr"]
-            row += [f"{med([p[0] for p in per[k]]):.2f} / {med([p[1] for p in per[k]]):.2f}"
-                    for k in range(len(PHASES) - 1)] + [f"{med(spans):.2f}"]
-            print(" | ".join(map(str, row)), flush=True)
-            rows.append(row)
+                if i >= 3:
+                    record_stamps(work[cfg.stamp_base:].view(torch.int32).view(cfg.grid, len(PHASES)), per, spans,
+                                  names)
+            rows.append(summary([KV, B, ctx, f"{cfg.cluster_size} x {cfg.splits}, {cfg.num_threads} thr"], per,
+                                spans, names, digits=2))
     print(f"\nDecode attention phases, µs (median / max over CTAs), thread 0 ({stamp()}):\n")
-    print(markdown_table(["KV heads", "batch", "context", "grid"] + list(PHASES[1:]) + ["span"], rows))
+    print(markdown_table(["KV heads", "batch", "context", "grid"] + list(names) + ["span"], rows))
 
 
 def main() -> None:

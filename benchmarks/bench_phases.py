@@ -56,7 +56,13 @@ def stamp_words(barrier: torch.Tensor, grid: int) -> torch.Tensor:
 def record(barrier: torch.Tensor, grid: int, per: dict, spans: list, names, order) -> None:
     """Add one launch's stamps (``stamp_words``, taken in ``order``) to ``per[name] =
     (medians, maxima)`` over the CTAs and its span to ``spans``."""
-    t = stamp_words(barrier, grid)[:, list(order)].to(torch.int64).cpu()
+    record_stamps(stamp_words(barrier, grid)[:, list(order)], per, spans, names)
+
+
+def record_stamps(t: torch.Tensor, per: dict, spans: list, names) -> None:
+    """:func:`record` for stamps already in time order, ``t [CTA, len(names) + 1]`` (int32
+    ``%globaltimer_lo`` values, any kernel's)."""
+    t = t.to(torch.int64).cpu()
     t = (t - t[:, :1].min()) % 2**32                 # globaltimer_lo wraps: differences only
     d = t[:, 1:] - t[:, :-1]
     for k, name in enumerate(names):
@@ -86,9 +92,10 @@ def placement_row(key: list, place: list) -> list:
     return row
 
 
-def summary(key: list, per: dict, spans: list, names) -> list:
-    row = key + [f"{statistics.median(per[n][0]) / 1e3:.1f} / {statistics.median(per[n][1]) / 1e3:.1f}"
-                 for n in names] + [f"{statistics.median(spans) / 1e3:.1f}"]
+def summary(key: list, per: dict, spans: list, names, digits: int = 1) -> list:
+    f = f".{digits}f"
+    row = key + [f"{statistics.median(per[n][0]) / 1e3:{f}} / {statistics.median(per[n][1]) / 1e3:{f}}"
+                 for n in names] + [f"{statistics.median(spans) / 1e3:{f}}"]
     print(" | ".join(map(str, row)), flush=True)
     return row
 

@@ -170,8 +170,12 @@ def split_state(cfg: DecodeAttentionConfig, device) -> tuple:
     """The (partials, arrival counters) operands of ``cfg`` on ``device``: allocated (the
     counters zeroed) on first use and reused by every later call, CUDA-graph replays
     included (the last arrival resets its counter). One pair a config and device, so two
-    launches of one config must not run concurrently on different streams."""
-    key = (cfg, torch.device(device))
+    launches of one config must not run concurrently on different streams. ``"cuda"`` means
+    the current device, as for tensors (the same pair as ``"cuda:N"``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (cfg, device)
     st = _split_states.get(key)
     if st is None:
         st = _split_states.setdefault(key, (torch.empty(cfg.work_elems, dtype=torch.float32, device=device),

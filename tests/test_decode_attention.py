@@ -284,3 +284,6 @@ def test_splits_match_the_reference(heads, kv_heads, hd, cluster, splits, thread
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, outs[0])
+    from cf_cute.decode_attention import decode_attention_config    # "cuda" names the same workspace
+    cfg = decode_attention_config(q, k, v, dev_table, cluster, tuning)
+    assert split_state(cfg, "cuda")[0] is split_state(cfg, q.device)[0]
