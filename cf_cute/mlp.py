@@ -125,17 +125,17 @@ def grid_plan(units: int, resident: dict) -> tuple[int, int]:
 
 
 def default_unroll(cfg: MLPBlockConfig) -> int:
-    """MMA steps of W loads in flight a warp (``MLPBlockConfig.unroll``): 8, or 4 at batch 1 and
-    when phase A's load pipeline holds more than four tiles' accumulators (``4 * n_tiles * J /
-    units_per_pass`` fp32 registers, > 16). With those, unroll 8 runs out of the 255 registers and spills
-    (``cuobjdump -res-usage``, batch 1: Llama-3-8B's 7 tiles 264 bytes of stack; Llama-2-7B's 6
-    tiles none at batch 1, 224 bytes at batch 4, 328 at 8), while 4 tiles (Llama-3.2-1B and
-    -3B) do not. H200, µs, unroll 8 / 4 (benchmarks/RESULTS.md, session 14):
-    Llama-3-8B batch 1 97.8 / 91.0, 2 99.7 / 95.2, 4 107.4 / 96.3, 8 107.2 / 95.9;
-    Llama-2-7B 73.7 / 74.2, 77.6 / 76.6, 84.8 / 76.4, 86.2 / 79.8; Llama-3.2-1B (4 tiles, 8 from
-    batch 2) 36.6 / 34.9, 35.6 / 37.3, 37.1 / 39.6, 40.0 / 42.2; Llama-3.2-3B level at every batch
-    (44.7 / 44.3 at batch 1). Without the pipeline (batch > 8)
-    there is no such accumulator block, and 8 is faster (batch 16: 82.0 / 98.5 µs)."""
+    """MMA steps of W loads in flight a warp (``MLPBlockConfig.unroll``): 4 at batch 1 and
+    wherever phase A's load pipeline holds more than four tiles' accumulators
+    (``4 * n_tiles * J / units_per_pass`` fp32 registers, > 16), else 8. With that many
+    accumulators unroll 8 runs out of the 255 registers and spills (``cuobjdump -res-usage``:
+    Llama-3-8B's 7 tiles 264 bytes of stack at batch 1; Llama-2-7B's 6 tiles none at batch 1,
+    224 bytes at batch 4, 328 at 8); 4 tiles (Llama-3.2-1B and -3B) do not. H200, µs, unroll
+    8 / 4, batch 1 / 2 / 4 / 8 (benchmarks/RESULTS.md, session 14): Llama-3-8B 97.8 / 91.0,
+    99.7 / 95.2, 107.4 / 96.3, 107.2 / 95.9; Llama-2-7B 73.7 / 74.2, 77.6 / 76.6, 84.8 / 76.4,
+    86.2 / 79.8; Llama-3.2-1B 36.6 / 34.9, 35.6 / 37.3, 37.1 / 39.6, 40.0 / 42.2; Llama-3.2-3B
+    level at every batch (44.7 / 44.3 at batch 1). Without the pipeline (batch > 8) there is
+    no such accumulator block, and 8 is faster (batch 16: 82.0 / 98.5 µs)."""
     tiles = cfg.units_per_cluster // cfg.units_per_pass
     return 4 if cfg.pipeline and (cfg.batch == 1 or 4 * cfg.n_tiles * tiles > 16) else 8
 
