@@ -30,14 +30,19 @@ from cf_cute.attention import (AttentionTuning, attention_block, attention_block
 # tuning variants timed with --variants (name -> AttentionTuning), at the auto cluster size
 VARIANTS = {"unroll4": AttentionTuning(unroll=4), "prefetch": AttentionTuning(l2_prefetch=True),
             "attn-unroll4": AttentionTuning(attn_unroll=4), "pipeline": AttentionTuning(pipeline_tiles=True),
-            "early-wo": AttentionTuning(early_wo_prefetch=True, l2_prefetch=True),
+            "early-wo": AttentionTuning(early_wo_prefetch=True, l2_prefetch=True, o_proj="grid"),
             "threads512": AttentionTuning(num_threads=512), "threads128": AttentionTuning(num_threads=128),
             "threads256": AttentionTuning(num_threads=256),    # GQA: 128 threads by default since session 12
             "fold8": AttentionTuning(attn_fold_budget=8),     # softmax rescales shared by 8 / G tokens
             "attn-cuda-cores": AttentionTuning(attn_tensor_cores=False),   # GQA attention on CUDA cores
             "attn-depth1": AttentionTuning(attn_mma_depth=1),  # GQA: the next step's loads in flight
             "attn-depth0": AttentionTuning(attn_mma_depth=0),  # GQA: loads at each step's start
-            "early-b": AttentionTuning(early_phase_b=True)}    # W_o's first loads before the grid barrier
+            "early-b": AttentionTuning(early_phase_b=True, o_proj="grid"),    # W_o's first loads before the barrier
+            "default": AttentionTuning(),                      # with @C: the defaults at cluster size C
+            "head": AttentionTuning(o_proj="head"),            # W_o per KV-head cluster, no grid barrier
+            "grid": AttentionTuning(o_proj="grid"),            # W_o over the grid after a grid barrier
+            "early": AttentionTuning(early_loads=True),        # QKV: each warp's first W loads under the norm
+            "head-late": AttentionTuning(o_proj="head", o_early_loads=False)}
 from cf_cute.reference import AttentionWeights, rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -107,10 +112,11 @@ def run(ctx: int, batch: int, heads: int, kv_heads: int, H: int, sets: int, bw: 
             elif name == "auto linear":          # the same weights in nn.Linear order (pack_attention tiles them)
                 fns.append(lambda p=linear_attention(packed), h=hidden, kc=kc, vc=vc:
                            attention_block(h, p, kc, vc, positions, cos, sin))
-            elif name.startswith("auto "):
-                t = VARIANTS[name[5:]]
-                fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc, t=t:
-                           attention_block(h, p, kc, vc, positions, cos, sin, tuning=t))
+            elif name.startswith("auto "):          # "auto VARIANT" or "auto VARIANT@C" (cluster size C)
+                v, _, c = name[5:].partition("@")
+                t = VARIANTS[v]
+                fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc, t=t, c=int(c) if c else None:
+                           attention_block(h, p, kc, vc, positions, cos, sin, tuning=t, cluster_size=c))
             else:
                 fns.append(lambda p=packed, h=hidden, kc=kc, vc=vc:
                            attention_block_unfused(h, p, kc, vc, positions, cos, sin))
@@ -141,7 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clusters", default="", help="cluster sizes of the fused kernel (default: its heuristic)")
     ap.add_argument("--unfused", action="store_true", help="also time the three-launch composition")
     ap.add_argument("--variants", default="", help=f"tuning variants, from {sorted(VARIANTS) + ['linear']} "
-                                                   f"(linear: the weights in nn.Linear order)")
+                                                   f"(linear: the weights in nn.Linear order), each optionally "
+                                                   f"@C for cluster size C (e.g. head@8)")
     a = ap.parse_args(argv)
     clusters = [int(c) for c in a.clusters.split(",")] if a.clusters else []
     bw = read_bandwidth_gbs()

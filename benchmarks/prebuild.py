@@ -164,7 +164,12 @@ def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
     out += _unfused(16, 32, 8, 128, 4096, 1024, True, True)              # test_unfused_planned_matches_reference
     for i in (3, 5):                        # test_gqa_attention_knobs
         out += [fused_config(*FUSED_CASES[i], attn_mma_depth=0), fused_config(*FUSED_CASES[i], attn_tensor_cores=False),
-                fused_config(*FUSED_CASES[i], num_threads=256), fused_config(*FUSED_CASES[i], early_phase_b=True)]
+                fused_config(*FUSED_CASES[i], num_threads=256), fused_config(*FUSED_CASES[i], o_proj="grid"),
+                fused_config(*FUSED_CASES[i], o_proj="grid", early_phase_b=True)]
+    for i in (0, 1, 3, 5, 6):               # test_head_o_proj_matches_reference_and_is_deterministic
+        out += [fused_config(*FUSED_CASES[i], o_proj="head"),
+                fused_config(*FUSED_CASES[i], o_proj="head", o_early_loads=False),
+                fused_config(*FUSED_CASES[i], o_proj="head", early_loads=True)]
     for kv in kv_heads:                     # benchmarks/bench_attention.py and bench_phases.py, Llama shapes
         c = default_cluster_size(kv, 4096)
         names = list(ATTN_VARIANTS) if variants is None else variants

@@ -12,9 +12,12 @@ projection); ``attention_block_unfused`` is the same computation as three
 launches (``qkv_rope`` -> ``decode_attention`` -> ``splitk_gemv``), kept as a
 baseline.
 
-The single launch needs every CTA resident at once (checked against the GPU
-on first use) and a small workspace per (shape, device): the attention output
-``[B, heads*hd]``, the residual stream and the grid barrier's counter. Calls
+The single launch's output projection runs over the whole grid after a grid barrier
+(MHA: every CTA must be resident at once, checked against the GPU on first use) or per
+KV-head cluster with partials combined by arrival counters (GQA: ``o_proj="head"``, no
+residency needed). It needs a small workspace per (shape, device): the attention output
+``[B, heads*hd]``, the residual stream, and the barrier state (with ``"head"`` also the
+counters and the fp32 partials). Calls
 that share a workspace must not run concurrently on different streams; pass
 ``workspace=AttentionWorkspace(...)`` of your own for that.
 ``torch.ops.cf_cute.attention_block`` is the fused call as a custom op (it
@@ -90,11 +93,14 @@ class AttentionTuning:
     attn_mma_depth: int | None = _BLOCK_DEFAULTS["attn_mma_depth"]
     l2_prefetch: bool = _BLOCK_DEFAULTS["l2_prefetch"]
     pipeline_tiles: bool = _BLOCK_DEFAULTS["pipeline_tiles"]
+    early_loads: bool = _BLOCK_DEFAULTS["early_loads"]       # QKV: first W loads under the norm
     early_wo_prefetch: bool = _BLOCK_DEFAULTS["early_wo_prefetch"]
     early_phase_b: bool = _BLOCK_DEFAULTS["early_phase_b"]
     phase_timer: bool = _BLOCK_DEFAULTS["phase_timer"]       # per-CTA stamps in workspace.barrier[2:]
     num_threads: int | None = _BLOCK_DEFAULTS["num_threads"]
     pdl: bool = _BLOCK_DEFAULTS["pdl"]                       # programmatic dependent launch
+    o_proj: str = _BLOCK_DEFAULTS["o_proj"]                  # "grid" or "head"
+    o_early_loads: bool = _BLOCK_DEFAULTS["o_early_loads"]
 
 
 @dataclass
@@ -232,7 +238,7 @@ def arg_specs(cfg: AttentionBlockConfig) -> list:
             TensorSpec("float32", rope, align=4), TensorSpec("float32", rope, align=4),
             TensorSpec("int32", (B,), align=4), TensorSpec(dt, cfg.kv_shape), TensorSpec(dt, cfg.kv_shape),
             TensorSpec("int32", cfg.table_shape, align=4), TensorSpec(dt, (B, cfg.o_k)), TensorSpec(dt, (B, H)),
-            TensorSpec("int32", (GridBarrier.state_words(cfg.grid, cfg.phase_timer),), align=4),
+            TensorSpec("int32", (cfg.state_words,), align=16 if cfg.o_proj == "head" else 4),
             TensorSpec(dt, (B, H))]
 
 
@@ -249,8 +255,7 @@ class AttentionWorkspace:
         dt = getattr(torch, cfg.dtype)
         return cls(attn=torch.empty(cfg.batch, cfg.o_k, dtype=dt, device=device),
                    h=torch.empty(cfg.batch, cfg.hidden, dtype=dt, device=device),
-                   barrier=torch.zeros(GridBarrier.state_words(cfg.grid, cfg.phase_timer), dtype=torch.int32,
-                                       device=device))
+                   barrier=torch.zeros(cfg.state_words, dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,8 +269,7 @@ def _resident_ctas(cfg: AttentionBlockConfig, device_index: int) -> int:
     from cf_cute.primitives import max_resident_clusters
     k = AttentionBlock(cfg)
     with torch.cuda.device(device_index):
-        n = max_resident_clusters(cfg.cluster_size, k.smem_bytes, cfg.num_threads) * cfg.cluster_size
-    return n if k.ctas_per_sm > 1 else min(n, max_resident_clusters(cfg.cluster_size) * cfg.cluster_size)
+        return max_resident_clusters(cfg.cluster_size, k.smem_bytes, cfg.num_threads, k.ctas_per_sm) * cfg.cluster_size
 
 
 _workspaces: dict = {}
@@ -278,7 +282,7 @@ def _auto_config(hidden, packed, k_cache, cos, page_table, has_residual: bool, d
         try:
             cfg = attention_block_config(hidden, packed, k_cache, cos, page_table, cluster_size=c,
                                          has_residual=has_residual, tuning=tuning)
-            if hidden.device.type != "cuda" or cfg.grid <= _resident_ctas(cfg, dev):
+            if hidden.device.type != "cuda" or not cfg.needs_resident_grid or cfg.grid <= _resident_ctas(cfg, dev):
                 return cfg
         except ValueError:               # invalid or over the shared-memory limit at this size
             continue
@@ -359,7 +363,7 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
         page_table = host_index_checked(page_table, 0, cfg.num_pages - 1, "page_table entries", hidden.device)
     if hidden.device.type != "cuda":
         raise ValueError(f"operands must be on a CUDA device, got {hidden.device}")
-    if cfg.grid > _resident_ctas(cfg, dev):
+    if cfg.needs_resident_grid and cfg.grid > _resident_ctas(cfg, dev):
         raise ValueError(f"the fused attention block needs {cfg.grid} CTAs ({cfg.num_kv_heads} clusters of "
                          f"{cluster_size}) resident at once; this GPU holds {_resident_ctas(cfg, dev)}: "
                          f"use a smaller cluster_size")
@@ -368,7 +372,7 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
         workspace = _workspaces.get(key)
         if workspace is None:
             workspace = _workspaces.setdefault(key, AttentionWorkspace.new(cfg, hidden.device))
-    elif (workspace.barrier.shape != (GridBarrier.state_words(cfg.grid, cfg.phase_timer),)
+    elif (workspace.barrier.shape != (cfg.state_words,)
           or workspace.attn.shape != (B, cfg.o_k)
           or workspace.h.shape != (B, H)):
         raise ValueError("workspace does not match these shapes: build it with AttentionWorkspace.new(cfg, device)")
@@ -379,7 +383,7 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
                     "cos", "sin", "positions", "page_table", "barrier"),
                    hidden, res, packed.norm, packed.w_qkv, packed.wo, k_cache, v_cache, out, workspace.attn,
                    workspace.h, cos, sin, positions, page_table, workspace.barrier,
-                   align=(16,) * 10 + (4,) * 5)
+                   align=(16,) * 10 + (4,) * 4 + (16 if cfg.o_proj == "head" else 4,))
     _fused_kernel(cfg)(hidden, res, packed.norm, packed.w_qkv, packed.wo, cos, sin, positions, k_cache, v_cache,
                        page_table, workspace.attn, workspace.h, workspace.barrier, out)
     return out

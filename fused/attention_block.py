@@ -26,13 +26,30 @@ resident at once: the host checks it, the grid barrier needs it)::
                          exp2(m - M) / L; ClusterReduce.reduce_scatter (sum) of
                          o [B*G*hd] -> the owner CTA writes attn[b, head, :] (global
                          scratch, L2-resident)
+
+The output projection, two ways (``o_proj``)::
+
+  "grid" (MHA's default; every CTA resident at once, checked by the host):
   GridBarrier            every CTA's attn slice is written and visible
   phase B, CTA c:        residual_gemv_tiles: 16-row tiles c, c + N, ... of W_o [H, heads*hd];
                          the warps split K, tensor cores with x = attn read from L2,
                          partials summed in warp order through shared memory, + h -> out
 
+  "head" (GQA's default; no grid barrier, no residency needed):
+  merge as above, but ClusterReduce.all_reduce of o -> sX [B, G*hd] (the dtype) in every
+  CTA, with each warp's first W_o loads already in flight (``o_early_loads``)
+  CTA r, warp w:         tiles t = r*TPC + w, + NW, ... (TPC = H/16/C) of W_o[:, g*G*hd : +G*hd]
+                         x sX  ->  P[g, b, 16t : 16t+16]     fp32, in the barrier workspace
+  warp_last_arrival      on counter (r, w), one of kv_heads; the last warp of the row group:
+                         out[b, row] = h[b, row] + sum_{g' = 0..kv_heads-1} P[g', b, row]
+                         (head order, whoever came last; 16-byte loads of P from L2)
+
+  workspace (int32 words): [grid barrier (+ 16 stamps a CTA)] [C*NW counters] [pad to 4]
+                           [P: fp32 kv_heads x B x H]
+
 Deterministic: every sum has a fixed order (warp order, rank order in the
-collectives), no float atomics; the grid barrier uses integer atomics only.
+collectives, head order across clusters), no float atomics; the grid barrier and the
+arrival counters use integer atomics only.
 Shared memory: the QKVRope buffers, the token-group merge buffers of
 DecodeAttention, the per-request partials ``sO [B*G*hd]``/``sML [B*G*2]``, the
 two merge collectives and ``sRed [warps, 16, batch]``.
@@ -46,11 +63,11 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync
+from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync, warp_last_arrival
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from .decode_attention import MMA_MAX_THREADS, DecodeAttention, DecodeAttentionConfig, takes_tensor_cores
-from .mma_gemv import weight_view
+from .mma_gemv import X_PAD, mma_atom, store_acc, warp_gemv_rows, weight_view, x_smem_layout
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .qkv_rope import QKVFields, QKVRope, QKVRopeConfig
 
@@ -58,6 +75,13 @@ __all__ = ["AttentionBlockConfig", "AttentionBlock"]
 
 _WARP = 32
 _STEP = 32
+_TAIL_HEADS = 16        # o_proj="head": heads' partials loaded at once in the final sum (more spills at 128 registers)
+
+
+@cute.jit
+def _rows4(parts: cute.Tensor, h: Int32, b: Int32, row: Int32):
+    """``parts[h, b, row:row+4]`` (fp32, 16-byte aligned) as one 16-byte load."""
+    return cute.local_tile(parts, (1, 1, 4), (h, b, row // 4)).load().reshape((4,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +108,14 @@ class AttentionBlockConfig(QKVFields):
                                   # session 13, batch 1: level; Llama-2-7B 1K 49.8 vs 50.1 µs, 16K 113.3 vs
                                   # 113.4; Llama-3.2-1B shape 1K 23.1 vs 22.8)
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
+    o_proj: str | None = None     # the output projection: "grid" (phase B over the whole grid after a grid
+                                  # barrier) or "head" (each cluster multiplies its own heads' output by its
+                                  # K slice of W_o, partials combined across clusters by warp arrival counters:
+                                  # no grid barrier, no residency needed). None: "head" for GQA (tensor-core
+                                  # attention), "grid" for MHA. H200, batch 1, 1K / 16K, grid vs head: Llama-3.2-1B
+                                  # shape 22.7 / 35.8 vs 21.2 / 33.8 µs, -3B 34.8 / 53.6 vs 32.2 / 51.0;
+                                  # Llama-2-7B (MHA, 32 partials a row) 49.5 / 112.0 vs 49.5 / 114.2
+    o_early_loads: bool = True    # "head": each warp's first block of W_o loads before the cluster merge
     num_threads: int | None = None    # threads a CTA; None: 128 when the attention runs on tensor cores (GQA;
                                   # two CTAs an SM), else 256. H200, Llama-3-8B shape, batch 1, 128 threads
                                   # (depth 1) vs 256 (depth 0): 44.2 vs 46.2 µs at 1K, 48.1 vs 50.1 at 4K,
@@ -99,11 +131,45 @@ class AttentionBlockConfig(QKVFields):
             object.__setattr__(self, "num_threads", 128 if tc else 256)
         if self.attn_mma_depth is None:
             object.__setattr__(self, "attn_mma_depth", 1 if self.num_threads <= 128 else 0)
+        if self.o_proj is None:
+            tc = takes_tensor_cores(self.num_heads, self.num_kv_heads, self.attn_tensor_cores)
+            object.__setattr__(self, "o_proj", "head" if tc else "grid")
 
     @property
     def o_k(self) -> int:
         """K of the output projection (heads * head_dim)."""
         return self.num_heads * self.head_dim
+
+    @property
+    def needs_resident_grid(self) -> bool:
+        """Whether every CTA must be resident at once (the grid barrier of ``o_proj="grid"``)."""
+        return self.o_proj == "grid"
+
+    @property
+    def head_tiles(self) -> int:
+        """``o_proj="head"``: 16-row tiles of W_o a CTA multiplies (its rank's rows)."""
+        return self.hidden // 16 // self.cluster_size
+
+    @property
+    def counter_words(self) -> int:
+        """``o_proj="head"``: arrival counters, one per (rank, warp) row group."""
+        return self.cluster_size * (self.num_threads // _WARP) if self.o_proj == "head" else 0
+
+    @property
+    def partials_offset(self) -> int:
+        """``o_proj="head"``: first word of the fp32 partials ``[kv_heads, B, hidden]`` in the
+        barrier workspace (16-byte aligned)."""
+        from cf_cute.primitives import GridBarrier
+        return (GridBarrier.state_words(self.grid, self.phase_timer) + self.counter_words + 3) // 4 * 4
+
+    @property
+    def state_words(self) -> int:
+        """int32 words of the barrier workspace: the grid barrier's (with stamps); with
+        ``o_proj="head"`` then the arrival counters and the fp32 partials."""
+        from cf_cute.primitives import GridBarrier
+        if self.o_proj != "head":
+            return GridBarrier.state_words(self.grid, self.phase_timer)
+        return self.partials_offset + self.num_kv_heads * self.batch * self.hidden
 
     def qkv_config(self, smem_budget: int = SMEM_LIMIT_BYTES) -> QKVRopeConfig:
         return QKVRopeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(QKVFields)},
@@ -124,9 +190,19 @@ class AttentionBlockConfig(QKVFields):
         nw = self.num_threads // _WARP
         if self.hidden % 16:
             raise ValueError(f"hidden = {self.hidden} must be a multiple of 16")
-        if self.o_k % (nw * _STEP):
+        if self.o_proj not in ("grid", "head"):
+            raise ValueError(f"o_proj must be 'grid' or 'head', got {self.o_proj!r}")
+        if self.o_proj == "grid" and self.o_k % (nw * _STEP):
             raise ValueError(f"num_heads * head_dim = {self.o_k} must be a multiple of {nw * _STEP} "
                              f"(the output projection's K is split over {nw} warps)")
+        if self.o_proj == "head":
+            # W_o's rows split into 16-row tiles over the cluster: hidden % (16 C) == 0 follows
+            # from the QKV stage's hidden % (32 C) == 0
+            if self.group * self.head_dim % _STEP:
+                raise ValueError(f"o_proj='head': a KV head's {self.group} x {self.head_dim} output columns must "
+                                 f"be a multiple of {_STEP}")
+            if self.early_phase_b or self.early_wo_prefetch:
+                raise ValueError("early_phase_b and early_wo_prefetch belong to o_proj='grid'")
 
 
 class AttentionBlock:
@@ -141,14 +217,18 @@ class AttentionBlock:
         self.gat_ml = ClusterGather(Float32, self.ml_elems, C, T, stages=1, barrier_id=3)
         self.gbar = GridBarrier(cfg.grid, stamps=cfg.phase_timer)
         NG = self.attn.groups
+        self.head = cfg.o_proj == "head"
+        self.n_tiles = (B + 7) // 8            # MMA n-tiles of the batch (output projection)
+        # "head": the cluster's merged output [n_tiles * 8, G*hd] (+ padding), x of its W_o slice
+        self.sx_elems = self.n_tiles * 8 * (G * hd + X_PAD) if self.head else 0
         own = (self.gat_ml.smem_bytes + 4 * (NG * G * (2 + hd) + self.attn.tile_elems + B * G * hd + self.ml_elems)
-               + 4 * (T // _WARP) * 16 * B + 8 * 16)
+               + 4 * (T // _WARP) * 16 * B + 8 * 16 + 2 * self.sx_elems + 16)
         # the o merge goes through the cluster in `o_rounds` rounds of B / o_rounds requests,
         # and the QKV partials in as many rounds as QKVRope needs to fit what is left
         self.front = None
         for o_rounds in (r for r in range(1, B + 1) if B % r == 0):
             try:
-                red_o = ClusterReduce(B // o_rounds * G * hd, C, T, op="sum", scatter=True, stages=1,
+                red_o = ClusterReduce(B // o_rounds * G * hd, C, T, op="sum", scatter=not self.head, stages=1,
                                       barrier_id=4)
                 front = QKVRope(cfg.qkv_config(SMEM_LIMIT_BYTES - own - red_o.smem_bytes))
             except ValueError:
@@ -215,6 +295,109 @@ class AttentionBlock:
         end = cutlass.min(pos + 1, start + chunk)
         return pos, start, end, chunk
 
+    @cute.jit
+    def _merge(self, bufs_ml, bufs_o, sML: cute.Tensor, sO: cute.Tensor, mAttn: cute.Tensor, sX: cute.Tensor,
+               mBar: cute.Tensor, g: Int32):
+        """The cluster merge of the per-CTA (m, l, o): ClusterGather of (m, l), each CTA scales
+        its o by exp2(m - M) / L, then the o sum over the cluster in ``o_rounds`` rounds:
+        "grid": reduce-scattered, the owner writes attn[b, heads of g] (global); "head":
+        all-reduced into every CTA's ``sX`` (rounded to the dtype)."""
+        cfg = self.cfg
+        C, G, hd = cfg.cluster_size, cfg.group, cfg.head_dim
+        tidx = cute.arch.thread_idx()[0]
+        bidx = cute.arch.block_idx()[0]
+        sAll = self.gat_ml.gather(bufs_ml, sML, Int32(0))
+        self.gbar.stamp(mBar, bidx, 8)
+        V = self.red_o.per_thread
+        n_o = self.red_o.num_elems                  # values per round: B / o_rounds requests
+        p0 = self.red_o.thread_offset(tidx)
+        for k in cutlass.range_constexpr(self.o_rounds):
+            frag = self.red_o.make_fragment()
+            for v in cutlass.range_constexpr(V):
+                p = k * n_o + p0 + v
+                bh = p // hd
+                mx = -Float32.inf
+                for r in cutlass.range_constexpr(C):
+                    mx = cute.arch.fmax(mx, sAll[2 * bh, r])
+                lsum = Float32(0.0)
+                for r in cutlass.range_constexpr(C):
+                    if sAll[2 * bh, r] != -Float32.inf:
+                        lsum = lsum + sAll[2 * bh + 1, r] * cute.math.exp2(sAll[2 * bh, r] - mx, fastmath=True)
+                wgt = Float32(0.0)
+                if sML[2 * bh] != -Float32.inf:
+                    wgt = cute.math.exp2(sML[2 * bh] - mx, fastmath=True) / lsum
+                frag[v] = sO[p] * wgt
+            if const_expr(self.head):
+                res = self.red_o.all_reduce(bufs_o, frag, Int32(k))
+                if tidx < self.red_o.active:
+                    for v in cutlass.range_constexpr(V):
+                        p = k * n_o + p0 + v
+                        sX[p // (G * hd), p % (G * hd)] = self.dtype(res[v])
+            else:
+                res = self.red_o.reduce_scatter(bufs_o, frag, Int32(k))
+                if self.red_o.owns(tidx):
+                    for v in cutlass.range_constexpr(V):
+                        p = k * n_o + tidx * V + v
+                        b = p // (G * hd)
+                        mAttn[b, g * G * hd + p % (G * hd)] = self.dtype(res[v])
+        self.gat_ml.release(bufs_ml, Int32(0))
+
+    @cute.jit
+    def _o_proj_head(self, mWo: cute.Tensor, sX: cute.Tensor, mBar: cute.Tensor, mHidden: cute.Tensor,
+                     mResidual: cute.Tensor, mOut: cute.Tensor, g: Int32, rank: Int32, warp: Int32, lane: Int32,
+                     bidx: Int32, front, merge):
+        """``o_proj="head"``: warp w of CTA r multiplies tiles r*TPC + w, + NW, ... of W_o's rows by
+        the K slice of KV head g (x = the merged output in ``sX``), stores the fp32 partials
+        ``P[g, b, rows]`` in the workspace, and arrives on its (r, w) counter; the last of the
+        ``kv_heads`` warps of that row group sums ``P[0..kv_heads-1]`` in head order, adds h
+        and writes ``out``. ``front`` (the merge) runs after the first W_o loads; else
+        ``merge`` first."""
+        cfg = self.cfg
+        B, H, NKV, G, hd = cfg.batch, cfg.hidden, cfg.num_kv_heads, cfg.group, cfg.head_dim
+        NW = cfg.num_threads // _WARP
+        TPC = cfg.head_tiles
+        cnt = (TPC + NW - 1) // NW
+        kslice = G * hd
+        if const_expr(front is None):
+            merge()
+        t0 = rank * TPC + warp
+        parts = cute.make_tensor(cute.recast_ptr(mBar.iterator + cfg.partials_offset, dtype=Float32),
+                                 cute.make_layout((NKV, B, H), stride=(B * H, H, 1)))
+        mine = cute.make_tensor(parts.iterator + g * B * H, cute.make_layout((B, H), stride=(H, 1)))
+
+        def store(j, acc):                      # tile j's partial, as soon as it is complete
+            if warp + j * NW < TPC:
+                store_acc(acc, mine, (t0 + j * NW) * 16, lane, self.n_tiles, B)
+
+        rows = [cutlass.min(t0 + j * NW, rank * TPC + (TPC - 1)) * 16 for j in range(cnt)]
+        warp_gemv_rows(mma_atom(self.dtype), mWo, rows, g * kslice, sX, lane, kslice // _STEP, self.n_tiles,
+                       min(cfg.unroll, kslice // _STEP), front=front, done=store)
+        self.gbar.stamp(mBar, bidx, 4)
+        cute.arch.griddepcontrol_launch_dependents()     # PDL: the next launch may start its prologue
+        counters = cute.make_tensor(mBar.iterator + GridBarrier.state_words(cfg.grid, cfg.phase_timer),
+                                    cute.make_layout(cfg.counter_words))
+        if warp_last_arrival(counters, rank * NW + warp, NKV) != 0:
+            dt = mOut.element_type
+            # lane item = 4 consecutive rows of one request: 16-byte loads of every head's partial
+            for it in cutlass.range(lane, cnt * B * 4, _WARP, unroll=1):
+                j = it // (4 * B)
+                b = (it // 4) % B
+                if warp + j * NW < TPC:
+                    row = (t0 + j * NW) * 16 + (it % 4) * 4
+                    tot = cute.make_rmem_tensor(4, Float32)
+                    tot.fill(0.0)
+                    for h0 in cutlass.range(0, NKV, _TAIL_HEADS, unroll=1):    # bounded loads in flight
+                        for h in cutlass.range_constexpr(min(_TAIL_HEADS, NKV)):
+                            if const_expr(NKV % _TAIL_HEADS == 0 or NKV < _TAIL_HEADS):
+                                tot.store(tot.load() + _rows4(parts, h0 + h, b, row))
+                            elif h0 + h < NKV:
+                                tot.store(tot.load() + _rows4(parts, h0 + h, b, row))
+                    for e in cutlass.range_constexpr(4):
+                        hv = Float32(mHidden[b, row + e])
+                        if const_expr(cfg.has_residual):
+                            hv = hv + Float32(mResidual[b, row + e])
+                        mOut[b, row + e] = dt(hv + tot[e])
+
     @cute.kernel
     def kernel(self, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor, mWqkv: cute.Tensor,
                mWo: cute.Tensor, mCos: cute.Tensor, mSin: cute.Tensor, mPos: cute.Tensor, mK: cute.Tensor,
@@ -243,6 +426,11 @@ class AttentionBlock:
         sO = smem.allocate_tensor(Float32, cute.make_layout(B * G * hd), byte_alignment=16)
         sML = smem.allocate_tensor(Float32, cute.make_layout(self.ml_elems), byte_alignment=16)
         sRed = smem.allocate_tensor(Float32, cute.make_layout((NW, RED_WORDS_PER_ROW, B)), byte_alignment=16)
+        sX = None
+        if const_expr(self.head):
+            sX = smem.allocate_tensor(self.dtype, x_smem_layout(self.n_tiles, G * hd), byte_alignment=16)
+            for e in cutlass.range(tidx, (self.n_tiles * 8 - B) * G * hd, T, unroll=1):
+                sX[B + e // (G * hd), e % (G * hd)] = self.dtype(0.0)     # the n-tile's rows past the batch
         self.front.init(qb)
         self.gat_ml.init(bufs_ml)
         self.red_o.init(bufs_o)
@@ -293,50 +481,36 @@ class AttentionBlock:
                 sML[(b * G + h) * 2 + 1] = sTile[G * hd + G + h]
         cute.arch.barrier()
         self.gbar.stamp(mBar, bidx, 2)
-        if const_expr(cfg.l2_prefetch and not cfg.early_wo_prefetch):   # W_o rows, while the merge runs
+        if const_expr(cfg.l2_prefetch and not cfg.early_wo_prefetch and not self.head):   # W_o rows, under the merge
             prefetch_tiles_l2(mWo, bidx, cfg.grid, (cfg.hidden // 16 + cfg.grid - 1) // cfg.grid, warp,
                               lane)
 
-        # ---- merge over the cluster: (m, l) of every CTA, then o scaled and reduce-scattered
-        sAll = self.gat_ml.gather(bufs_ml, sML, Int32(0))
-        self.gbar.stamp(mBar, bidx, 8)
-        V = self.red_o.per_thread
-        n_o = self.red_o.num_elems                  # values per round: B / o_rounds requests
-        p0 = self.red_o.thread_offset(tidx)
-        for k in cutlass.range_constexpr(self.o_rounds):
-            frag = self.red_o.make_fragment()
-            for v in cutlass.range_constexpr(V):
-                p = k * n_o + p0 + v
-                bh = p // hd
-                mx = -Float32.inf
-                for r in cutlass.range_constexpr(C):
-                    mx = cute.arch.fmax(mx, sAll[2 * bh, r])
-                lsum = Float32(0.0)
-                for r in cutlass.range_constexpr(C):
-                    if sAll[2 * bh, r] != -Float32.inf:
-                        lsum = lsum + sAll[2 * bh + 1, r] * cute.math.exp2(sAll[2 * bh, r] - mx, fastmath=True)
-                wgt = Float32(0.0)
-                if sML[2 * bh] != -Float32.inf:
-                    wgt = cute.math.exp2(sML[2 * bh] - mx, fastmath=True) / lsum
-                frag[v] = sO[p] * wgt
-            res = self.red_o.reduce_scatter(bufs_o, frag, Int32(k))
-            if self.red_o.owns(tidx):
-                for v in cutlass.range_constexpr(V):
-                    p = k * n_o + tidx * V + v
-                    b = p // (G * hd)
-                    mAttn[b, g * G * hd + p % (G * hd)] = self.dtype(res[v])
-        self.gat_ml.release(bufs_ml, Int32(0))
-        cluster_sync()             # retires every collective of phase A
-        self.gbar.stamp(mBar, bidx, 3)
+        if const_expr(self.head):
+            # ================= output projection per KV head: this cluster's merged output
+            # times its K slice of W_o (the first W_o loads in flight under the merge), partials
+            # combined across the clusters by the last warp of each row group to arrive
+            def merge():
+                self._merge(bufs_ml, bufs_o, sML, sO, mAttn, sX, mBar, g)
+                cute.arch.cluster_arrive()      # this CTA's last DSMEM access; waited before exit
+                cute.arch.barrier()             # sX is complete
+                self.gbar.stamp(mBar, bidx, 3)
 
-        # ================= grid barrier: all of attn is written (early_phase_b: once phase B's
-        # first block of W loads is issued); the next kernel may start its prologue
-        def barrier():
-            self.gbar.sync_then_trigger(mBar, bidx, 4)
+            self._o_proj_head(mWo, sX, mBar, mHidden, mResidual, mOut, g, rank, warp, lane, bidx,
+                              merge if const_expr(cfg.o_early_loads) else None, merge)
+            cute.arch.cluster_wait()
+        else:
+            self._merge(bufs_ml, bufs_o, sML, sO, mAttn, sX, mBar, g)
+            cluster_sync()             # retires every collective of phase A
+            self.gbar.stamp(mBar, bidx, 3)
 
-        # ================= phase B: output projection rows, full K, + h
-        MT = cfg.hidden // 16
-        residual_gemv_tiles(mWo, mAttn, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
-                            (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual,
-                            front=barrier, early_front=cfg.early_phase_b)
+            # ================= grid barrier: all of attn is written (early_phase_b: once phase B's
+            # first block of W loads is issued); the next kernel may start its prologue
+            def barrier():
+                self.gbar.sync_then_trigger(mBar, bidx, 4)
+
+            # ================= phase B: output projection rows, full K, + h
+            MT = cfg.hidden // 16
+            residual_gemv_tiles(mWo, mAttn, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
+                                (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual,
+                                front=barrier, early_front=cfg.early_phase_b)
         self.gbar.stamp(mBar, bidx, 5)

@@ -319,12 +319,14 @@ def warp_gemv_each(atom, mW: cute.Tensor, count: cutlass.Constexpr[int], row_of,
 
 def warp_gemv_rows(atom, mW: cute.Tensor, rows: list, k0: Int32, sX: cute.Tensor, lane: Int32,
                    k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
-                   unroll: cutlass.Constexpr[int], front=None) -> list:
+                   unroll: cutlass.Constexpr[int], front=None, done=None) -> list:
     """:func:`warp_gemv_tiles` for 16-row tiles at arbitrary first rows ``rows`` (a Python
     list of row indices, any order): one load pipeline across them, x from the shared
-    buffer. Returns one accumulator per tile. ``front`` as in :func:`warp_gemv_tile`."""
+    buffer. Returns one accumulator per tile. ``front`` as in :func:`warp_gemv_tile`.
+    ``done(j, acc)``, when given, is traced as soon as tile j's last MMA is issued (e.g. to
+    store it), so that only the tiles in flight keep accumulator registers."""
     accs = [new_acc(n_tiles) for _ in rows]
-    _stream(atom, mW, rows, accs, k0 // 8, sX, lane, k_steps, n_tiles, unroll, 0, front=front)
+    _stream(atom, mW, rows, accs, k0 // 8, sX, lane, k_steps, n_tiles, unroll, 0, front=front, done=done)
     return accs
 
 
@@ -344,13 +346,14 @@ def warp_gemv_tiles_shared_x(atom, mW: cute.Tensor, rows: list, k0: Int32, mX: c
 
 
 def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.Tensor, lane: Int32,
-            k_steps: int, n_tiles: int, unroll: int, x_rows: int, lockstep: bool = False, front=None):
+            k_steps: int, n_tiles: int, unroll: int, x_rows: int, lockstep: bool = False, front=None, done=None):
     """The load pipeline behind every entry point (traced inline, all of it static):
     the tiles ``rows[j]`` one after the other (``lockstep``: all of them together,
     x loaded once per step), in blocks of ``unroll`` MMA steps over two register
     buffers, block i+1 loaded before block i is multiplied into ``accs[j]``. ``front()``,
     when given, is traced between the first block's W loads and the first MMA; a global x
-    (``x_rows > 0``) of the first block is loaded after it."""
+    (``x_rows > 0``) of the first block is loaded after it. ``done(j, acc)`` after tile j's
+    last block (not with ``lockstep``)."""
     dt = mW.element_type
     n_blocks = (k_steps + unroll - 1) // unroll
     groups = [list(range(len(rows)))] if lockstep else [[j] for j in range(len(rows))]
@@ -378,3 +381,6 @@ def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.
             for w, j in enumerate(g):
                 _mma_step(atom, accs[j], wbufs[w], (i % 2) * unroll + u, sX, lane, blk * unroll + u, n_tiles, xbuf,
                           x_rows)
+        if done is not None and blk == n_blocks - 1:
+            assert not lockstep, "done() is per tile: not with lockstep"
+            done(g[0], accs[g[0]])

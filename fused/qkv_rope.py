@@ -71,6 +71,8 @@ class QKVFields(AttnShape):
                                   # H200: the fused attention block 2-7% at batch 1, qkv_project at batch 16
                                   # 36.1 -> 34.1 µs without, Llama-2-7B shape; 23.6 -> 22.7 Llama-3-8B)
     pipeline_tiles: bool = False  # one load pipeline across a warp's row tiles (slower: docs/NOTES.md)
+    early_loads: bool = False     # each warp's first block of W loads issued before the norm, landing under it
+                                  # (when every warp has a row tile; otherwise the norm goes first)
     w_layout: str = "linear"      # memory order of the weights (mma_gemv.WEIGHT_LAYOUTS)
 
     @property
@@ -238,13 +240,27 @@ class QKVRope(RopeAppend):
             if warp < R // 16:
                 prefetch_rows_l2(mW[g, None, None], warp * 16, 16, k0, Hc, lane)
 
-        self.norm(bufs.norm, mHidden, mResidual, mNormW, mHOut, g == 0)
+        def norm():
+            self.norm(bufs.norm, mHidden, mResidual, mNormW, mHOut, g == 0)
+
+        early = cfg.early_loads and not cfg.pipeline_tiles and R // 16 >= NW     # every warp has a tile
+        if const_expr(not early):
+            norm()
 
         # ---- split-K GEMV over this CTA's slice on tensor cores: part[b, row]
         atom = mma_atom(mW.element_type)
         mWg = mW[g, None, None]
         sPartBR = cute.make_tensor(sPart.iterator, cute.make_layout((B, R), stride=(R, 1)))   # [b, row] view
-        if const_expr(cfg.pipeline_tiles):
+        if const_expr(early):
+            # each warp's first tile peeled: its first block of W loads is in flight under the norm
+            acc = new_acc(cfg.n_tiles)
+            warp_gemv_tile(atom, mWg, warp * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll, front=norm)
+            store_acc(acc, sPartBR, warp * 16, lane, cfg.n_tiles, B)
+            for mt in cutlass.range(warp + NW, R // 16, NW, unroll=1):
+                acc = new_acc(cfg.n_tiles)
+                warp_gemv_tile(atom, mWg, mt * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll)
+                store_acc(acc, sPartBR, mt * 16, lane, cfg.n_tiles, B)
+        elif const_expr(cfg.pipeline_tiles):
             count = (R // 16 + NW - 1) // NW
             accs = warp_gemv_tiles(atom, mWg, warp, NW, R // 16, count, k0, sX, lane, Hc // _STEP, cfg.n_tiles,
                                    cfg.unroll)

@@ -27,6 +27,12 @@ with ordinary loads (thread 0's acquire is ordered before them by the CTA barrie
 as in :class:`~.grid_barrier.GridBarrier`). Only integer atomics, for
 synchronisation; results stay atomic-free. ``sFlag``: one ``Int32`` of shared
 memory of the caller's, free between calls.
+
+:func:`warp_last_arrival` is the same protocol for one warp (``bar.warp.sync``
+instead of the CTA barrier, lane 0 acts, the verdict broadcast by a shuffle):
+for reductions whose groups are warps, e.g. each warp of each cluster owning the
+same rows of a split-K product, so that the combining is spread over as many
+warps as there are groups instead of one CTA a group.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32
 
-__all__ = ["last_arrival"]
+__all__ = ["last_arrival", "warp_last_arrival"]
 
 
 @cute.jit
@@ -55,3 +61,26 @@ def last_arrival(mCount: cute.Tensor, index: Int32, expected: cutlass.Constexpr[
         sFlag[0] = last
     cute.arch.barrier()
     return sFlag[0]
+
+
+@cute.jit
+def warp_last_arrival(mCount: cute.Tensor, index: Int32, expected: cutlass.Constexpr[int]) -> Int32:
+    """:func:`last_arrival` for a warp (all 32 lanes call it, converged): counts this
+    warp's arrival on ``mCount[index]`` (one of ``expected`` warps, anywhere in the grid);
+    returns ``Int32(1)`` in every lane of the last warp to arrive, ``Int32(0)`` elsewhere.
+    Every lane's global writes before the call are visible to the last warp's lanes
+    after it (the warp barrier orders them before lane 0's release; lane 0's acquire,
+    then the warp barrier, before the last warp's loads)."""
+    assert expected >= 1, "a group has at least one warp"
+    cute.arch.sync_warp()
+    last = Int32(0)
+    if cute.arch.lane_idx() == 0:
+        ptr = mCount.iterator + index
+        cute.arch.fence_acq_rel_gpu()
+        old = cute.arch.atomic_add(ptr, Int32(1), sem="acq_rel", scope="gpu")
+        if old == Int32(expected - 1):
+            cute.arch.store(ptr, Int32(0), sem="relaxed", scope="gpu")
+            last = Int32(1)
+    last = cute.arch.shuffle_sync(last, 0)
+    cute.arch.sync_warp()
+    return last

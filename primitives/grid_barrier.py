@@ -59,12 +59,17 @@ def pdl_handoff():
     cute.arch.griddepcontrol_launch_dependents()
 
 
-def max_resident_clusters(cluster_size: int, smem_bytes: int | None = None, num_threads: int = 128) -> int:
+def max_resident_clusters(cluster_size: int, smem_bytes: int | None = None, num_threads: int = 128,
+                          ctas_per_sm: int | None = None) -> int:
     """How many clusters of ``cluster_size`` CTAs the current GPU runs at once
     (needs a GPU). ``smem_bytes=None`` assumes one CTA per SM (any shared
     memory size); otherwise CTAs of ``num_threads`` threads using ``smem_bytes``
-    of dynamic shared memory, whose registers allow as many CTAs per SM as
-    shared memory does (launch them with ``min_blocks_per_mp`` to be sure).
+    of dynamic shared memory. The probe kernel's registers do not limit it, so pass
+    ``ctas_per_sm``, the most CTAs an SM holds by the kernel's own registers (its
+    ``min_blocks_per_mp``): the probe then reserves shared memory for no more than that.
+    Without it, a 256-thread kernel capped at two CTAs an SM by its registers is
+    counted at the eight that its 30 KB of shared memory allow (H200, clusters of 8:
+    "256 resident", of which 244 ran at once, and a grid barrier hung).
 
     On the H100 SXM measured here, one CTA per SM holds only 30 clusters of 4
     (120 CTAs): clusters live inside a GPC and the GPCs have 14 to 18 SMs."""
@@ -80,6 +85,8 @@ def max_resident_clusters(cluster_size: int, smem_bytes: int | None = None, num_
     if smem_bytes is None:
         return hw.get_max_active_clusters(cluster_size)
     from cuda.bindings import driver
+    if ctas_per_sm is not None:             # reserve the SM's shared memory for at most ctas_per_sm CTAs
+        smem_bytes = max(smem_bytes, SM_SMEM_BYTES // ctas_per_sm - CTA_RESERVED_SMEM_BYTES)
     # HardwareInfo's occupancy probe, with this kernel's block size and shared memory
     fn = hw._get_device_function()
     hw._checkCudaErrors(driver.cuFuncSetAttribute(
@@ -98,6 +105,10 @@ def max_resident_clusters(cluster_size: int, smem_bytes: int | None = None, num_
     cfg.attrs = [attr]
     cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = cluster_size, 1, 1
     return hw._checkCudaErrors(driver.cuOccupancyMaxActiveClusters(fn, cfg))
+
+
+SM_SMEM_BYTES = 228 * 1024          # shared memory of a Hopper SM (the carveout at 100%)
+CTA_RESERVED_SMEM_BYTES = 1024      # reserved per resident CTA by the system
 
 
 class GridBarrier:

@@ -74,6 +74,27 @@ def test_fused_compiles_with_dsmem_and_grid_barrier(case):
     assert "griddepcontrol.launch_dependents" in ptx
 
 
+@pytest.mark.parametrize("case_index", [0, 5])
+def test_head_o_proj_compiles_without_the_grid_barrier(case_index):
+    """``o_proj="head"``: each cluster's W_o slice, partials combined by warp arrival
+    counters: integer atomics only, no grid-barrier spin, the DSMEM merge as before."""
+    cfg = fused_config(*FUSED_CASES[case_index], o_proj="head")
+    specs = arg_specs(cfg)
+    assert specs[13].shape == (cfg.partials_offset + cfg.num_kv_heads * cfg.batch * cfg.hidden,)
+    assert cfg.partials_offset % 4 == 0 and cfg.partials_offset >= 2 + cfg.counter_words
+    ptx = compile_for_inspection(AttentionBlock, cfg, specs).__ptx__
+    assert "st.async.shared::cluster" in ptx and "mma.sync.aligned.m16n8k16" in ptx
+    assert "atom.global.acq_rel.add.u32" in ptx and "ld.acquire" not in ptx
+    assert "atom.global.add.f" not in ptx and "red.global.add.f" not in ptx
+
+
+def test_head_o_proj_config_errors():
+    with pytest.raises(ValueError, match="o_proj must be"):
+        fused_config(*FUSED_CASES[0], o_proj="rows").validate()
+    with pytest.raises(ValueError, match="belong to o_proj='grid'"):
+        fused_config(*FUSED_CASES[0], o_proj="head", early_phase_b=True).validate()
+
+
 def test_tiled_weights_compile_to_the_same_loads():
     """The tiled order changes addresses only: the same 16-byte loads, MMAs and L2 prefetches."""
     counts = {}
@@ -222,22 +243,26 @@ def test_fused_with_512_threads_matches_reference():
 @pytest.mark.parametrize("case_index", [3, 5])
 def test_gqa_attention_knobs(case_index):
     """GQA blocks: loads in flight change speed, never bits (the attention's depth, W_o's
-    first loads before the grid barrier); the CUDA-core attention (``attn_tensor_cores=False``)
-    and 256-thread CTAs (eight warps: another split-K order in the QKV phase) match the
-    reference too."""
+    first loads before the merge or the grid barrier); the CUDA-core attention
+    (``attn_tensor_cores=False``), 256-thread CTAs (eight warps: another split-K order in the
+    QKV phase) and the output projection over the grid (``o_proj="grid"``: another sum order)
+    match the reference too."""
     from cf_cute.attention import AttentionTuning
     case = FUSED_CASES[case_index]
     out, ref, kc, vc, ref_cache, args, kw = _run_case(case, attention_block)
     hidden, packed, k0, v0, positions, cos, sin = args
     threads = fused_config(*case).num_threads
-    for tuning in (AttentionTuning(attn_mma_depth=0), AttentionTuning(early_phase_b=True),
+    default = fused_config(*case)
+    for tuning in (AttentionTuning(attn_mma_depth=0), AttentionTuning(o_early_loads=False),
+                   AttentionTuning(o_proj="grid"), AttentionTuning(o_proj="grid", early_phase_b=True),
                    AttentionTuning(attn_tensor_cores=False), AttentionTuning(num_threads=256)):
         k2, v2 = kc.clone(), vc.clone()                # the append rewrites the same slots
         again = attention_block(hidden, packed, k2, v2, positions, cos, sin, out=torch.full_like(out, float("nan")),
                                 tuning=tuning, **kw)
         same_threads = fused_config(*case, attn_tensor_cores=tuning.attn_tensor_cores,
                                     num_threads=tuning.num_threads).num_threads == threads
-        if tuning.attn_tensor_cores and same_threads:
+        same_o = fused_config(*case, **dataclasses.asdict(tuning)).o_proj == default.o_proj
+        if tuning.attn_tensor_cores and same_threads and same_o:
             assert torch.equal(again, out), tuning
         else:
             assert (again.float().cpu() - ref).norm() / ref.norm() < 1e-2, tuning
@@ -246,6 +271,55 @@ def test_gqa_attention_knobs(case_index):
         else:
             torch.testing.assert_close(k2.float().cpu(), ref_cache.k, rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(v2.float().cpu(), ref_cache.v, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case_index", [0, 1, 3, 5, 6])
+def test_head_o_proj_matches_reference_and_is_deterministic(case_index):
+    """``o_proj="head"`` against the fp32 reference (MHA, GQA, batch 1-5, paged, residual);
+    the same bits again into a poisoned output, without the early W_o loads, with the QKV
+    stage's first loads under the norm (``early_loads``), and in CUDA-graph replays (the arrival
+    counters reset themselves)."""
+    from cf_cute.attention import AttentionTuning
+    head = AttentionTuning(o_proj="head")
+    case = FUSED_CASES[case_index]
+    out, ref, kc, vc, ref_cache, args, kw = _run_case(case, attention_block, tuning=head)
+    assert torch.isfinite(out).all() and (out.float().cpu() - ref).norm() / ref.norm() < 1e-2
+    torch.testing.assert_close(kc.float().cpu(), ref_cache.k, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(vc.float().cpu(), ref_cache.v, rtol=2e-2, atol=2e-2)
+    hidden, packed, _, _, positions, cos, sin = args
+    positions = positions.cuda()
+    if kw["page_table"] is not None:
+        kw["page_table"] = kw["page_table"].cuda()
+    k2, v2 = kc.clone(), vc.clone()                    # the append rewrites the same slots
+    for tuning in (head, AttentionTuning(o_proj="head", o_early_loads=False),
+                   AttentionTuning(o_proj="head", early_loads=True)):
+        again = attention_block(hidden, packed, k2, v2, positions, cos, sin, out=torch.full_like(out, float("nan")),
+                                tuning=tuning, **kw)
+        assert torch.equal(again, out) and torch.equal(k2, kc) and torch.equal(v2, vc), tuning
+    static_out = torch.full_like(out, float("nan"))
+    g, _ = capture_graph(lambda: attention_block(hidden, packed, k2, v2, positions, cos, sin, out=static_out,
+                                                 tuning=head, **kw))
+    assert_replays_equal(g, static_out, out)
+
+
+@pytest.mark.gpu
+def test_grid_barrier_needs_every_cta_resident_at_once():
+    """MHA in clusters of 8: 256 CTAs whose registers allow two an SM. The residency check
+    must count them at two an SM (it counted eight by shared memory, and the grid barrier
+    hung on the H200); o_proj="head" has no grid barrier and runs whatever the residency."""
+    from cf_cute.attention import AttentionTuning, _resident_ctas, sm_count
+    case = (32, 32, 128, 4096, 1, 8, False, True, "neox")
+    cfg = fused_config(*case)
+    assert AttentionBlock(cfg).ctas_per_sm == 2
+    assert _resident_ctas(cfg, torch.cuda.current_device()) <= 2 * sm_count(torch.device("cuda"))
+    try:
+        out, ref, *_ = _run_case(case, attention_block)
+        assert (out.float().cpu() - ref).norm() / ref.norm() < 1e-2
+    except ValueError as e:
+        assert "resident at once" in str(e)
+    out, ref, *_ = _run_case(case, attention_block, tuning=AttentionTuning(o_proj="head"))
+    assert (out.float().cpu() - ref).norm() / ref.norm() < 1e-2
 
 
 def test_single_launch_policy():
