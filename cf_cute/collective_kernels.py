@@ -22,7 +22,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync, last_arrival
+from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync, last_arrival, warp_last_arrival
 from cf_cute.primitives.plan import check_grid, plan_fragment
 
 __all__ = [
@@ -334,6 +334,16 @@ class LastArrivalHarnessConfig:
     groups: int
     members: int                  # CTAs a group; groups * members may exceed what is resident at once
     num_threads: int = 128
+    per_warp: bool = False        # members are warps (warp_last_arrival): members % (num_threads / 32) == 0
+
+    @property
+    def width(self) -> int:
+        """Values a member writes (its threads)."""
+        return 32 if self.per_warp else self.num_threads
+
+    @property
+    def grid(self) -> int:
+        return self.groups * self.members // (self.num_threads // 32 if self.per_warp else 1)
 
 
 class LastArrivalHarnessKernel:
@@ -341,18 +351,22 @@ class LastArrivalHarnessKernel:
     arrives on ``count[g]``; the last of the group's CTAs writes ``out[g, t] = sum_s work[g, s,
     t]`` summed in member order (fp32) and ``last[g] = s``. Expected: ``out`` equal bit for bit
     to the in-order fp32 sum of ``x`` over members, whichever member arrived last, and every
-    counter back at 0."""
+    counter back at 0. ``per_warp``: the members are warps (warp w of the group's CTA c is member
+    ``c * warps + w``, 32 values each) and arrive through ``warp_last_arrival``."""
 
     def __init__(self, cfg: LastArrivalHarnessConfig):
         if cfg.groups < 1 or cfg.members < 1:
             raise ValueError(f"groups and members must be positive, got {cfg.groups}, {cfg.members}")
+        if cfg.per_warp and cfg.members % (cfg.num_threads // 32):
+            raise ValueError(f"per_warp: members ({cfg.members}) must be a multiple of the "
+                             f"{cfg.num_threads // 32} warps of a CTA")
         self.cfg = cfg
 
     @cute.jit
     def __call__(self, mX: cute.Tensor, mWork: cute.Tensor, mCount: cute.Tensor, mOut: cute.Tensor,
                  mLast: cute.Tensor, stream):
         self.kernel(mX, mWork, mCount, mOut, mLast).launch(
-            grid=[self.cfg.groups * self.cfg.members, 1, 1], block=[self.cfg.num_threads, 1, 1], stream=stream)
+            grid=[self.cfg.grid, 1, 1], block=[self.cfg.num_threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mWork: cute.Tensor, mCount: cute.Tensor, mOut: cute.Tensor,
@@ -360,18 +374,32 @@ class LastArrivalHarnessKernel:
         S = self.cfg.members
         tidx = cute.arch.thread_idx()[0]
         bidx = cute.arch.block_idx()[0]
-        g = bidx // S
-        s = bidx % S
-        smem = cutlass.memory.SmemAllocator()
-        sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
-        mWork[g, s, tidx] = mX[g, s, tidx]
-        if last_arrival(mCount, g, S, sFlag) == Int32(1):
-            acc = Float32(0.0)
-            for m in cutlass.range(S, unroll=1):
-                acc = acc + mWork[g, m, tidx]
-            mOut[g, tidx] = acc
-            if tidx == 0:
-                mLast[g] = s
+        if const_expr(self.cfg.per_warp):
+            NW = self.cfg.num_threads // 32
+            lane = cute.arch.lane_idx()
+            g = bidx // (S // NW)
+            s = (bidx % (S // NW)) * NW + cute.arch.warp_idx()
+            mWork[g, s, lane] = mX[g, s, lane]
+            if warp_last_arrival(mCount, g, S) == Int32(1):
+                acc = Float32(0.0)
+                for m in cutlass.range(S, unroll=1):
+                    acc = acc + mWork[g, m, lane]
+                mOut[g, lane] = acc
+                if lane == 0:
+                    mLast[g] = s
+        else:
+            g = bidx // S
+            s = bidx % S
+            smem = cutlass.memory.SmemAllocator()
+            sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
+            mWork[g, s, tidx] = mX[g, s, tidx]
+            if last_arrival(mCount, g, S, sFlag) == Int32(1):
+                acc = Float32(0.0)
+                for m in cutlass.range(S, unroll=1):
+                    acc = acc + mWork[g, m, tidx]
+                mOut[g, tidx] = acc
+                if tidx == 0:
+                    mLast[g] = s
 
 
 @dataclass(frozen=True)
