@@ -42,6 +42,8 @@ VARIANTS = {"unroll4": AttentionTuning(unroll=4), "prefetch": AttentionTuning(l2
             "head": AttentionTuning(o_proj="head"),            # W_o per KV-head cluster, no grid barrier
             "grid": AttentionTuning(o_proj="grid"),            # W_o over the grid after a grid barrier
             "early": AttentionTuning(early_loads=True),        # QKV: each warp's first W loads under the norm
+            "stage1": AttentionTuning(o_proj="head", o_stage_tiles=1),   # head + W_o tiles a warp staged by
+            "stage2": AttentionTuning(o_proj="head", o_stage_tiles=2),   # cp.async under the merge
             "head-late": AttentionTuning(o_proj="head", o_early_loads=False)}
 from cf_cute.reference import AttentionWeights, rope_tables
 

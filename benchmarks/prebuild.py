@@ -169,7 +169,8 @@ def _attn_configs(contexts, batches, kv_heads=(32,), variants=None):
     for i in (0, 1, 3, 5, 6):               # test_head_o_proj_matches_reference_and_is_deterministic
         out += [fused_config(*FUSED_CASES[i], o_proj="head"),
                 fused_config(*FUSED_CASES[i], o_proj="head", o_early_loads=False),
-                fused_config(*FUSED_CASES[i], o_proj="head", early_loads=True)]
+                fused_config(*FUSED_CASES[i], o_proj="head", early_loads=True),
+                fused_config(*FUSED_CASES[i], o_proj="head", o_stage_tiles=2)]
     for kv in kv_heads:                     # benchmarks/bench_attention.py and bench_phases.py, Llama shapes
         c = default_cluster_size(kv, 4096)
         names = list(ATTN_VARIANTS) if variants is None else variants

@@ -101,6 +101,7 @@ class AttentionTuning:
     pdl: bool = _BLOCK_DEFAULTS["pdl"]                       # programmatic dependent launch
     o_proj: str = _BLOCK_DEFAULTS["o_proj"]                  # "grid" or "head"
     o_early_loads: bool = _BLOCK_DEFAULTS["o_early_loads"]
+    o_stage_tiles: int = _BLOCK_DEFAULTS["o_stage_tiles"]
 
 
 @dataclass

@@ -67,7 +67,8 @@ from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluste
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
 from .decode_attention import MMA_MAX_THREADS, DecodeAttention, DecodeAttentionConfig, takes_tensor_cores
-from .mma_gemv import X_PAD, mma_atom, store_acc, warp_gemv_rows, weight_view, x_smem_layout
+from .mma_gemv import (X_PAD, mma_atom, stage_tile, store_acc, tiled_layout, warp_gemv_rows, weight_view,
+                       x_smem_layout)
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
 from .qkv_rope import QKVFields, QKVRope, QKVRopeConfig
 
@@ -116,6 +117,11 @@ class AttentionBlockConfig(QKVFields):
                                   # shape 22.7 / 35.8 vs 21.2 / 33.8 µs, -3B 34.8 / 53.6 vs 32.2 / 51.0;
                                   # Llama-2-7B (MHA, 32 partials a row) 49.5 / 112.0 vs 49.5 / 114.2
     o_early_loads: bool = True    # "head": each warp's first block of W_o loads before the cluster merge
+    o_stage_tiles: int = 0        # "head": W_o tiles a warp copies to shared memory (cp.async) right after its
+                                  # attention loop, so they travel while the merge leaves HBM idle (its 2nd..).
+                                  # H200, batch 1: 1 tile level (Llama-3.2-1B shape 1K 20.4-20.7 vs 21.3 µs, 4K
+                                  # 23.9 vs 23.6; MHA 1K 50.0 vs 49.7); 2 tiles at MHA (105 KB a CTA) 35% slower:
+                                  # the SMs holding two CTAs ran the QKV phase in 41 µs instead of 26 (NOTES)
     num_threads: int | None = None    # threads a CTA; None: 128 when the attention runs on tensor cores (GQA;
                                   # two CTAs an SM), else 256. H200, Llama-3-8B shape, batch 1, 128 threads
                                   # (depth 1) vs 256 (depth 0): 44.2 vs 46.2 µs at 1K, 48.1 vs 50.1 at 4K,
@@ -203,6 +209,8 @@ class AttentionBlockConfig(QKVFields):
                                  f"be a multiple of {_STEP}")
             if self.early_phase_b or self.early_wo_prefetch:
                 raise ValueError("early_phase_b and early_wo_prefetch belong to o_proj='grid'")
+        if self.o_stage_tiles < 0 or (self.o_stage_tiles and self.o_proj != "head"):
+            raise ValueError(f"o_stage_tiles = {self.o_stage_tiles}: a count >= 0, for o_proj='head' only")
 
 
 class AttentionBlock:
@@ -221,8 +229,11 @@ class AttentionBlock:
         self.n_tiles = (B + 7) // 8            # MMA n-tiles of the batch (output projection)
         # "head": the cluster's merged output [n_tiles * 8, G*hd] (+ padding), x of its W_o slice
         self.sx_elems = self.n_tiles * 8 * (G * hd + X_PAD) if self.head else 0
+        NW = T // _WARP
+        self.stage = (min(cfg.o_stage_tiles, (cfg.head_tiles + NW - 1) // NW - 1) if self.head else 0)
+        self.stage_elems = NW * self.stage * 16 * G * hd
         own = (self.gat_ml.smem_bytes + 4 * (NG * G * (2 + hd) + self.attn.tile_elems + B * G * hd + self.ml_elems)
-               + 4 * (T // _WARP) * 16 * B + 8 * 16 + 2 * self.sx_elems + 16)
+               + 4 * (T // _WARP) * 16 * B + 8 * 16 + 2 * self.sx_elems + 16 + 2 * self.stage_elems + 128)
         # the o merge goes through the cluster in `o_rounds` rounds of B / o_rounds requests,
         # and the QKV partials in as many rounds as QKVRope needs to fit what is left
         self.front = None
@@ -342,10 +353,18 @@ class AttentionBlock:
                         mAttn[b, g * G * hd + p % (G * hd)] = self.dtype(res[v])
         self.gat_ml.release(bufs_ml, Int32(0))
 
+    def _head_rows(self, rank: Int32, warp: Int32) -> list:
+        """``o_proj="head"``: first rows of warp ``warp``'s W_o tiles in CTA ``rank`` (tiles past the
+        CTA's share repeat its last tile; their results are not stored)."""
+        cfg = self.cfg
+        NW, TPC = cfg.num_threads // _WARP, cfg.head_tiles
+        return [cutlass.min(rank * TPC + warp + j * NW, rank * TPC + (TPC - 1)) * 16
+                for j in range((TPC + NW - 1) // NW)]
+
     @cute.jit
     def _o_proj_head(self, mWo: cute.Tensor, sX: cute.Tensor, mBar: cute.Tensor, mHidden: cute.Tensor,
                      mResidual: cute.Tensor, mOut: cute.Tensor, g: Int32, rank: Int32, warp: Int32, lane: Int32,
-                     bidx: Int32, front, merge):
+                     bidx: Int32, front, merge, sW):
         """``o_proj="head"``: warp w of CTA r multiplies tiles r*TPC + w, + NW, ... of W_o's rows by
         the K slice of KV head g (x = the merged output in ``sX``), stores the fp32 partials
         ``P[g, b, rows]`` in the workspace, and arrives on its (r, w) counter; the last of the
@@ -369,9 +388,9 @@ class AttentionBlock:
             if warp + j * NW < TPC:
                 store_acc(acc, mine, (t0 + j * NW) * 16, lane, self.n_tiles, B)
 
-        rows = [cutlass.min(t0 + j * NW, rank * TPC + (TPC - 1)) * 16 for j in range(cnt)]
-        warp_gemv_rows(mma_atom(self.dtype), mWo, rows, g * kslice, sX, lane, kslice // _STEP, self.n_tiles,
-                       min(cfg.unroll, kslice // _STEP), front=front, done=store)
+        staged = {q + 1: (sW, (warp * self.stage + q) * 16) for q in range(self.stage)}
+        warp_gemv_rows(mma_atom(self.dtype), mWo, self._head_rows(rank, warp), g * kslice, sX, lane, kslice // _STEP,
+                       self.n_tiles, min(cfg.unroll, kslice // _STEP), front=front, done=store, staged=staged)
         self.gbar.stamp(mBar, bidx, 4)
         cute.arch.griddepcontrol_launch_dependents()     # PDL: the next launch may start its prologue
         counters = cute.make_tensor(mBar.iterator + GridBarrier.state_words(cfg.grid, cfg.phase_timer),
@@ -427,6 +446,9 @@ class AttentionBlock:
         sML = smem.allocate_tensor(Float32, cute.make_layout(self.ml_elems), byte_alignment=16)
         sRed = smem.allocate_tensor(Float32, cute.make_layout((NW, RED_WORDS_PER_ROW, B)), byte_alignment=16)
         sX = None
+        sW = None
+        if const_expr(self.stage > 0):
+            sW = smem.allocate_tensor(self.dtype, tiled_layout(NW * self.stage * 16, G * hd), byte_alignment=128)
         if const_expr(self.head):
             sX = smem.allocate_tensor(self.dtype, x_smem_layout(self.n_tiles, G * hd), byte_alignment=16)
             for e in cutlass.range(tidx, (self.n_tiles * 8 - B) * G * hd, T, unroll=1):
@@ -479,6 +501,11 @@ class AttentionBlock:
             for h in cutlass.range(tidx, G, T, unroll=1):
                 sML[(b * G + h) * 2] = sTile[G * hd + h]
                 sML[(b * G + h) * 2 + 1] = sTile[G * hd + G + h]
+        if const_expr(self.stage > 0):       # W_o tiles 1..stage of this warp travel under the merge
+            hrows = self._head_rows(rank, warp)
+            for q in cutlass.range_constexpr(self.stage):
+                stage_tile(mWo, hrows[q + 1], g * G * hd, sW, (warp * self.stage + q) * 16, lane, G * hd // _STEP)
+            cute.arch.cp_async_commit_group()
         cute.arch.barrier()
         self.gbar.stamp(mBar, bidx, 2)
         if const_expr(cfg.l2_prefetch and not cfg.early_wo_prefetch and not self.head):   # W_o rows, under the merge
@@ -491,12 +518,14 @@ class AttentionBlock:
             # combined across the clusters by the last warp of each row group to arrive
             def merge():
                 self._merge(bufs_ml, bufs_o, sML, sO, mAttn, sX, mBar, g)
+                if const_expr(self.stage > 0):
+                    cute.arch.cp_async_wait_group(0)       # this lane's staged W_o pieces
                 cute.arch.cluster_arrive()      # this CTA's last DSMEM access; waited before exit
                 cute.arch.barrier()             # sX is complete
                 self.gbar.stamp(mBar, bidx, 3)
 
             self._o_proj_head(mWo, sX, mBar, mHidden, mResidual, mOut, g, rank, warp, lane, bidx,
-                              merge if const_expr(cfg.o_early_loads) else None, merge)
+                              merge if const_expr(cfg.o_early_loads) else None, merge, sW)
             cute.arch.cluster_wait()
         else:
             self._merge(bufs_ml, bufs_o, sML, sO, mAttn, sX, mBar, g)

@@ -49,11 +49,12 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync
 from cutlass.experimental.primitives import cp_async_bulk_prefetch
 
 __all__ = ["X_PAD", "WEIGHT_LAYOUTS", "check_weight_layout", "tiled_layout", "weight_view", "x_smem_layout",
            "mma_atom", "new_acc", "warp_gemv_tile", "warp_gemv_tiles", "warp_gemv_each", "warp_gemv_rows",
-           "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2", "batch_reduce",
+           "warp_gemv_tiles_shared_x", "acc_coords", "store_acc", "prefetch_rows_l2", "stage_tile", "batch_reduce",
            "reduce_scatter_rows"]
 
 # ``x_rows``: with x in global memory (``warp_gemv_tile(..., x_rows=B)``), x is
@@ -279,6 +280,26 @@ def prefetch_rows_l2(mW: cute.Tensor, row0: Int32, n_rows: cutlass.Constexpr[int
 
 
 @cute.jit
+def stage_tile(mW: cute.Tensor, row0: Int32, k0: Int32, sW: cute.Tensor, srow0: Int32, lane: Int32,
+               k_steps: cutlass.Constexpr[int]):
+    """Copy a warp's 16-row tile ``W[row0:row0+16, k0:k0+32*k_steps]`` into rows
+    ``srow0..`` of the shared tensor ``sW`` (same ``(row, k)`` indexing, e.g. a
+    :func:`tiled_layout` over shared memory) with ``cp.async``: no registers held while
+    the bytes travel. Each lane copies exactly the 16-byte pieces that it reads later
+    (:func:`_load_w` with ``sW`` as the weight, ``k0 = 0``), so ``cp_async_commit_group``
+    then ``cp_async_wait_group(0)`` in the same lane is all the synchronisation needed."""
+    atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), mW.element_type,
+                               num_bits_per_copy=128)
+    r = lane // 4
+    for s in cutlass.range_constexpr(k_steps):
+        for h in cutlass.range_constexpr(2):
+            src = cute.local_tile(mW, (1, 8), (row0 + r + 8 * h, k0 // 8 + 4 * s + lane % 4))
+            dst = cute.local_tile(sW, (1, 8), (srow0 + r + 8 * h, 4 * s + lane % 4))
+            cute.copy(atom, cute.make_tensor(src.iterator, cute.make_layout(8)),
+                      cute.make_tensor(dst.iterator, cute.make_layout(8)))
+
+
+@cute.jit
 def warp_gemv_tiles(atom, mW: cute.Tensor, first_tile: Int32, tile_stride: cutlass.Constexpr[int],
                     total_tiles: cutlass.Constexpr[int], count: cutlass.Constexpr[int], k0: Int32,
                     sX: cute.Tensor, lane: Int32, k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
@@ -319,14 +340,18 @@ def warp_gemv_each(atom, mW: cute.Tensor, count: cutlass.Constexpr[int], row_of,
 
 def warp_gemv_rows(atom, mW: cute.Tensor, rows: list, k0: Int32, sX: cute.Tensor, lane: Int32,
                    k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
-                   unroll: cutlass.Constexpr[int], front=None, done=None) -> list:
+                   unroll: cutlass.Constexpr[int], front=None, done=None, staged=None) -> list:
     """:func:`warp_gemv_tiles` for 16-row tiles at arbitrary first rows ``rows`` (a Python
     list of row indices, any order): one load pipeline across them, x from the shared
     buffer. Returns one accumulator per tile. ``front`` as in :func:`warp_gemv_tile`.
     ``done(j, acc)``, when given, is traced as soon as tile j's last MMA is issued (e.g. to
-    store it), so that only the tiles in flight keep accumulator registers."""
+    store it), so that only the tiles in flight keep accumulator registers. ``staged``: a dict
+    ``{j: (sW, srow)}`` of tiles already copied to shared memory (:func:`stage_tile`; waited
+    for by ``front``), read from there at row ``srow``; tile 0 may not be staged (its loads
+    run before ``front``)."""
     accs = [new_acc(n_tiles) for _ in rows]
-    _stream(atom, mW, rows, accs, k0 // 8, sX, lane, k_steps, n_tiles, unroll, 0, front=front, done=done)
+    _stream(atom, mW, rows, accs, k0 // 8, sX, lane, k_steps, n_tiles, unroll, 0, front=front, done=done,
+            staged=staged)
     return accs
 
 
@@ -346,7 +371,8 @@ def warp_gemv_tiles_shared_x(atom, mW: cute.Tensor, rows: list, k0: Int32, mX: c
 
 
 def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.Tensor, lane: Int32,
-            k_steps: int, n_tiles: int, unroll: int, x_rows: int, lockstep: bool = False, front=None, done=None):
+            k_steps: int, n_tiles: int, unroll: int, x_rows: int, lockstep: bool = False, front=None, done=None,
+            staged=None):
     """The load pipeline behind every entry point (traced inline, all of it static):
     the tiles ``rows[j]`` one after the other (``lockstep``: all of them together,
     x loaded once per step), in blocks of ``unroll`` MMA steps over two register
@@ -361,11 +387,15 @@ def _stream(atom, mW: cute.Tensor, rows: list, accs: list, kv0: Int32, sX: cute.
     wbufs = [cute.make_rmem_tensor(cute.make_layout((8, 2, 2 * unroll)), dt) for _ in groups[0]]
     xbuf = cute.make_rmem_tensor(cute.make_layout((8, n_tiles if x_rows > 0 else 1, 2 * unroll)), dt)
 
+    staged = staged or {}
+    assert 0 not in staged or front is None, "tile 0's first loads run before the front: it cannot be staged"
+
     def load(i: int, slot0: int, with_x: bool = True):
         g, blk = seq[i]
         for u in range(min(unroll, k_steps - blk * unroll)):
             for w, j in enumerate(g):        # x with the group's first tile only
-                _load_w(mW, rows[j], kv0, lane, blk * unroll + u, wbufs[w], slot0 + u, sX, xbuf,
+                src, row, kv = (staged[j][0], staged[j][1], 0) if j in staged else (mW, rows[j], kv0)
+                _load_w(src, row, kv, lane, blk * unroll + u, wbufs[w], slot0 + u, sX, xbuf,
                         x_rows if w == 0 and with_x else 0, n_tiles)
 
     load(0, 0, with_x=front is None)

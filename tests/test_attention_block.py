@@ -278,8 +278,8 @@ def test_gqa_attention_knobs(case_index):
 def test_head_o_proj_matches_reference_and_is_deterministic(case_index):
     """``o_proj="head"`` against the fp32 reference (MHA, GQA, batch 1-5, paged, residual);
     the same bits again into a poisoned output, without the early W_o loads, with the QKV
-    stage's first loads under the norm (``early_loads``), and in CUDA-graph replays (the arrival
-    counters reset themselves)."""
+    stage's first loads under the norm (``early_loads``), with W_o tiles staged in shared memory
+    (``o_stage_tiles``), and in CUDA-graph replays (the arrival counters reset themselves)."""
     from cf_cute.attention import AttentionTuning
     head = AttentionTuning(o_proj="head")
     case = FUSED_CASES[case_index]
@@ -293,7 +293,7 @@ def test_head_o_proj_matches_reference_and_is_deterministic(case_index):
         kw["page_table"] = kw["page_table"].cuda()
     k2, v2 = kc.clone(), vc.clone()                    # the append rewrites the same slots
     for tuning in (head, AttentionTuning(o_proj="head", o_early_loads=False),
-                   AttentionTuning(o_proj="head", early_loads=True)):
+                   AttentionTuning(o_proj="head", early_loads=True), AttentionTuning(o_proj="head", o_stage_tiles=2)):
         again = attention_block(hidden, packed, k2, v2, positions, cos, sin, out=torch.full_like(out, float("nan")),
                                 tuning=tuning, **kw)
         assert torch.equal(again, out) and torch.equal(k2, kc) and torch.equal(v2, vc), tuning
