@@ -46,6 +46,10 @@ The output projection, two ways (``o_proj``)::
 
   workspace (int32 words): [grid barrier (+ 16 stamps a CTA)] [C*NW counters] [pad to 4]
                            [P: fp32 kv_heads x B x H]
+  o_stage_tiles = S > 0:   a warp's W_o tiles 1..S are copied to shared memory (cp.async, each
+                           lane the pieces it reads later) right after its attention loop and
+                           read from there; the merge waits for the lane's own copies (off:
+                           level at one tile, and two 105-KB CTAs on an SM slow the QKV phase)
 
 Deterministic: every sum has a fixed order (warp order, rank order in the
 collectives, head order across clusters), no float atomics; the grid barrier and the
