@@ -372,34 +372,29 @@ class LastArrivalHarnessKernel:
     def kernel(self, mX: cute.Tensor, mWork: cute.Tensor, mCount: cute.Tensor, mOut: cute.Tensor,
                mLast: cute.Tensor):
         S = self.cfg.members
-        tidx = cute.arch.thread_idx()[0]
         bidx = cute.arch.block_idx()[0]
-        if const_expr(self.cfg.per_warp):
+        if const_expr(self.cfg.per_warp):       # member = warp, value t = its lane
             NW = self.cfg.num_threads // 32
-            lane = cute.arch.lane_idx()
+            t = cute.arch.lane_idx()
             g = bidx // (S // NW)
             s = (bidx % (S // NW)) * NW + cute.arch.warp_idx()
-            mWork[g, s, lane] = mX[g, s, lane]
-            if warp_last_arrival(mCount, g, S) == Int32(1):
-                acc = Float32(0.0)
-                for m in cutlass.range(S, unroll=1):
-                    acc = acc + mWork[g, m, lane]
-                mOut[g, lane] = acc
-                if lane == 0:
-                    mLast[g] = s
-        else:
+            mWork[g, s, t] = mX[g, s, t]
+            last = warp_last_arrival(mCount, g, S)
+        else:                                   # member = CTA, value t = its thread
+            t = cute.arch.thread_idx()[0]
             g = bidx // S
             s = bidx % S
             smem = cutlass.memory.SmemAllocator()
             sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
-            mWork[g, s, tidx] = mX[g, s, tidx]
-            if last_arrival(mCount, g, S, sFlag) == Int32(1):
-                acc = Float32(0.0)
-                for m in cutlass.range(S, unroll=1):
-                    acc = acc + mWork[g, m, tidx]
-                mOut[g, tidx] = acc
-                if tidx == 0:
-                    mLast[g] = s
+            mWork[g, s, t] = mX[g, s, t]
+            last = last_arrival(mCount, g, S, sFlag)
+        if last == Int32(1):
+            acc = Float32(0.0)
+            for m in cutlass.range(S, unroll=1):
+                acc = acc + mWork[g, m, t]
+            mOut[g, t] = acc
+            if t == 0:
+                mLast[g] = s
 
 
 @dataclass(frozen=True)
