@@ -239,7 +239,7 @@ def arg_specs(cfg: AttentionBlockConfig) -> list:
             TensorSpec("float32", rope, align=4), TensorSpec("float32", rope, align=4),
             TensorSpec("int32", (B,), align=4), TensorSpec(dt, cfg.kv_shape), TensorSpec(dt, cfg.kv_shape),
             TensorSpec("int32", cfg.table_shape, align=4), TensorSpec(dt, (B, cfg.o_k)), TensorSpec(dt, (B, H)),
-            TensorSpec("int32", (cfg.state_words,), align=16 if cfg.o_proj == "head" else 4),
+            TensorSpec("int32", (cfg.state_words,), align=cfg.state_align),
             TensorSpec(dt, (B, H))]
 
 
@@ -384,7 +384,7 @@ def attention_block(hidden: torch.Tensor, packed: PackedAttention, k_cache: torc
                     "cos", "sin", "positions", "page_table", "barrier"),
                    hidden, res, packed.norm, packed.w_qkv, packed.wo, k_cache, v_cache, out, workspace.attn,
                    workspace.h, cos, sin, positions, page_table, workspace.barrier,
-                   align=(16,) * 10 + (4,) * 4 + (16 if cfg.o_proj == "head" else 4,))
+                   align=(16,) * 10 + (4,) * 4 + (cfg.state_align,))
     _fused_kernel(cfg)(hidden, res, packed.norm, packed.w_qkv, packed.wo, cos, sin, positions, k_cache, v_cache,
                        page_table, workspace.attn, workspace.h, workspace.barrier, out)
     return out

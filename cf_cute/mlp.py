@@ -228,8 +228,7 @@ def _resident(cluster_size: int, smem_bytes: int, num_threads: int, device_index
     more: up to 255 a thread; the driver's probe kernel would allow several)."""
     from cf_cute.primitives import max_resident_clusters
     with torch.cuda.device(device_index):
-        return min(max_resident_clusters(cluster_size, smem_bytes, num_threads),
-                   max_resident_clusters(cluster_size))
+        return max_resident_clusters(cluster_size, smem_bytes, num_threads, ctas_per_sm=1)
 
 
 def _probe_block(hidden, packed, c: int, has_residual: bool, tuning) -> MLPBlock | None:

@@ -80,7 +80,8 @@ __all__ = ["AttentionBlockConfig", "AttentionBlock"]
 
 _WARP = 32
 _STEP = 32
-_TAIL_HEADS = 16        # o_proj="head": heads' partials loaded at once in the final sum (more spills at 128 registers)
+_TAIL_HEADS = 16        # o_proj="head": at most this many heads' partials loaded at once in the final sum (the
+                        # largest divisor of kv_heads up to it; all 32 at once spilled at 128 registers)
 
 
 @cute.jit
@@ -169,14 +170,18 @@ class AttentionBlockConfig(QKVFields):
     def partials_offset(self) -> int:
         """``o_proj="head"``: first word of the fp32 partials ``[kv_heads, B, hidden]`` in the
         barrier workspace (16-byte aligned)."""
-        from cf_cute.primitives import GridBarrier
         return (GridBarrier.state_words(self.grid, self.phase_timer) + self.counter_words + 3) // 4 * 4
+
+    @property
+    def state_align(self) -> int:
+        """Byte alignment the barrier workspace needs: 16 with ``o_proj="head"`` (16-byte loads
+        of the partials), else 4."""
+        return 16 if self.o_proj == "head" else 4
 
     @property
     def state_words(self) -> int:
         """int32 words of the barrier workspace: the grid barrier's (with stamps); with
         ``o_proj="head"`` then the arrival counters and the fp32 partials."""
-        from cf_cute.primitives import GridBarrier
         if self.o_proj != "head":
             return GridBarrier.state_words(self.grid, self.phase_timer)
         return self.partials_offset + self.num_kv_heads * self.batch * self.hidden
@@ -368,19 +373,20 @@ class AttentionBlock:
     @cute.jit
     def _o_proj_head(self, mWo: cute.Tensor, sX: cute.Tensor, mBar: cute.Tensor, mHidden: cute.Tensor,
                      mResidual: cute.Tensor, mOut: cute.Tensor, g: Int32, rank: Int32, warp: Int32, lane: Int32,
-                     bidx: Int32, front, merge, sW):
+                     bidx: Int32, merge, sW):
         """``o_proj="head"``: warp w of CTA r multiplies tiles r*TPC + w, + NW, ... of W_o's rows by
         the K slice of KV head g (x = the merged output in ``sX``), stores the fp32 partials
         ``P[g, b, rows]`` in the workspace, and arrives on its (r, w) counter; the last of the
         ``kv_heads`` warps of that row group sums ``P[0..kv_heads-1]`` in head order, adds h
-        and writes ``out``. ``front`` (the merge) runs after the first W_o loads; else
-        ``merge`` first."""
+        and writes ``out``. ``merge`` runs after each warp's first W_o loads (``o_early_loads``),
+        else before them."""
         cfg = self.cfg
         B, H, NKV, G, hd = cfg.batch, cfg.hidden, cfg.num_kv_heads, cfg.group, cfg.head_dim
         NW = cfg.num_threads // _WARP
         TPC = cfg.head_tiles
         cnt = (TPC + NW - 1) // NW
         kslice = G * hd
+        front = merge if const_expr(cfg.o_early_loads) else None
         if const_expr(front is None):
             merge()
         t0 = rank * TPC + warp
@@ -409,12 +415,10 @@ class AttentionBlock:
                     row = (t0 + j * NW) * 16 + (it % 4) * 4
                     tot = cute.make_rmem_tensor(4, Float32)
                     tot.fill(0.0)
-                    for h0 in cutlass.range(0, NKV, _TAIL_HEADS, unroll=1):    # bounded loads in flight
-                        for h in cutlass.range_constexpr(min(_TAIL_HEADS, NKV)):
-                            if const_expr(NKV % _TAIL_HEADS == 0 or NKV < _TAIL_HEADS):
-                                tot.store(tot.load() + _rows4(parts, h0 + h, b, row))
-                            elif h0 + h < NKV:
-                                tot.store(tot.load() + _rows4(parts, h0 + h, b, row))
+                    chunk = max(d for d in range(1, _TAIL_HEADS + 1) if NKV % d == 0)   # loads in flight
+                    for h0 in cutlass.range(0, NKV, chunk, unroll=1):
+                        for h in cutlass.range_constexpr(chunk):
+                            tot.store(tot.load() + _rows4(parts, h0 + h, b, row))
                     for e in cutlass.range_constexpr(4):
                         hv = Float32(mHidden[b, row + e])
                         if const_expr(cfg.has_residual):
@@ -528,8 +532,7 @@ class AttentionBlock:
                 cute.arch.barrier()             # sX is complete
                 self.gbar.stamp(mBar, bidx, 3)
 
-            self._o_proj_head(mWo, sX, mBar, mHidden, mResidual, mOut, g, rank, warp, lane, bidx,
-                              merge if const_expr(cfg.o_early_loads) else None, merge, sW)
+            self._o_proj_head(mWo, sX, mBar, mHidden, mResidual, mOut, g, rank, warp, lane, bidx, merge, sW)
             cute.arch.cluster_wait()
         else:
             self._merge(bufs_ml, bufs_o, sML, sO, mAttn, sX, mBar, g)

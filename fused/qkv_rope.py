@@ -253,14 +253,10 @@ class QKVRope(RopeAppend):
         sPartBR = cute.make_tensor(sPart.iterator, cute.make_layout((B, R), stride=(R, 1)))   # [b, row] view
         if const_expr(early):
             # each warp's first tile peeled: its first block of W loads is in flight under the norm
-            acc = new_acc(cfg.n_tiles)
-            warp_gemv_tile(atom, mWg, warp * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll, front=norm)
-            store_acc(acc, sPartBR, warp * 16, lane, cfg.n_tiles, B)
-            for mt in cutlass.range(warp + NW, R // 16, NW, unroll=1):
-                acc = new_acc(cfg.n_tiles)
-                warp_gemv_tile(atom, mWg, mt * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll)
-                store_acc(acc, sPartBR, mt * 16, lane, cfg.n_tiles, B)
-        elif const_expr(cfg.pipeline_tiles):
+            acc0 = new_acc(cfg.n_tiles)
+            warp_gemv_tile(atom, mWg, warp * 16, k0, sX, acc0, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll, front=norm)
+            store_acc(acc0, sPartBR, warp * 16, lane, cfg.n_tiles, B)
+        if const_expr(cfg.pipeline_tiles):
             count = (R // 16 + NW - 1) // NW
             accs = warp_gemv_tiles(atom, mWg, warp, NW, R // 16, count, k0, sX, lane, Hc // _STEP, cfg.n_tiles,
                                    cfg.unroll)
@@ -269,7 +265,7 @@ class QKVRope(RopeAppend):
                 if mt < R // 16:
                     store_acc(accs[None, None, j], sPartBR, mt * 16, lane, cfg.n_tiles, B)
         else:
-            for mt in cutlass.range(warp, R // 16, NW, unroll=1):
+            for mt in cutlass.range(warp + NW if early else warp, R // 16, NW, unroll=1):   # (the rest)
                 acc = new_acc(cfg.n_tiles)
                 warp_gemv_tile(atom, mWg, mt * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll)
                 store_acc(acc, sPartBR, mt * 16, lane, cfg.n_tiles, B)

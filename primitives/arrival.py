@@ -51,16 +51,24 @@ def last_arrival(mCount: cute.Tensor, index: Int32, expected: cutlass.Constexpr[
     assert expected >= 1, "a group has at least one CTA"
     cute.arch.barrier()
     if cute.arch.thread_idx()[0] == 0:
-        ptr = mCount.iterator + index
-        cute.arch.fence_acq_rel_gpu()
-        old = cute.arch.atomic_add(ptr, Int32(1), sem="acq_rel", scope="gpu")
-        last = Int32(0)
-        if old == Int32(expected - 1):
-            cute.arch.store(ptr, Int32(0), sem="relaxed", scope="gpu")
-            last = Int32(1)
-        sFlag[0] = last
+        sFlag[0] = _arrive(mCount, index, expected)
     cute.arch.barrier()
     return sFlag[0]
+
+
+@cute.jit
+def _arrive(mCount: cute.Tensor, index: Int32, expected: cutlass.Constexpr[int]) -> Int32:
+    """One thread's part of the protocol: release-fence, count the arrival on
+    ``mCount[index]`` (acq_rel), and if it was the last of ``expected`` reset the counter
+    and return 1 (else 0)."""
+    ptr = mCount.iterator + index
+    cute.arch.fence_acq_rel_gpu()
+    old = cute.arch.atomic_add(ptr, Int32(1), sem="acq_rel", scope="gpu")
+    last = Int32(0)
+    if old == Int32(expected - 1):
+        cute.arch.store(ptr, Int32(0), sem="relaxed", scope="gpu")
+        last = Int32(1)
+    return last
 
 
 @cute.jit
@@ -75,12 +83,7 @@ def warp_last_arrival(mCount: cute.Tensor, index: Int32, expected: cutlass.Const
     cute.arch.sync_warp()
     last = Int32(0)
     if cute.arch.lane_idx() == 0:
-        ptr = mCount.iterator + index
-        cute.arch.fence_acq_rel_gpu()
-        old = cute.arch.atomic_add(ptr, Int32(1), sem="acq_rel", scope="gpu")
-        if old == Int32(expected - 1):
-            cute.arch.store(ptr, Int32(0), sem="relaxed", scope="gpu")
-            last = Int32(1)
+        last = _arrive(mCount, index, expected)
     last = cute.arch.shuffle_sync(last, 0)
     cute.arch.sync_warp()
     return last
