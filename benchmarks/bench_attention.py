@@ -44,7 +44,8 @@ VARIANTS = {"unroll4": AttentionTuning(unroll=4), "prefetch": AttentionTuning(l2
             "early": AttentionTuning(early_loads=True),        # QKV: each warp's first W loads under the norm
             "stage1": AttentionTuning(o_proj="head", o_stage_tiles=1),   # head + W_o tiles a warp staged by
             "stage2": AttentionTuning(o_proj="head", o_stage_tiles=2),   # cp.async under the merge
-            "head-late": AttentionTuning(o_proj="head", o_early_loads=False)}
+            "head-late": AttentionTuning(o_proj="head", o_early_loads=False),
+            "pipeline4": AttentionTuning(pipeline_tiles=True, unroll=4)}   # QKV tiles as one pipeline, 4 steps
 from cf_cute.reference import AttentionWeights, rope_tables
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.block == "mlp":
         return mlp_main(a)
-    dev, dt, H, heads, kv_heads, hd = "cuda", torch.bfloat16, a.hidden, a.heads, a.kv_heads, 128
+    dev, dt, H, heads, kv_heads = "cuda", torch.bfloat16, a.hidden, a.heads, a.kv_heads
+    hd = H // heads                                   # the Llama shapes: hidden = heads x head_dim
     threads = {} if a.threads is None else dict(num_threads=a.threads)
     tuning = AttentionTuning(phase_timer=True, **threads)
     if a.variant:

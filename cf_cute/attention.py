@@ -92,7 +92,7 @@ class AttentionTuning:
     attn_tensor_cores: bool = _BLOCK_DEFAULTS["attn_tensor_cores"]
     attn_mma_depth: int | None = _BLOCK_DEFAULTS["attn_mma_depth"]
     l2_prefetch: bool = _BLOCK_DEFAULTS["l2_prefetch"]
-    pipeline_tiles: bool = _BLOCK_DEFAULTS["pipeline_tiles"]
+    pipeline_tiles: bool | None = _BLOCK_DEFAULTS["pipeline_tiles"]
     early_loads: bool = _BLOCK_DEFAULTS["early_loads"]       # QKV: first W loads under the norm
     early_wo_prefetch: bool = _BLOCK_DEFAULTS["early_wo_prefetch"]
     early_phase_b: bool = _BLOCK_DEFAULTS["early_phase_b"]

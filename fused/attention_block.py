@@ -95,9 +95,14 @@ class AttentionBlockConfig(QKVFields):
     """The QKV stage's fields (:class:`~.qkv_rope.QKVFields`; ``l2_prefetch`` also asks
     L2 for the W_o rows before the grid barrier -- off: on the H200 at batch 1 the block is
     faster without, MHA 1K 53.1 -> 49.3 µs, 4K 66.8 -> 62.2, 16K 118.0 -> 113.2, 32K
-    185.8 -> 181.6, GQA 1K 48.4 -> 46.4, 4K 51.2 -> 49.6; ``pipeline_tiles`` covers the QKV stage only;
+    185.8 -> 181.6, GQA 1K 48.4 -> 46.4, 4K 51.2 -> 49.6;
     ``w_layout`` is the memory order of both w_qkv and W_o), plus the attention's and the
     block's own."""
+    pipeline_tiles: bool | None = None  # the QKV stage: a warp's row tiles as one load pipeline; None: on at
+                                  # batch 1 with 128 threads (no 128-register cap; H200: Llama-3.2-1B shape 21.2
+                                  # -> 20.1 µs at 1K, 33.5 -> 32.3 at 16K, -3B level, Llama-3-8B 42.2 -> 41.7),
+                                  # else off (MHA's 256 threads: 40% slower under the cap; above batch 1 the
+                                  # accumulators spill: Llama-3-8B batch 2 16 bytes, batch 16 688)
     attn_unroll: int = 8          # tokens per token group loaded together (H200, batch 1: 4 -> 8 is
                                   # 2.7% faster at 4K, 4.7% at 16K, 6.1% at 32K, level at 1K and GQA)
     attn_fold_budget: int = 1     # heads x tokens folded per softmax rescale (DecodeAttention.fold): one token a
@@ -142,6 +147,8 @@ class AttentionBlockConfig(QKVFields):
             object.__setattr__(self, "num_threads", 128 if tc else 256)
         if self.attn_mma_depth is None:
             object.__setattr__(self, "attn_mma_depth", 1 if self.num_threads <= 128 else 0)
+        if self.pipeline_tiles is None:
+            object.__setattr__(self, "pipeline_tiles", self.num_threads <= 128 and self.batch == 1)
         if self.o_proj is None:
             tc = takes_tensor_cores(self.num_heads, self.num_kv_heads, self.attn_tensor_cores)
             object.__setattr__(self, "o_proj", "head" if tc else "grid")

@@ -136,7 +136,12 @@ def test_fused_config_threads_default():
     assert fused_config(*FUSED_CASES[3]).attn_mma_depth == 1
     assert fused_config(*FUSED_CASES[3], num_threads=256).attn_mma_depth == 0
     assert fused_config(*FUSED_CASES[0]).attn_mma_depth == 0
-    assert AttentionTuning().num_threads is None
+    # the QKV stage's row tiles as one load pipeline at batch 1 where no 128-register cap holds
+    assert fused_config(*FUSED_CASES[3]).pipeline_tiles is True
+    assert fused_config(*FUSED_CASES[3], num_threads=256).pipeline_tiles is False
+    assert fused_config(*FUSED_CASES[0]).pipeline_tiles is False
+    assert fused_config(*FUSED_CASES[6]).pipeline_tiles is False                     # batch 2
+    assert AttentionTuning().num_threads is None and AttentionTuning().pipeline_tiles is None
     heads, kv_heads, hd, H, batch, cluster, paged, residual, rope = FUSED_CASES[3]
     packed = pack_attention(_weights(H, heads, kv_heads, hd, "cpu", torch.bfloat16), num_heads=heads,
                             num_kv_heads=kv_heads, rope_style=rope)
@@ -243,7 +248,7 @@ def test_fused_with_512_threads_matches_reference():
 @pytest.mark.parametrize("case_index", [3, 5])
 def test_gqa_attention_knobs(case_index):
     """GQA blocks: loads in flight change speed, never bits (the attention's depth, W_o's
-    first loads before the merge or the grid barrier); the CUDA-core attention
+    first loads before the merge or the grid barrier, the QKV tiles' pipeline); the CUDA-core attention
     (``attn_tensor_cores=False``), 256-thread CTAs (eight warps: another split-K order in the
     QKV phase) and the output projection over the grid (``o_proj="grid"``: another sum order)
     match the reference too."""
@@ -254,6 +259,7 @@ def test_gqa_attention_knobs(case_index):
     threads = fused_config(*case).num_threads
     default = fused_config(*case)
     for tuning in (AttentionTuning(attn_mma_depth=0), AttentionTuning(o_early_loads=False),
+                   AttentionTuning(pipeline_tiles=False),
                    AttentionTuning(o_proj="grid"), AttentionTuning(o_proj="grid", early_phase_b=True),
                    AttentionTuning(attn_tensor_cores=False), AttentionTuning(num_threads=256)):
         k2, v2 = kc.clone(), vc.clone()                # the append rewrites the same slots
