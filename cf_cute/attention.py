@@ -67,17 +67,22 @@ FUSED_MAX_BATCH = 2
 
 def single_launch_pays(batch: int, hidden: int, num_heads: int, num_kv_heads: int) -> bool:
     """Whether :func:`attention_block`'s automatic choice is the single launch: MHA up to
-    ``FUSED_MAX_BATCH``; GQA (tensor-core attention) only while the weights are small enough
-    for the launch latencies to dominate, ``hidden * (batch + 1) <= 6144``. Since session 13
-    the three-launch path's decode attention splits each (request, KV head) over several
-    clusters and wins elsewhere. H200, µs at 1K / 16K, one launch against three:
-    Llama-3.2-1B shape (hidden 2048) batch 1 23.0 / 35.9 against 29.9 / 39.6, batch 2 27.4 / 51.3
-    against 31.9 / 49.4; Llama-3.2-3B (3072) batch 1 34.8 / 54.0 against 38.1 / 53.9, batch 2
-    42.8 / 79.3 against 40.4 / 68.7; Llama-3-8B (4096) batch 1 44.7 / 63.9 against 43.4 / 59.4,
-    batch 2 52.7 / 89.0 against 45.8 / 74.0."""
+    ``FUSED_MAX_BATCH``; GQA (tensor-core attention) while the weights are small enough for the
+    launch latencies to dominate, ``hidden * (batch + 1) <= 6144``, and at batch 1 up to hidden
+    4096 (the measured shapes). Since session 13 the three-launch path's decode attention splits
+    each (request, KV head) over several clusters and wins elsewhere. H200, µs at 1K / 16K, one
+    launch against three (session 13): Llama-3.2-1B shape (hidden 2048) batch 1 23.0 / 35.9
+    against 29.9 / 39.6, batch 2 27.4 / 51.3 against 31.9 / 49.4; Llama-3.2-3B (3072) batch 1
+    34.8 / 54.0 against 38.1 / 53.9, batch 2 42.8 / 79.3 against 40.4 / 68.7; Llama-3-8B (4096)
+    batch 2 52.7 / 89.0 against 45.8 / 74.0. Llama-3-8B at batch 1 with the output projection per
+    KV-head cluster and the QKV pipeline (session 16): 41.7 / 45.7 / 60.1 at 1K / 4K / 16K
+    against 43.0 / 47.8 / 58.9 (session 15, before the pipeline: 42.0 / 46.4 / 60.7 against
+    43.2 / 48.5 / 59.0): one launch, 3-4% faster up to 4K, 2% slower at 16K."""
     if batch > FUSED_MAX_BATCH:
         return False
-    return not takes_tensor_cores(num_heads, num_kv_heads) or hidden * (batch + 1) <= 6144
+    if not takes_tensor_cores(num_heads, num_kv_heads):
+        return True
+    return hidden * (batch + 1) <= 6144 or (batch == 1 and hidden <= 4096)
 
 _BLOCK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AttentionBlockConfig)}
 

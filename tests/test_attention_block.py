@@ -329,13 +329,14 @@ def test_grid_barrier_needs_every_cta_resident_at_once():
 
 
 def test_single_launch_policy():
-    """attention_block's automatic path, as measured on an H200 (benchmarks/RESULTS.md, session
-    13): MHA one launch up to batch 2; GQA one launch only for small models (Llama-3.2-1B at
-    batch 1 and 2, -3B at batch 1), three launches from Llama-3-8B's size on."""
+    """attention_block's automatic path, as measured on an H200 (benchmarks/RESULTS.md, sessions
+    13 and 16): MHA one launch up to batch 2; GQA one launch at batch 1 up to Llama-3-8B's
+    hidden size and at batch 2 for Llama-3.2-1B, else three launches."""
     from cf_cute.attention import single_launch_pays
     assert [single_launch_pays(b, 4096, 32, 32) for b in (1, 2, 3)] == [True, True, False]
     shapes = ((2048, 32), (3072, 24), (4096, 32))
-    assert [single_launch_pays(1, H, heads, 8) for H, heads in shapes] == [True, True, False]
+    assert [single_launch_pays(1, H, heads, 8) for H, heads in shapes] == [True, True, True]
+    assert not single_launch_pays(1, 8192, 64, 8)                      # unmeasured: Llama-3-70B's shape
     assert [single_launch_pays(2, H, heads, 8) for H, heads in shapes] == [True, False, False]
     assert not single_launch_pays(3, 512, 8, 2)
 
