@@ -105,18 +105,23 @@ def mlp_block_torch(hidden: torch.Tensor, packed: PackedMLP) -> torch.Tensor:
     return hidden + (torch.nn.functional.silu(g) * u) @ packed.w_down.T
 
 
-def grid_plan(units: int, resident: dict) -> tuple[int, int]:
+def grid_plan(units: int, resident: dict, hidden: int | None = None) -> tuple[int, int]:
     """(cluster_size, num_clusters) that minimises the busiest CTA's phase-A bytes,
     ``ceil(units / clusters) / C``, given ``resident[C]`` = clusters of C resident at
-    once. Ties go to clusters of 2, then to the smaller cluster: Llama-3-8B's 896 units
-    give 7 a CTA at C=1 and at C=2, and C=2 measured 110 µs against 166 (H200, batch 1;
-    a CTA's K slice of H/2 keeps its load pipeline short)."""
+    once. Ties go to clusters of 1 up to ``hidden`` 3072, else to clusters of 2, then to the
+    smaller cluster. H200, µs, C=2 against C=1 (benchmarks/RESULTS.md, session 16): Llama-3-8B's
+    896 units give 7 a CTA at both, and C=2 took 90.0 against 125.2 at batch 1 (Llama-2-7B, no
+    tie: 73.4 against 101.6): a whole row of K is a long pipeline a CTA. Llama-3.2-1B's 512
+    units (4 a CTA at both) took 34.8 / 35.3 / 38.1 / 40.5 at batch 1 / 2 / 4 / 8 with C=2 and
+    31.4 / 31.5 / 31.8 / 32.7 with C=1 (no cluster reduce-scatter), Llama-3.2-3B's 43.7 / 44.8 /
+    46.5 / 49.9 against 43.0 / 43.8 / 44.8 / 46.6."""
+    prefer = 1 if hidden is not None and hidden <= 3072 else 2
     best = None
     for c in sorted(resident):
         n = min(resident[c], units)
         if n < 1:
             continue
-        key = (Fraction(-(-units // n), c), 0 if c == 2 else c)
+        key = (Fraction(-(-units // n), c), 0 if c == prefer else c)
         if best is None or key < best[0]:
             best = (key, c, n)
     if best is None:
@@ -264,7 +269,7 @@ def _plan(hidden, packed: PackedMLP, has_residual: bool, tuning: MLPTuning | Non
         mlp_block_config(hidden, packed, cluster_size=sizes[0], num_clusters=1, has_residual=has_residual,
                          tuning=tuning)
         raise ValueError("no cluster size gives a valid MLP block for these shapes")
-    c, n = grid_plan(packed.intermediate // 16, resident)
+    c, n = grid_plan(packed.intermediate // 16, resident, hidden.shape[1])
     cfg = mlp_block_config(hidden, packed, cluster_size=c, num_clusters=n, has_residual=has_residual,
                            tuning=tuning)
     block = MLPBlock(cfg)              # shared-memory check at the final grid

@@ -70,8 +70,14 @@ def test_grid_plan_balances_units_per_cta():
     assert grid_plan(688, {1: 132, 2: 66, 4: 30}) == (2, 66)
     assert grid_plan(10, {1: 132, 2: 66}) == (2, 10)          # few units: split K to use more SMs
     assert grid_plan(688, {1: 132}) == (1, 132)
-    # Llama-3-8B: 896 units, 7 a CTA at C=1 and C=2: the tie goes to C=2 (1.5x faster, H200)
+    # Llama-3-8B: 896 units, 7 a CTA at C=1 and C=2: the tie goes to C=2 (1.4x faster, H200)
     assert grid_plan(896, {1: 132, 2: 66, 4: 30}) == (2, 66)
+    assert grid_plan(896, {1: 132, 2: 66, 4: 30}, hidden=4096) == (2, 66)
+    # Llama-3.2-1B / -3B: 512 units, 4 a CTA at both: the tie goes to C=1 up to hidden 3072
+    # (no cluster reduce-scatter; 10-19% faster at the 1B shape, 2-7% at the 3B, batch 1-8)
+    assert grid_plan(512, {1: 132, 2: 66, 4: 30}, hidden=2048) == (1, 132)
+    assert grid_plan(512, {1: 132, 2: 66, 4: 30}, hidden=3072) == (1, 132)
+    assert grid_plan(512, {1: 132, 2: 66, 4: 30}, hidden=4096) == (2, 66)
     assert grid_plan(896, {1: 132, 4: 30}) == (1, 132)
     with pytest.raises(ValueError, match="resident"):
         grid_plan(688, {})
