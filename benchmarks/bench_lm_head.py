@@ -22,11 +22,11 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import graph_us, markdown_table, read_bandwidth_gbs, stamp  # noqa: E402
 
 from cf_cute.gemv import splitk_gemv  # noqa: E402
+from cf_cute.models import BUILTIN_CONFIGS  # noqa: E402
 from cf_cute.tiles import tile_weight  # noqa: E402
 
-# vocab x hidden of the built-in models (cf_cute.models)
-SHAPES = {"llama-3.2-1b": (128256, 2048), "llama-3.2-3b": (128256, 3072), "llama-3-8b": (128256, 4096),
-          "llama-2-7b": (32000, 4096)}
+# vocab x hidden of the built-in models, each shape once
+SHAPES = sorted({(c.vocab, c.hidden) for c in BUILTIN_CONFIGS.values()}, key=lambda s: (-s[0], s[1]))
 
 
 def run(vocab: int, hidden: int, B: int, clusters, bw: float) -> list:
@@ -52,7 +52,7 @@ def run(vocab: int, hidden: int, B: int, clusters, bw: float) -> list:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default=",".join(f"{v}x{h}" for v, h in SHAPES.values()),
+    ap.add_argument("--shapes", default=",".join(f"{v}x{h}" for v, h in SHAPES),
                     help="vocab x hidden, comma-separated")
     ap.add_argument("--batch", default="1,4,16")
     ap.add_argument("--clusters", default="1,2,4")

@@ -104,7 +104,7 @@ class AttentionTuning:
     phase_timer: bool = _BLOCK_DEFAULTS["phase_timer"]       # per-CTA stamps in workspace.barrier[2:]
     num_threads: int | None = _BLOCK_DEFAULTS["num_threads"]
     pdl: bool = _BLOCK_DEFAULTS["pdl"]                       # programmatic dependent launch
-    o_proj: str = _BLOCK_DEFAULTS["o_proj"]                  # "grid" or "head"
+    o_proj: str | None = _BLOCK_DEFAULTS["o_proj"]           # "grid" or "head"; None: per shape
     o_early_loads: bool = _BLOCK_DEFAULTS["o_early_loads"]
     o_stage_tiles: int = _BLOCK_DEFAULTS["o_stage_tiles"]
 

@@ -70,9 +70,11 @@ class QKVFields(AttnShape):
     l2_prefetch: bool = False     # each warp's first weight tile is requested before the norm (slower on the
                                   # H200: the fused attention block 2-7% at batch 1, qkv_project at batch 16
                                   # 36.1 -> 34.1 µs without, Llama-2-7B shape; 23.6 -> 22.7 Llama-3-8B)
-    pipeline_tiles: bool = False  # one load pipeline across a warp's row tiles (slower: docs/NOTES.md)
+    pipeline_tiles: bool = False  # one load pipeline across a warp's row tiles (MHA at 256 threads: 40% slower
+                                  # under the 128-register cap; AttentionBlockConfig turns it on at GQA batch 1)
     early_loads: bool = False     # each warp's first block of W loads issued before the norm, landing under it
-                                  # (when every warp has a row tile; otherwise the norm goes first)
+                                  # (when every warp has a row tile and pipeline_tiles is off; otherwise the
+                                  # norm goes first)
     w_layout: str = "linear"      # memory order of the weights (mma_gemv.WEIGHT_LAYOUTS)
 
     @property
