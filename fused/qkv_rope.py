@@ -73,8 +73,8 @@ class QKVFields(AttnShape):
     pipeline_tiles: bool = False  # one load pipeline across a warp's row tiles (MHA at 256 threads: 40% slower
                                   # under the 128-register cap; AttentionBlockConfig turns it on at GQA batch 1)
     early_loads: bool = False     # each warp's first block of W loads issued before the norm, landing under it
-                                  # (when every warp has a row tile and pipeline_tiles is off; otherwise the
-                                  # norm goes first)
+                                  # (with pipeline_tiles the norm is the pipeline's front; without, each warp's
+                                  # first tile is peeled, so every warp needs a row tile, else the norm goes first)
     w_layout: str = "linear"      # memory order of the weights (mma_gemv.WEIGHT_LAYOUTS)
 
     @property
@@ -245,7 +245,11 @@ class QKVRope(RopeAppend):
         def norm():
             self.norm(bufs.norm, mHidden, mResidual, mNormW, mHOut, g == 0)
 
-        early = cfg.early_loads and not cfg.pipeline_tiles and R // 16 >= NW     # every warp has a tile
+        # early_loads: the norm runs as the front of the GEMV, after each warp's first block of W
+        # loads (the per-tile path peels each warp's first tile, so it needs a tile for every warp;
+        # the pipelined path clamps the tile index, so every warp has one)
+        early = cfg.early_loads and (cfg.pipeline_tiles or R // 16 >= NW)
+        peel = early and not cfg.pipeline_tiles
         if const_expr(not early):
             norm()
 
@@ -253,7 +257,7 @@ class QKVRope(RopeAppend):
         atom = mma_atom(mW.element_type)
         mWg = mW[g, None, None]
         sPartBR = cute.make_tensor(sPart.iterator, cute.make_layout((B, R), stride=(R, 1)))   # [b, row] view
-        if const_expr(early):
+        if const_expr(peel):
             # each warp's first tile peeled: its first block of W loads is in flight under the norm
             acc0 = new_acc(cfg.n_tiles)
             warp_gemv_tile(atom, mWg, warp * 16, k0, sX, acc0, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll, front=norm)
@@ -261,13 +265,13 @@ class QKVRope(RopeAppend):
         if const_expr(cfg.pipeline_tiles):
             count = (R // 16 + NW - 1) // NW
             accs = warp_gemv_tiles(atom, mWg, warp, NW, R // 16, count, k0, sX, lane, Hc // _STEP, cfg.n_tiles,
-                                   cfg.unroll)
+                                   cfg.unroll, front=norm if early else None)
             for j in cutlass.range_constexpr(count):
                 mt = warp + j * NW
                 if mt < R // 16:
                     store_acc(accs[None, None, j], sPartBR, mt * 16, lane, cfg.n_tiles, B)
         else:
-            for mt in cutlass.range(warp + NW if early else warp, R // 16, NW, unroll=1):   # (the rest)
+            for mt in cutlass.range(warp + NW if peel else warp, R // 16, NW, unroll=1):   # (the rest)
                 acc = new_acc(cfg.n_tiles)
                 warp_gemv_tile(atom, mWg, mt * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll)
                 store_acc(acc, sPartBR, mt * 16, lane, cfg.n_tiles, B)
