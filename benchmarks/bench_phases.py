@@ -10,12 +10,15 @@ MLP phases: norm; gate_up = the split-K GEMV of phase A; reduce = the cluster
 reduce-scatter and SiLU; wait = the grid barrier; down = phase B.
 
 Phases (per CTA, ns; "median" and "max" over the CTAs, then the median over
-launches of rotating weight/KV sets): qkv = norm + QKV GEMV + its cluster
-reduce; rope_append = RoPE and the KV append (two CTA barriers); attend = thread
-0's attention loop (the CTA's share of the tokens, warp 0's stream); stash = the
-rest of the CTA's warps, their merge and the copy out; gather = the cluster
-gather of (m, l), i.e. waiting for the cluster's slowest CTA; merge = the scaled o
-reduce-scatter and cluster barrier; wait = the grid barrier; o_proj = phase B.
+launches of rotating weight/KV sets): norm = the RMSNorm front (with its cluster
+round); gemv = warp 0's share of the QKV GEMV; qkv_red = the CTA barrier (the other
+warps) and the cluster all-reduce of the QKV partials; rope_append = RoPE and the KV
+append (two CTA barriers); attend = thread 0's attention loop (the CTA's share of
+the tokens, warp 0's stream); stash = the rest of the CTA's warps, their merge and
+the copy out; gather = the cluster gather of (m, l), i.e. waiting for the cluster's
+slowest CTA; weights = each (request, head)'s merge weight and a CTA barrier; o_red =
+the o reduce-scatter ("grid") or all-reduce ("head"); o_out = the copy out and the
+barriers; wait = the grid barrier; o_proj = phase B.
 "span" is the launch from the first CTA's start to the last CTA's end.
 Timer reads cost a few ns; the stamps are for attribution, the benchmark of
 record is bench_attention.py.
@@ -40,8 +43,9 @@ from common import attention_sets, markdown_table, stamp  # noqa: E402
 
 # (phase names, the stamp indices that bound them in time order: phase i runs from stamp
 # order[i] to stamp order[i + 1]; AttentionBlockConfig.phase_timer / MLPBlockConfig.phase_timer)
-PHASES = ("qkv", "rope_append", "attend", "stash", "gather", "merge", "wait", "o_proj")
-ATTN_ORDER = (0, 1, 6, 7, 2, 8, 3, 4, 5)
+PHASES = ("norm", "gemv", "qkv_red", "rope_append", "attend", "stash", "gather", "weights", "o_red", "o_out", "wait",
+          "o_proj")
+ATTN_ORDER = (0, 9, 10, 1, 6, 7, 2, 8, 11, 12, 3, 4, 5)
 MLP_PHASES = ("norm", "gate_up", "reduce", "wait", "down")
 MLP_ORDER = (0, 1, 2, 3, 4, 5)
 

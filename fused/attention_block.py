@@ -22,8 +22,9 @@ resident at once: the host checks it, the grid barrier needs it)::
                          fixed order -> (m, l, o) per (b, head); GQA on tensor cores
                          (``DecodeAttention.attend_mma``, a warp a token stream, loads at
                          each step's start within the 128-register cap)
-    merge                ClusterGather of (m, l) [B*G*2]; each CTA scales its o by
-                         exp2(m - M) / L; ClusterReduce.reduce_scatter (sum) of
+    merge                ClusterGather of (m, l) [B*G*2]; one thread per (b, head) computes
+                         this CTA's weight exp2(m - M) / L -> sWgt, CTA barrier; each CTA
+                         scales its o by it; ClusterReduce.reduce_scatter (sum) of
                          o [B*G*hd] -> the owner CTA writes attn[b, head, :] (global
                          scratch, L2-resident)
 
@@ -55,7 +56,8 @@ Deterministic: every sum has a fixed order (warp order, rank order in the
 collectives, head order across clusters), no float atomics; the grid barrier and the
 arrival counters use integer atomics only.
 Shared memory: the QKVRope buffers, the token-group merge buffers of
-DecodeAttention, the per-request partials ``sO [B*G*hd]``/``sML [B*G*2]``, the
+DecodeAttention, the per-request partials ``sO [B*G*hd]``/``sML [B*G*2]``, the merge
+weights ``sWgt [B*G]``, the
 two merge collectives and ``sRed [warps, 16, batch]``.
 """
 
@@ -136,10 +138,10 @@ class AttentionBlockConfig(QKVFields):
                                   # two CTAs an SM), else 256. H200, Llama-3-8B shape, batch 1, 128 threads
                                   # (depth 1) vs 256 (depth 0): 44.2 vs 46.2 µs at 1K, 48.1 vs 50.1 at 4K,
                                   # 62.9 vs 65.4 at 16K
-    phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 1 QKV done, 6 RoPE and
-                                  # KV append done, 7 thread 0's attention loop
-                                  # done (the last request's), 2 attention done, 8 (m, l)
-                                  # gathered, 3 merge done, 4 grid barrier passed, 5 end)
+    phase_timer: bool = False     # diagnostics: GridBarrier stamps into mBar (0 start, 9 norm done, 10 warp 0's
+                                  # QKV GEMV done, 1 QKV done, 6 RoPE and KV append done, 7 thread 0's attention
+                                  # loop done (the last request's), 2 attention done, 8 (m, l) gathered, 11 merge
+                                  # weights done, 12 o reduced, 3 merge done, 4 grid barrier passed, 5 end)
 
     def __post_init__(self):
         if self.num_threads is None:          # resolved here, so every construction plans the same CTA
@@ -248,7 +250,8 @@ class AttentionBlock:
         NW = T // _WARP
         self.stage = (min(cfg.o_stage_tiles, (cfg.head_tiles + NW - 1) // NW - 1) if self.head else 0)
         self.stage_elems = NW * self.stage * 16 * G * hd
-        own = (self.gat_ml.smem_bytes + 4 * (NG * G * (2 + hd) + self.attn.tile_elems + B * G * hd + self.ml_elems)
+        own = (self.gat_ml.smem_bytes + 4 * (NG * G * (2 + hd) + self.attn.tile_elems + B * G * hd + self.ml_elems
+                                             + self.ml_elems // 2)
                + 4 * (T // _WARP) * 16 * B + 8 * 16 + 2 * self.sx_elems + 16 + 2 * self.stage_elems + 128)
         # the o merge goes through the cluster in `o_rounds` rounds of B / o_rounds requests,
         # and the QKV partials in as many rounds as QKVRope needs to fit what is left
@@ -323,18 +326,35 @@ class AttentionBlock:
         return pos, start, end, chunk
 
     @cute.jit
-    def _merge(self, bufs_ml, bufs_o, sML: cute.Tensor, sO: cute.Tensor, mAttn: cute.Tensor, sX: cute.Tensor,
-               mBar: cute.Tensor, g: Int32):
+    def _merge(self, bufs_ml, bufs_o, sML: cute.Tensor, sWgt: cute.Tensor, sO: cute.Tensor, mAttn: cute.Tensor,
+               sX: cute.Tensor, mBar: cute.Tensor, g: Int32):
         """The cluster merge of the per-CTA (m, l, o): ClusterGather of (m, l), each CTA scales
         its o by exp2(m - M) / L, then the o sum over the cluster in ``o_rounds`` rounds:
         "grid": reduce-scattered, the owner writes attn[b, heads of g] (global); "head":
         all-reduced into every CTA's ``sX`` (rounded to the dtype)."""
         cfg = self.cfg
-        C, G, hd = cfg.cluster_size, cfg.group, cfg.head_dim
+        B, C, G, hd = cfg.batch, cfg.cluster_size, cfg.group, cfg.head_dim
         tidx = cute.arch.thread_idx()[0]
         bidx = cute.arch.block_idx()[0]
         sAll = self.gat_ml.gather(bufs_ml, sML, Int32(0))
         self.gbar.stamp(mBar, bidx, 8)
+        # this CTA's weight of each (request, head), exp2(m - M) / L over the cluster's (m, l):
+        # once per (b, head) by one thread (each o value's thread recomputing it cost the
+        # GQA merge 1.5 µs at clusters of 16), in rank order as before, so the same bits
+        for bh in cutlass.range(tidx, B * G, cfg.num_threads, unroll=1):
+            mx = -Float32.inf
+            for r in cutlass.range_constexpr(C):
+                mx = cute.arch.fmax(mx, sAll[2 * bh, r])
+            lsum = Float32(0.0)
+            for r in cutlass.range_constexpr(C):
+                if sAll[2 * bh, r] != -Float32.inf:
+                    lsum = lsum + sAll[2 * bh + 1, r] * cute.math.exp2(sAll[2 * bh, r] - mx, fastmath=True)
+            wgt = Float32(0.0)
+            if sML[2 * bh] != -Float32.inf:
+                wgt = cute.math.exp2(sML[2 * bh] - mx, fastmath=True) / lsum
+            sWgt[bh] = wgt
+        cute.arch.barrier()
+        self.gbar.stamp(mBar, bidx, 11)
         V = self.red_o.per_thread
         n_o = self.red_o.num_elems                  # values per round: B / o_rounds requests
         p0 = self.red_o.thread_offset(tidx)
@@ -342,26 +362,17 @@ class AttentionBlock:
             frag = self.red_o.make_fragment()
             for v in cutlass.range_constexpr(V):
                 p = k * n_o + p0 + v
-                bh = p // hd
-                mx = -Float32.inf
-                for r in cutlass.range_constexpr(C):
-                    mx = cute.arch.fmax(mx, sAll[2 * bh, r])
-                lsum = Float32(0.0)
-                for r in cutlass.range_constexpr(C):
-                    if sAll[2 * bh, r] != -Float32.inf:
-                        lsum = lsum + sAll[2 * bh + 1, r] * cute.math.exp2(sAll[2 * bh, r] - mx, fastmath=True)
-                wgt = Float32(0.0)
-                if sML[2 * bh] != -Float32.inf:
-                    wgt = cute.math.exp2(sML[2 * bh] - mx, fastmath=True) / lsum
-                frag[v] = sO[p] * wgt
+                frag[v] = sO[p] * sWgt[p // hd]
             if const_expr(self.head):
                 res = self.red_o.all_reduce(bufs_o, frag, Int32(k))
+                self.gbar.stamp(mBar, bidx, 12)
                 if tidx < self.red_o.active:
                     for v in cutlass.range_constexpr(V):
                         p = k * n_o + p0 + v
                         sX[p // (G * hd), p % (G * hd)] = self.dtype(res[v])
             else:
                 res = self.red_o.reduce_scatter(bufs_o, frag, Int32(k))
+                self.gbar.stamp(mBar, bidx, 12)
                 if self.red_o.owns(tidx):
                     for v in cutlass.range_constexpr(V):
                         p = k * n_o + tidx * V + v
@@ -459,6 +470,7 @@ class AttentionBlock:
         sTile = smem.allocate_tensor(Float32, cute.make_layout(self.attn.tile_elems), byte_alignment=16)
         sO = smem.allocate_tensor(Float32, cute.make_layout(B * G * hd), byte_alignment=16)
         sML = smem.allocate_tensor(Float32, cute.make_layout(self.ml_elems), byte_alignment=16)
+        sWgt = smem.allocate_tensor(Float32, cute.make_layout(self.ml_elems // 2), byte_alignment=16)
         sRed = smem.allocate_tensor(Float32, cute.make_layout((NW, RED_WORDS_PER_ROW, B)), byte_alignment=16)
         sX = None
         sW = None
@@ -475,7 +487,8 @@ class AttentionBlock:
 
         # ================= phase A: one cluster per KV head
         self.gbar.stamp(mBar, bidx, 0)
-        self.front.project(qb, mHidden, mResidual, mNormW, mWqkv, mHOut, g)
+        self.front.project(qb, mHidden, mResidual, mNormW, mWqkv, mHOut, g,
+                           stamp=lambda k: self.gbar.stamp(mBar, bidx, k))
         self.gbar.stamp(mBar, bidx, 1)
         sPart = qb.sPart
         self._rope_in_place(sPart, mCos, mSin, mPos)
@@ -532,7 +545,7 @@ class AttentionBlock:
             # times its K slice of W_o (the first W_o loads in flight under the merge), partials
             # combined across the clusters by the last warp of each row group to arrive
             def merge():
-                self._merge(bufs_ml, bufs_o, sML, sO, mAttn, sX, mBar, g)
+                self._merge(bufs_ml, bufs_o, sML, sWgt, sO, mAttn, sX, mBar, g)
                 if const_expr(self.stage > 0):
                     cute.arch.cp_async_wait_group(0)       # this lane's staged W_o pieces
                 cute.arch.cluster_arrive()      # this CTA's last DSMEM access; waited before exit
@@ -542,7 +555,7 @@ class AttentionBlock:
             self._o_proj_head(mWo, sX, mBar, mHidden, mResidual, mOut, g, rank, warp, lane, bidx, merge, sW)
             cute.arch.cluster_wait()
         else:
-            self._merge(bufs_ml, bufs_o, sML, sO, mAttn, sX, mBar, g)
+            self._merge(bufs_ml, bufs_o, sML, sWgt, sO, mAttn, sX, mBar, g)
             cluster_sync()             # retires every collective of phase A
             self.gbar.stamp(mBar, bidx, 3)
 

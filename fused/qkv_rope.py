@@ -224,10 +224,12 @@ class QKVRope(RopeAppend):
 
     @cute.jit
     def project(self, bufs: QKVBuffers, mHidden: cute.Tensor, mResidual: cute.Tensor, mNormW: cute.Tensor,
-                mW: cute.Tensor, mHOut: cute.Tensor, g: Int32):
+                mW: cute.Tensor, mHOut: cute.Tensor, g: Int32, stamp=None):
         """Residual add, RMSNorm and the QKV projection of KV head ``g``: on
         return ``bufs.sPart[b * rows + i]`` holds row i of [q heads | k | v] of
-        request b (fp32, before RoPE) in every CTA of the cluster."""
+        request b (fp32, before RoPE) in every CTA of the cluster. ``stamp(k)``, when
+        given, is traced after the norm (9) and after the warp's GEMV (10): the
+        caller's phase stamps."""
         cfg = self.cfg
         B, C, T = cfg.batch, cfg.cluster_size, cfg.num_threads
         Hc, R = cfg.slice, cfg.rows
@@ -244,6 +246,8 @@ class QKVRope(RopeAppend):
 
         def norm():
             self.norm(bufs.norm, mHidden, mResidual, mNormW, mHOut, g == 0)
+            if const_expr(stamp is not None):
+                stamp(9)
 
         # early_loads: the norm runs as the front of the GEMV, after each warp's first block of W
         # loads (the per-tile path peels each warp's first tile, so it needs a tile for every warp;
@@ -275,6 +279,8 @@ class QKVRope(RopeAppend):
                 acc = new_acc(cfg.n_tiles)
                 warp_gemv_tile(atom, mWg, mt * 16, k0, sX, acc, lane, Hc // _STEP, cfg.n_tiles, cfg.unroll)
                 store_acc(acc, sPartBR, mt * 16, lane, cfg.n_tiles, B)
+        if const_expr(stamp is not None):
+            stamp(10)
         cute.arch.barrier()
         fq = self.red_qkv.make_fragment()
         pq = self.red_qkv.thread_offset(tidx)
