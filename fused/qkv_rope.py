@@ -180,7 +180,8 @@ class QKVRope(RopeAppend):
         self.dtype = cutlass.BFloat16 if cfg.dtype == "bfloat16" else cutlass.Float16
         T, C = cfg.num_threads, cfg.cluster_size
         self.norm = NormSlice(NormSliceConfig(batch=cfg.batch, hidden=cfg.hidden, cluster_size=C, num_threads=T,
-                                              eps=cfg.eps, has_residual=cfg.has_residual, dtype=cfg.dtype))
+                                              eps=cfg.eps, has_residual=cfg.has_residual, dtype=cfg.dtype,
+                                              keep_h=True))
         # the B*(G+2)*hd partial sums go through the cluster in `qkv_rounds` rounds of
         # at most 32 values per thread (register budget): the fewest rounds that fit
         total = cfg.batch * cfg.rows
