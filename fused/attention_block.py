@@ -72,7 +72,8 @@ from cutlass import Float32, Int32, const_expr
 from cf_cute.primitives import ClusterGather, ClusterReduce, GridBarrier, cluster_sync, warp_last_arrival
 from cf_cute.primitives.plan import SMEM_LIMIT_BYTES, check_smem
 
-from .decode_attention import MMA_MAX_THREADS, DecodeAttention, DecodeAttentionConfig, takes_tensor_cores
+from .decode_attention import (MMA_MAX_THREADS, DecodeAttention, DecodeAttentionConfig, merge_parts,
+                               takes_tensor_cores)
 from .mma_gemv import (X_PAD, mma_atom, stage_tile, store_acc, tiled_layout, warp_gemv_rows, weight_view,
                        x_smem_layout)
 from .residual_gemv import RED_WORDS_PER_ROW, prefetch_tiles_l2, residual_gemv_tiles
@@ -338,17 +339,12 @@ class AttentionBlock:
         bidx = cute.arch.block_idx()[0]
         sAll = self.gat_ml.gather(bufs_ml, sML, Int32(0))
         self.gbar.stamp(mBar, bidx, 8)
-        # this CTA's weight of each (request, head), exp2(m - M) / L over the cluster's (m, l):
-        # once per (b, head) by one thread (each o value's thread recomputing it cost the
-        # GQA merge 1.5 µs at clusters of 16), in rank order as before, so the same bits
+        # this CTA's weight of each (request, head), exp2(m - M) / L over the cluster's (m, l)
+        # (merge_parts in rank order; its o sum is unused): once per (b, head) by one thread
+        # (each o value's thread recomputing it cost the GQA merge 1.5 µs at clusters of 16)
         for bh in cutlass.range(tidx, B * G, cfg.num_threads, unroll=1):
-            mx = -Float32.inf
-            for r in cutlass.range_constexpr(C):
-                mx = cute.arch.fmax(mx, sAll[2 * bh, r])
-            lsum = Float32(0.0)
-            for r in cutlass.range_constexpr(C):
-                if sAll[2 * bh, r] != -Float32.inf:
-                    lsum = lsum + sAll[2 * bh + 1, r] * cute.math.exp2(sAll[2 * bh, r] - mx, fastmath=True)
+            _, mx, lsum = merge_parts(C, lambda r: sAll[2 * bh, r], lambda r: Float32(0.0),
+                                      lambda r: sAll[2 * bh + 1, r])
             wgt = Float32(0.0)
             if sML[2 * bh] != -Float32.inf:
                 wgt = cute.math.exp2(sML[2 * bh] - mx, fastmath=True) / lsum

@@ -115,6 +115,11 @@ class NormSlice:
         return hr
 
     @cute.jit
+    def _w(self, mNormW: cute.Tensor, col8: Int32):
+        """fp32 norm_w[8*col8 : 8*col8 + 8]."""
+        return cute.local_tile(mNormW, (_VEC,), (col8,)).load().to(Float32)
+
+    @cute.jit
     def __call__(self, bufs: NormSliceBuffers, mHidden: cute.Tensor, mResidual: cute.Tensor,
                  mNormW: cute.Tensor, mHOut: cute.Tensor, write_h):
         """Fill ``bufs.sX`` with this CTA's slice of x = rmsnorm(h) (module docstring);
@@ -141,7 +146,7 @@ class NormSlice:
             for i in cutlass.range_constexpr(NJ):
                 j = tidx + i * T
                 if j < Hc // _VEC:
-                    ws[None, i].store(cute.local_tile(mNormW, (_VEC,), (k0 // _VEC + j,)).load().to(Float32))
+                    ws[None, i].store(self._w(mNormW, k0 // _VEC + j))
         for b in cutlass.range_constexpr(B):
             ss = Float32(0.0)
             for i in cutlass.range_constexpr(NJ):
@@ -187,7 +192,7 @@ class NormSlice:
                             wv = ws[None, i]
                         else:
                             hr = self._h(mHidden, mResidual, b, k0 // _VEC + j)
-                            wv = cute.local_tile(mNormW, (_VEC,), (k0 // _VEC + j,)).load().to(Float32)
+                            wv = self._w(mNormW, k0 // _VEC + j)
                         xr = cute.make_rmem_tensor(_VEC, Float32)
                         for e in cutlass.range_constexpr(_VEC):
                             xr[e] = hr[e] * sSS[0, b] * wv[e]
