@@ -40,7 +40,7 @@ MLP_VARIANTS = {"k4": MLPTuning(k_parts=4), "k1": MLPTuning(k_parts=1), "pipelin
                 "shared-x": MLPTuning(shared_x=True),
                 "no-shared-x": MLPTuning(shared_x=False), "no-pipeline": MLPTuning(pipeline=False),
                 "k4-no-pipeline": MLPTuning(k_parts=4, pipeline=False), "early": MLPTuning(early_loads=True),
-                "tail": MLPTuning(tail_pieces=None)}
+                "no-tail": MLPTuning(tail_pieces=0)}
 
 
 def mlp_sets(n: int, batch: int, H: int, I: int):

@@ -106,12 +106,13 @@ def summary(key: list, per: dict, spans: list, names, digits: int = 1) -> list:
 
 def mlp_main(a) -> int:
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from bench_layer import mlp_sets
+    from bench_layer import mlp_sets, variant_tuning
     from cf_cute.mlp import MLPWorkspace, mlp_block, planned_config
     rows = []
     for batch in (int(b) for b in a.batch.split(",")):
         sets = mlp_sets(a.sets, batch, a.hidden, a.intermediate)
-        tuning = MLPTuning(phase_timer=True, unroll=a.unroll)
+        tuning = dataclasses.replace(variant_tuning(a.variant)[1] if a.variant else MLPTuning(), phase_timer=True,
+                                     unroll=a.unroll)
         cfg = planned_config(sets[0][1], sets[0][0], tuning=tuning)
         ws = MLPWorkspace.new(cfg, "cuda")
         per = {p: ([], []) for p in MLP_PHASES}
@@ -124,7 +125,7 @@ def mlp_main(a) -> int:
                 record(ws.barrier, cfg.grid, per, spans, MLP_PHASES, MLP_ORDER)
         rows.append(summary([batch, f"{cfg.num_clusters}x{cfg.cluster_size}"], per, spans, MLP_PHASES))
     print(f"\nFused MLP block phases, µs (median / max over CTAs), hidden {a.hidden}, intermediate "
-          f"{a.intermediate}, bf16 ({stamp()}):\n")
+          f"{a.intermediate}, bf16{', variant ' + a.variant if a.variant else ''} ({stamp()}):\n")
     print(markdown_table(["batch", "grid"] + list(MLP_PHASES) + ["span"], rows))
     return 0
 
@@ -138,7 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="threads per CTA (AttentionTuning.num_threads; default: the variant's or the block's)")
     ap.add_argument("--cluster-size", type=int, default=None, help="attention only (default: the planner's)")
-    ap.add_argument("--variant", default="", help="attention only: a tuning variant of bench_attention.py")
+    ap.add_argument("--variant", default="",
+                    help="a tuning variant: of bench_attention.py, or with --block mlp of bench_layer.py")
     ap.add_argument("--block", choices=["attention", "mlp"], default="attention")
     ap.add_argument("--heads", type=int, default=32, help="attention only (GQA: --kv-heads 8)")
     ap.add_argument("--kv-heads", type=int, default=32)

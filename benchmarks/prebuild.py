@@ -78,7 +78,7 @@ def _mlp_configs(batches):
     out = [c for H, I in SHAPES for b in (1, 3, 16) for c in plan(b, H, I, residual=b != 3)]
     out += [c for H, I, b in LAYOUT_CASES for lay in ("tiled", "linear") for c in plan(b, H, I, layout=lay)]
     for t in (mlp.MLPTuning(cluster_size=1), mlp.MLPTuning(cluster_size=4, k_parts=2),
-              mlp.MLPTuning(k_parts=1, l2_prefetch=True), mlp.MLPTuning(cluster_size=2, num_clusters=40),
+              mlp.MLPTuning(k_parts=1, l2_prefetch=True), mlp.MLPTuning(cluster_size=2, num_clusters=40, tail_pieces=0),
               mlp.MLPTuning(pipeline=False), mlp.MLPTuning(early_loads=True),
               mlp.MLPTuning(pipeline=False, early_loads=True),
               mlp.MLPTuning(cluster_size=2, num_clusters=40, tail_pieces=None),

@@ -62,8 +62,9 @@ class MLPTuning:
     pdl: bool = _DEFAULTS["pdl"]            # programmatic dependent launch (overlaps the previous kernel's tail)
     early_loads: bool | None = None       # None: phase A's first W loads before the norm front above batch 8
     early_phase_b: bool = _DEFAULTS["early_phase_b"]   # phase B's first W_down loads before the grid barrier
-    tail_pieces: int | None = 0           # 0: the busiest clusters take the leftover units; None: ``tail_plan``
-                                          # (H200, Llama-2-7B: batch 1 81.5 vs 82.2 µs, batch 16 91.0 vs 88.9)
+    tail_pieces: int | None = None        # None: ``tail_plan``; 0: the busiest clusters take the leftover units
+                                          # (H200, Llama-2-7B, split vs not: batch 1 73.0 vs 74.6 µs, batch 4
+                                          # 75.9 vs 76.8, batch 16 82.3 vs 83.2; only shapes with leftovers)
 
 
 @dataclass

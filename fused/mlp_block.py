@@ -29,9 +29,12 @@ needs it). The intermediate rows come in *units* of 16 (unit u: gate rows
     tail pass            one tile a warp, K/P of its range -> sum over kp -> this CTA's
                          partial (fp32) -> mState parts[q, rank]; one release-add to
                          mState counter[unit] a slot
-    combine              after phase A's own SiLU, the CTA (rank 0) of the cluster that holds
-                         the unit's last piece waits for counter == P * C (acquire), resets it,
-                         sums the P * C partials (piece, then rank order) and writes act
+    combine              the CTA (rank 0) of cluster tu % NC for tail unit tu, once its own
+                         passes are done: waits for counter == P * C (acquire;
+                         the pieces were published at the start of phase A), resets it, and
+                         loads the P * C partials into registers *before* the reduce-scatter
+                         (their L2 latency runs under it); after it, sums them (piece, then
+                         rank order, through sAcc) and writes act
   GridBarrier            all of act is written and visible (W_down's first tiles were
                          asked of L2 just before)
   phase B                residual_gemv_tiles: 16-row tiles of W_down over the CTAs, K = I
@@ -186,6 +189,11 @@ class MLPBlock:
                                               eps=cfg.eps, has_residual=cfg.has_residual, dtype=cfg.dtype))
         self.gbar = GridBarrier(cfg.grid, stamps=cfg.phase_timer)
         per_unit = B * 32
+        if cfg.tail_pieces:             # the tail combine passes its partials through sAcc after the reduce
+            mu = self._tail_slots
+            if mu * cfg.tail_pieces * C > cfg.k_parts * J:
+                raise ValueError(f"MLPBlock: {mu} tail units a cluster x {cfg.tail_pieces} pieces x {C} ranks do "
+                                 f"not fit the {cfg.k_parts} x {J} partial slots: use fewer tail_pieces")
         fixed = (self.norm.smem_bytes + 4 * cfg.k_parts * J * per_unit + 4 * NW * RED_WORDS_PER_ROW * B
                  + 3 * 16)
         # reduce-scatter in `rounds` rounds of Jr units (the last may run past J: those units
@@ -272,17 +280,45 @@ class MLPBlock:
                 if q < cfg.tail_units * P:
                     cute.arch.atomic_add(counters + q // P, Int32(1), sem="release", scope="gpu")
 
-    @cute.jit
-    def _tail_combine(self, mState: cute.Tensor, mAct: cute.Tensor, c: Int32, rank: Int32, tidx: Int32):
-        """The CTA (rank 0) of the cluster holding a tail unit's last piece: wait for all
-        P * C partials, reset the counter, act = silu(sum gate) * sum up (piece, rank order)."""
+    @property
+    def _tail_slots(self) -> int:
+        """MU: tail units a cluster combines (unit tu by cluster tu % NC)."""
+        return -(-self.cfg.tail_units // self.cfg.num_clusters)
+
+    @property
+    def _tail_items(self) -> int:
+        """(piece, rank, request, row) items of one tail unit a thread loads (gate and up each)."""
         cfg = self.cfg
-        P, NC, C, R = cfg.tail_pieces, cfg.num_clusters, cfg.cluster_size, cfg.tail_units
-        per_unit = cfg.batch * 32
+        return -(-(cfg.tail_pieces * cfg.cluster_size * cfg.batch * 16) // cfg.num_threads)
+
+    @cute.jit
+    def _tail_unit(self, c: Int32, slot: cutlass.Constexpr[int]) -> Int32:
+        """The ``slot``-th tail unit cluster c combines (c + slot * NC), or -1. In closed form:
+        a static branch per tail unit costs an instruction-cache miss each (H200: 28 of
+        them took 3-7 µs), a dynamic search loop 0.5 µs (docs/NOTES.md)."""
+        tu = c + slot * self.cfg.num_clusters
+        found = Int32(-1)
+        if tu < self.cfg.tail_units:
+            found = tu
+        return found
+
+    @cute.jit
+    def _tail_fetch(self, mState: cute.Tensor, c: Int32, rank: Int32, tidx: Int32) -> cute.Tensor:
+        """Before the reduce-scatter, in the CTA (rank 0) of cluster tu % NC for each tail
+        unit tu: wait for all P * C partials of its units (published at the start of
+        phase A, so one acquire load each), reset the counters, and load the partials
+        into registers, ``held[slot, item, gate|up]`` (item = tidx + i * T over
+        ``(piece, rank, request, row)``): their latency runs under the reduce."""
+        cfg = self.cfg
+        P, C, B, T = cfg.tail_pieces, cfg.cluster_size, cfg.batch, cfg.num_threads
+        per_unit = B * 32
+        NI = self._tail_items
         counters, parts = self._tail_state(mState)
+        held = cute.make_rmem_tensor((self._tail_slots, NI, 2), Float32)
         if rank == 0:
-            for tu in cutlass.range(R, unroll=1):
-                if (tu * P + P - 1) % NC == c:
+            for slot in cutlass.range_constexpr(self._tail_slots):
+                tu = self._tail_unit(c, slot)
+                if tu >= 0:
                     if tidx == 0:
                         cnt = counters + tu
                         seen = cute.arch.load(cnt, Int32, sem="acquire", scope="gpu")
@@ -290,18 +326,43 @@ class MLPBlock:
                             seen = cute.arch.load(cnt, Int32, sem="acquire", scope="gpu")
                         cute.arch.store(cnt, Int32(0), sem="relaxed", scope="gpu")
                     cute.arch.barrier()
+                    for i in cutlass.range_constexpr(NI):
+                        e = tidx + i * T
+                        if e < P * C * B * 16:
+                            pr = e // (B * 16)                      # piece * C + rank
+                            o = (tu * P * C + pr) * per_unit + (e % (B * 16)) // 16 * 32 + 2 * (e % 16)
+                            held[slot, i, 0] = parts[o]
+                            held[slot, i, 1] = parts[o + 1]
+        return held
+
+    @cute.jit
+    def _tail_finish(self, held: cute.Tensor, sT: cute.Tensor, mAct: cute.Tensor, c: Int32, rank: Int32,
+                     tidx: Int32):
+        """After the reduce-scatter (``sT``: free shared memory of ``MU * P * C * B * 32``
+        fp32): the combining CTA passes ``held`` through ``sT`` and writes
+        act = silu(sum gate) * sum up, summed in piece, then rank order."""
+        cfg = self.cfg
+        P, C, B, T, NC = cfg.tail_pieces, cfg.cluster_size, cfg.batch, cfg.num_threads, cfg.num_clusters
+        NI = self._tail_items
+        if rank == 0:
+            for slot in cutlass.range_constexpr(self._tail_slots):
+                tu = self._tail_unit(c, slot)
+                if tu >= 0:
+                    for i in cutlass.range_constexpr(NI):
+                        e = tidx + i * T
+                        if e < P * C * B * 16:
+                            sT[(slot * P * C * B * 16 + e) * 2] = held[slot, i, 0]
+                            sT[(slot * P * C * B * 16 + e) * 2 + 1] = held[slot, i, 1]
+                    cute.arch.barrier()
                     u = cfg.units_per_cluster * NC + tu
-                    for e in cutlass.range(tidx, 16 * cfg.batch, cfg.num_threads, unroll=1):
-                        b = e // 16
-                        row = e % 16
+                    for e in cutlass.range(tidx, 16 * B, T, unroll=1):
                         g = Float32(0.0)
                         up = Float32(0.0)
-                        for p in cutlass.range_constexpr(P):
-                            for r in cutlass.range_constexpr(C):
-                                o = ((tu * P + p) * C + r) * per_unit + b * 32 + 2 * row
-                                g = g + parts[o]
-                                up = up + parts[o + 1]
-                        self._act_store(g, up, b, u, row, mAct)
+                        for pr in cutlass.range_constexpr(P * C):
+                            o = (slot * P * C * B * 16 + pr * B * 16 + e) * 2
+                            g = g + sT[o]
+                            up = up + sT[o + 1]
+                        self._act_store(g, up, e // 16, u, e % 16, mAct)
 
     @cute.jit
     def _act_store(self, g: Float32, up: Float32, b: Int32, u: Int32, row: Int32, mAct: cute.Tensor):
@@ -396,13 +457,17 @@ class MLPBlock:
             prefetch_tiles_l2(mWd, bidx, cfg.grid, 1, warp, lane)
         cute.arch.barrier()
         self.gbar.stamp(mBar, bidx, 2)
+        held = None
+        if const_expr(cfg.tail_pieces > 0):  # the tail units this CTA combines: partials in flight now
+            held = self._tail_fetch(mBar, c, rank, tidx)
 
         # ---- sum the K parts, reduce-scatter over the cluster, SiLU(gate) * up -> act
         reduce_pairs(self.red, rb, sAcc, self.rounds, KP, J * per_unit, tidx,
                      lambda pos, g, up: self._silu_mul(pos, g, up, c, mAct))
         cluster_sync()                       # retires both collectives
-        if const_expr(cfg.tail_pieces > 0):
-            self._tail_combine(mBar, mAct, c, rank, tidx)
+        if const_expr(cfg.tail_pieces > 0):  # sAcc is free: the combine's exchange
+            self._tail_finish(held, cute.make_tensor(sAcc.iterator, cute.make_layout(cute.size(sAcc))), mAct, c,
+                              rank, tidx)
         self.gbar.stamp(mBar, bidx, 3)
 
         # ================= grid barrier: all of act is written (early_phase_b: once phase B's
