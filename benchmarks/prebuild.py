@@ -281,6 +281,22 @@ def _build_one(cfg):
     return time.time() - t
 
 
+def pick(files, dest: str) -> None:
+    """Cache entries ``<cache dir>/<DSL version>/<digest>.o`` into the directory ``dest``
+    (same layout), or into the xz tarball ``dest`` when it ends in ``.tar.xz``."""
+    if dest.endswith(".tar.xz"):
+        import tarfile
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(dest, "w:xz") as tar:
+            for f in files:
+                tar.add(f, arcname=f"{f.parent.name}/{f.name}")
+        return
+    for f in files:
+        d = Path(dest) / f.parent.name
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, d / f.name)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=2)
@@ -294,9 +310,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dattn-variants", default="",
                     help="decode-attention benchmark (group dattn): variants to build beside the default, "
                          "e.g. c2+s4+t256,c1+s8+t256")
-    ap.add_argument("--pick", default=None, metavar="DIR",
-                    help="also copy the selected kernels' cache entries (and only those) into DIR, e.g. "
-                         ".device/cfcache: a device call carries 64 MiB, the DSL bundle 54 of them")
+    ap.add_argument("--pick", default=None, metavar="DIR|FILE.tar.xz",
+                    help="also copy the selected kernels' cache entries (and only those) into DIR, or into an "
+                         "xz tarball (about 10x smaller; unpack with tar xJf FILE -C $CF_CUTE_CACHE_DIR), e.g. "
+                         ".device/cfcache.tar.xz: a device call carries 64 MiB, the DSL bundle 54 of them")
     a = ap.parse_args(argv)
     groups = set(a.only.split(","))
     if groups - set(GROUPS):
@@ -314,12 +331,11 @@ def main(argv=None) -> int:
             print(f"{dt:6.1f} s  {name}", flush=True)
             picked.update(files)
     if a.pick:
-        for f in sorted(picked):            # <cache dir>/<DSL version>/<digest>.o
-            dest = Path(a.pick) / f.parent.name
-            dest.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dest / f.name)
+        pick(sorted(picked), a.pick)
         print(f"picked {len(picked)} entries, {sum(f.stat().st_size for f in picked) / 2**20:.1f} MiB, "
-              f"into {a.pick}", flush=True)
+              f"into {a.pick} ({Path(a.pick).stat().st_size / 2**20:.1f} MiB)"
+              if a.pick.endswith(".tar.xz") else f"picked {len(picked)} entries, "
+              f"{sum(f.stat().st_size for f in picked) / 2**20:.1f} MiB, into {a.pick}", flush=True)
     return 0
 
 
