@@ -332,10 +332,9 @@ def main(argv=None) -> int:
             picked.update(files)
     if a.pick:
         pick(sorted(picked), a.pick)
+        packed = f" ({Path(a.pick).stat().st_size / 2**20:.1f} MiB)" if a.pick.endswith(".tar.xz") else ""
         print(f"picked {len(picked)} entries, {sum(f.stat().st_size for f in picked) / 2**20:.1f} MiB, "
-              f"into {a.pick} ({Path(a.pick).stat().st_size / 2**20:.1f} MiB)"
-              if a.pick.endswith(".tar.xz") else f"picked {len(picked)} entries, "
-              f"{sum(f.stat().st_size for f in picked) / 2**20:.1f} MiB, into {a.pick}", flush=True)
+              f"into {a.pick}{packed}", flush=True)
     return 0
 
 
