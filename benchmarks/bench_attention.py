@@ -41,6 +41,8 @@ VARIANTS = {"unroll4": AttentionTuning(unroll=4), "prefetch": AttentionTuning(l2
             "default": AttentionTuning(),                      # with @C: the defaults at cluster size C
             "head": AttentionTuning(o_proj="head"),            # W_o per KV-head cluster, no grid barrier
             "grid": AttentionTuning(o_proj="grid"),            # W_o over the grid after a grid barrier
+            "flags": AttentionTuning(o_proj="grid", grid_sync="flags"),      # ... after per-head counters
+            "barrier": AttentionTuning(o_proj="grid", grid_sync="barrier"),  # ... after the grid barrier
             "early": AttentionTuning(early_loads=True),        # QKV: each warp's first W loads under the norm
             "stage1": AttentionTuning(o_proj="head", o_stage_tiles=1),   # head + W_o tiles a warp staged by
             "stage2": AttentionTuning(o_proj="head", o_stage_tiles=2),   # cp.async under the merge

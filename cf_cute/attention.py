@@ -7,17 +7,19 @@
 ``out = h + o_proj(attention(rmsnorm(h)))`` with ``h = hidden (+ residual)``:
 the next block's input. The new k/v land in the caches at ``positions``.
 ``attention_block`` is one launch of ``cf_cute.fused.attention_block``
-(phase A per KV-head cluster, a grid barrier, phase B the output
+(phase A per KV-head cluster, then phase B the output
 projection); ``attention_block_unfused`` is the same computation as three
 launches (``qkv_rope`` -> ``decode_attention`` -> ``splitk_gemv``), kept as a
 baseline.
 
-The single launch's output projection runs over the whole grid after a grid barrier
-(MHA: every CTA must be resident at once, checked against the GPU on first use) or per
-KV-head cluster with partials combined by arrival counters (GQA: ``o_proj="head"``, no
-residency needed). It needs a small workspace per (shape, device): the attention output
-``[B, heads*hd]``, the residual stream, and the barrier state (with ``"head"`` also the
-counters and the fp32 partials). Calls
+The single launch's output projection runs over the whole grid (``o_proj="grid"``: every
+CTA must be resident at once, checked against the GPU on first use) once attn is complete:
+after a grid barrier (MHA) or, per warp, once the KV heads of its K slice are counted
+written (``grid_sync="flags"``, GQA); or per KV-head cluster with partials combined by
+arrival counters (``o_proj="head"``, GQA up to hidden 2048, no residency needed). It needs
+a small workspace per (shape, device): the attention output ``[B, heads*hd]``, the
+residual stream, and the barrier state (with ``"flags"`` a counter a KV head, with
+``"head"`` the arrival counters and the fp32 partials). Calls
 that share a workspace must not run concurrently on different streams; pass
 ``workspace=AttentionWorkspace(...)`` of your own for that.
 ``torch.ops.cf_cute.attention_block`` is the fused call as a custom op (it
@@ -105,6 +107,7 @@ class AttentionTuning:
     num_threads: int | None = _BLOCK_DEFAULTS["num_threads"]
     pdl: bool = _BLOCK_DEFAULTS["pdl"]                       # programmatic dependent launch
     o_proj: str | None = _BLOCK_DEFAULTS["o_proj"]           # "grid" or "head"; None: per shape
+    grid_sync: str | None = _BLOCK_DEFAULTS["grid_sync"]     # "grid": grid barrier or per-head flags
     o_early_loads: bool = _BLOCK_DEFAULTS["o_early_loads"]
     o_stage_tiles: int = _BLOCK_DEFAULTS["o_stage_tiles"]
 

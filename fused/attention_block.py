@@ -35,6 +35,13 @@ The output projection, two ways (``o_proj``)::
   phase B, CTA c:        residual_gemv_tiles: 16-row tiles c, c + N, ... of W_o [H, heads*hd];
                          the warps split K, tensor cores with x = attn read from L2,
                          partials summed in warp order through shared memory, + h -> out
+  grid_sync="flags":     no grid barrier. After its cluster_sync each CTA release-adds 1 to
+                         its KV head's counter; warp w of phase B issues its first W_o loads,
+                         then waits (acquire, a lane a head) until every KV head of its K slice
+                         [w*K/NW, (w+1)*K/NW) counts base + C, and streams all the CTA's tiles
+                         in one pipeline; the warp-order sums follow the last tile (same bits).
+                         base: the counters all advance by C a launch, so thread 0 reads its own
+                         head's (which cannot move before its own cluster_sync) after the append.
 
   "head" (GQA's default; no grid barrier, no residency needed):
   merge as above, but ClusterReduce.all_reduce of o -> sX [B, G*hd] (the dtype) in every
@@ -47,6 +54,7 @@ The output projection, two ways (``o_proj``)::
 
   workspace (int32 words): [grid barrier (+ 16 stamps a CTA)] [C*NW counters] [pad to 4]
                            [P: fp32 kv_heads x B x H]
+                   "grid": [grid barrier (+ stamps)] [kv_heads head counters with "flags"]
   o_stage_tiles = S > 0:   a warp's W_o tiles 1..S are copied to shared memory (cp.async, each
                            lane the pieces it reads later) right after its attention loop and
                            read from there; the merge waits for the lane's own copies (off:
@@ -122,13 +130,27 @@ class AttentionBlockConfig(QKVFields):
                                   # session 13, batch 1: level; Llama-2-7B 1K 49.8 vs 50.1 µs, 16K 113.3 vs
                                   # 113.4; Llama-3.2-1B shape 1K 23.1 vs 22.8)
     pdl: bool = False             # launch as a programmatic dependent of the previous kernel (no gain measured)
-    o_proj: str | None = None     # the output projection: "grid" (phase B over the whole grid after a grid
-                                  # barrier) or "head" (each cluster multiplies its own heads' output by its
-                                  # K slice of W_o, partials combined across clusters by warp arrival counters:
-                                  # no grid barrier, no residency needed). None: "head" for GQA (tensor-core
-                                  # attention), "grid" for MHA. H200, batch 1, 1K / 16K, grid vs head: Llama-3.2-1B
-                                  # shape 22.7 / 35.8 vs 21.2 / 33.8 µs, -3B 34.8 / 53.6 vs 32.2 / 51.0;
-                                  # Llama-2-7B (MHA, 32 partials a row) 49.5 / 112.0 vs 49.5 / 114.2
+    o_proj: str | None = None     # the output projection: "grid" (phase B over the whole grid once attn is
+                                  # complete, see grid_sync) or "head" (each cluster multiplies its own heads'
+                                  # output by its K slice of W_o, partials combined across clusters by warp
+                                  # arrival counters: no grid-wide wait, no residency needed). None: "grid",
+                                  # except "head" for GQA (tensor-core attention) up to hidden 2048. H200, batch
+                                  # 1, 1K / 4K / 16K, µs, head vs grid with flags (session 19): Llama-3.2-1B
+                                  # shape 18.9 / 21.9 / 31.9 vs 19.9 / 22.8 / 31.9 (batch 2 1K 24.8 vs 25.4),
+                                  # -3B 31.4 / 35.6 / 50.3 vs 30.2 / 34.0 / 49.3, Llama-3-8B 41.0 / 44.9 /
+                                  # 59.7 vs 38.5 / 42.2 / 56.9; Llama-2-7B (MHA, 32 partials a row), session 15,
+                                  # 1K / 16K, grid (barrier) vs head 49.5 / 112.0 vs 49.5 / 114.2
+    grid_sync: str | None = None  # "grid": how phase B learns that x = attn is complete. "barrier": a grid
+                                  # barrier. "flags": each cluster counts its head's slice of attn written on
+                                  # one counter; each warp of phase B waits only for the heads of its K slice
+                                  # (after its first block of W_o loads), then streams its tiles in one pipeline
+                                  # (same bits). A late cluster then delays only the warps that read its heads,
+                                  # and they catch up while the others are done. None: "flags" for GQA (tensor-
+                                  # core attention; its two clusters on shared SMs are late), else "barrier".
+                                  # H200, batch 1, 1K / 4K / 16K, µs, barrier vs flags: Llama-3-8B shape 40.6 /
+                                  # 44.8 / 59.7 vs 38.5 / 42.2 / 56.9, -3.2-3B 32.4 / 36.6 / 51.8 vs 30.2 / 34.0 /
+                                  # 49.3, -3.2-1B 20.8 / 23.9 / 33.1 vs 19.9 / 22.8 / 31.9; MHA 48.3 / 61.4 /
+                                  # 111.3 vs 49.0 / 61.6 / 110.8 (level: its clusters finish evenly late)
     o_early_loads: bool = True    # "head": each warp's first block of W_o loads before the cluster merge
     o_stage_tiles: int = 0        # "head": W_o tiles a warp copies to shared memory (cp.async) right after its
                                   # attention loop, so they travel while the merge leaves HBM idle (its 2nd..).
@@ -152,9 +174,11 @@ class AttentionBlockConfig(QKVFields):
             object.__setattr__(self, "attn_mma_depth", 1 if self.num_threads <= 128 else 0)
         if self.pipeline_tiles is None:
             object.__setattr__(self, "pipeline_tiles", self.num_threads <= 128 and self.batch == 1)
+        tc = takes_tensor_cores(self.num_heads, self.num_kv_heads, self.attn_tensor_cores)
         if self.o_proj is None:
-            tc = takes_tensor_cores(self.num_heads, self.num_kv_heads, self.attn_tensor_cores)
-            object.__setattr__(self, "o_proj", "head" if tc else "grid")
+            object.__setattr__(self, "o_proj", "head" if tc and self.hidden <= 2048 else "grid")
+        if self.grid_sync is None:
+            object.__setattr__(self, "grid_sync", "flags" if tc and not self.early_phase_b else "barrier")
 
     @property
     def o_k(self) -> int:
@@ -172,9 +196,17 @@ class AttentionBlockConfig(QKVFields):
         return self.hidden // 16 // self.cluster_size
 
     @property
+    def flags(self) -> bool:
+        """Whether phase B waits on per-head counters (``o_proj="grid"``, ``grid_sync="flags"``)."""
+        return self.o_proj == "grid" and self.grid_sync == "flags"
+
+    @property
     def counter_words(self) -> int:
-        """``o_proj="head"``: arrival counters, one per (rank, warp) row group."""
-        return self.cluster_size * (self.num_threads // _WARP) if self.o_proj == "head" else 0
+        """``o_proj="head"``: arrival counters, one per (rank, warp) row group; ``flags``: one
+        counter per KV head (its cluster's CTAs count their slices of attn written)."""
+        if self.o_proj == "head":
+            return self.cluster_size * (self.num_threads // _WARP)
+        return self.num_kv_heads if self.flags else 0
 
     @property
     def partials_offset(self) -> int:
@@ -193,7 +225,7 @@ class AttentionBlockConfig(QKVFields):
         """int32 words of the barrier workspace: the grid barrier's (with stamps); with
         ``o_proj="head"`` then the arrival counters and the fp32 partials."""
         if self.o_proj != "head":
-            return GridBarrier.state_words(self.grid, self.phase_timer)
+            return GridBarrier.state_words(self.grid, self.phase_timer) + self.counter_words
         return self.partials_offset + self.num_kv_heads * self.batch * self.hidden
 
     def qkv_config(self, smem_budget: int = SMEM_LIMIT_BYTES) -> QKVRopeConfig:
@@ -228,6 +260,12 @@ class AttentionBlockConfig(QKVFields):
                                  f"be a multiple of {_STEP}")
             if self.early_phase_b or self.early_wo_prefetch:
                 raise ValueError("early_phase_b and early_wo_prefetch belong to o_proj='grid'")
+        if self.grid_sync not in ("barrier", "flags"):
+            raise ValueError(f"grid_sync must be 'barrier' or 'flags', got {self.grid_sync!r}")
+        if self.grid_sync == "flags" and self.o_proj == "grid":
+            if self.early_phase_b:
+                raise ValueError("early_phase_b belongs to grid_sync='barrier' (with 'flags' every warp's first "
+                                 "W_o loads run before its wait)")
         if self.o_stage_tiles < 0 or (self.o_stage_tiles and self.o_proj != "head"):
             raise ValueError(f"o_stage_tiles = {self.o_stage_tiles}: a count >= 0, for o_proj='head' only")
 
@@ -253,7 +291,8 @@ class AttentionBlock:
         self.stage_elems = NW * self.stage * 16 * G * hd
         own = (self.gat_ml.smem_bytes + 4 * (NG * G * (2 + hd) + self.attn.tile_elems + B * G * hd + self.ml_elems
                                              + self.ml_elems // 2)
-               + 4 * (T // _WARP) * 16 * B + 8 * 16 + 2 * self.sx_elems + 16 + 2 * self.stage_elems + 128)
+               + 4 * (T // _WARP) * 16 * B + 8 * 16 + 2 * self.sx_elems + 16 + 2 * self.stage_elems + 128
+               + (16 if cfg.flags else 0))
         # the o merge goes through the cluster in `o_rounds` rounds of B / o_rounds requests,
         # and the QKV partials in as many rounds as QKVRope needs to fit what is left
         self.front = None
@@ -376,6 +415,27 @@ class AttentionBlock:
                         mAttn[b, g * G * hd + p % (G * hd)] = self.dtype(res[v])
         self.gat_ml.release(bufs_ml, Int32(0))
 
+    def _head_counters(self, mBar: cute.Tensor) -> cute.Tensor:
+        """``flags``: the per-KV-head counters, past the grid barrier's words."""
+        return cute.make_tensor(mBar.iterator + GridBarrier.state_words(self.cfg.grid, self.cfg.phase_timer),
+                                cute.make_layout(self.cfg.num_kv_heads))
+
+    @cute.jit
+    def _wait_heads(self, mBar: cute.Tensor, base: Int32, warp: Int32, lane: Int32):
+        """``flags``: returns once every KV head whose attn columns fall in this warp's K slice of
+        phase B counts ``base + C`` (each of its cluster's C CTAs wrote its slice this launch):
+        lane i polls the slice's i-th head (acquire), then a warp barrier orders the polls before
+        every lane's loads of x. All lanes call it, converged."""
+        cfg = self.cfg
+        GH = cfg.group * cfg.head_dim
+        kw = cfg.o_k // (cfg.num_threads // _WARP)
+        ctr = self._head_counters(mBar).iterator
+        for gi in cutlass.range(warp * kw // GH + lane, ((warp + 1) * kw - 1) // GH + 1, _WARP, unroll=1):
+            cur = cute.arch.load(ctr + gi, Int32, sem="acquire", scope="gpu")
+            while cur - base < Int32(cfg.cluster_size):
+                cur = cute.arch.load(ctr + gi, Int32, sem="acquire", scope="gpu")
+        cute.arch.sync_warp()
+
     def _head_rows(self, rank: Int32, warp: Int32) -> list:
         """``o_proj="head"``: first rows of warp ``warp``'s W_o tiles in CTA ``rank`` (tiles past the
         CTA's share repeat its last tile; their results are not stored)."""
@@ -470,6 +530,9 @@ class AttentionBlock:
         sRed = smem.allocate_tensor(Float32, cute.make_layout((NW, RED_WORDS_PER_ROW, B)), byte_alignment=16)
         sX = None
         sW = None
+        sBase = None
+        if const_expr(cfg.flags):
+            sBase = smem.allocate_tensor(Int32, cute.make_layout(4), byte_alignment=16)
         if const_expr(self.stage > 0):
             sW = smem.allocate_tensor(self.dtype, tiled_layout(NW * self.stage * 16, G * hd), byte_alignment=128)
         if const_expr(self.head):
@@ -499,6 +562,12 @@ class AttentionBlock:
                 self.front._cache_store(mV, mTable, b, pos, g, d, sPart[b * R + (G + 1) * hd + d])
         cute.arch.barrier()
         self.gbar.stamp(mBar, bidx, 6)
+        if const_expr(cfg.flags):
+            # every head counter holds the same count between launches; this cluster's own cannot
+            # move before this CTA reaches the cluster_sync after its merge, so read it now
+            if tidx == 0:
+                sBase[0] = cute.arch.load(self._head_counters(mBar).iterator + g, Int32, sem="relaxed",
+                                          scope="gpu")
 
         if const_expr(cfg.l2_prefetch and cfg.early_wo_prefetch):       # W_o rows, while attention runs
             prefetch_tiles_l2(mWo, bidx, cfg.grid, (cfg.hidden // 16 + cfg.grid - 1) // cfg.grid, warp,
@@ -556,13 +625,26 @@ class AttentionBlock:
             self.gbar.stamp(mBar, bidx, 3)
 
             # ================= grid barrier: all of attn is written (early_phase_b: once phase B's
-            # first block of W loads is issued); the next kernel may start its prologue
+            # first block of W loads is issued); the next kernel may start its prologue.
+            # flags: this CTA's slice of attn is counted on its head's counter, and each warp
+            # waits for the heads of its own K slice only, after its first block of W loads
             def barrier():
-                self.gbar.sync_then_trigger(mBar, bidx, 4)
+                if const_expr(cfg.flags):
+                    self._wait_heads(mBar, sBase[0], warp, lane)
+                    cute.arch.griddepcontrol_launch_dependents()
+                    self.gbar.stamp(mBar, bidx, 4)
+                else:
+                    self.gbar.sync_then_trigger(mBar, bidx, 4)
+
+            if const_expr(cfg.flags):
+                if tidx == 0:        # the cluster_sync ordered every thread's attn writes before this
+                    cute.arch.fence_acq_rel_gpu()
+                    cute.arch.atomic_add(self._head_counters(mBar).iterator + g, Int32(1), sem="release",
+                                         scope="gpu")
 
             # ================= phase B: output projection rows, full K, + h
             MT = cfg.hidden // 16
             residual_gemv_tiles(mWo, mAttn, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
                                 (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual,
-                                front=barrier, early_front=cfg.early_phase_b)
+                                front=barrier, early_front=cfg.early_phase_b or cfg.flags, pipelined=cfg.flags)
         self.gbar.stamp(mBar, bidx, 5)

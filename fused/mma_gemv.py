@@ -340,17 +340,19 @@ def warp_gemv_each(atom, mW: cute.Tensor, count: cutlass.Constexpr[int], row_of,
 
 def warp_gemv_rows(atom, mW: cute.Tensor, rows: list, k0: Int32, sX: cute.Tensor, lane: Int32,
                    k_steps: cutlass.Constexpr[int], n_tiles: cutlass.Constexpr[int],
-                   unroll: cutlass.Constexpr[int], front=None, done=None, staged=None) -> list:
+                   unroll: cutlass.Constexpr[int], front=None, done=None, staged=None, x_rows: int = 0) -> list:
     """:func:`warp_gemv_tiles` for 16-row tiles at arbitrary first rows ``rows`` (a Python
     list of row indices, any order): one load pipeline across them, x from the shared
-    buffer. Returns one accumulator per tile. ``front`` as in :func:`warp_gemv_tile`.
+    buffer (``x_rows = B > 0``: ``sX`` is the global ``[B, K]`` x, read alongside W as in
+    :func:`warp_gemv_tile`, once per tile). Returns one accumulator per tile. ``front`` as in
+    :func:`warp_gemv_tile`.
     ``done(j, acc)``, when given, is traced as soon as tile j's last MMA is issued (e.g. to
     store it), so that only the tiles in flight keep accumulator registers. ``staged``: a dict
     ``{j: (sW, srow)}`` of tiles already copied to shared memory (:func:`stage_tile`; waited
     for by ``front``), read from there at row ``srow``; tile 0 may not be staged (its loads
     run before ``front``)."""
     accs = [new_acc(n_tiles) for _ in rows]
-    _stream(atom, mW, rows, accs, k0 // 8, sX, lane, k_steps, n_tiles, unroll, 0, front=front, done=done,
+    _stream(atom, mW, rows, accs, k0 // 8, sX, lane, k_steps, n_tiles, unroll, x_rows, front=front, done=done,
             staged=staged)
     return accs
 

@@ -19,7 +19,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr
 
-from .mma_gemv import mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_tile, warp_gemv_tiles_shared_x
+from .mma_gemv import (mma_atom, new_acc, prefetch_rows_l2, store_acc, warp_gemv_rows, warp_gemv_tile,
+                       warp_gemv_tiles_shared_x)
 
 __all__ = ["residual_gemv_tiles", "prefetch_tiles_l2", "RED_WORDS_PER_ROW"]
 
@@ -74,7 +75,8 @@ def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, 
                         count: cutlass.Constexpr[int], batch: cutlass.Constexpr[int],
                         num_warps: cutlass.Constexpr[int], unroll: cutlass.Constexpr[int],
                         has_residual: cutlass.Constexpr[bool], shared_x: cutlass.Constexpr[bool] = False,
-                        front=None, early_front: cutlass.Constexpr[bool] = False):
+                        front=None, early_front: cutlass.Constexpr[bool] = False,
+                        pipelined: cutlass.Constexpr[bool] = False):
     """See the module docstring. ``mW [M, K]``, ``mX [B, K]``, ``mHidden``/``mResidual``/
     ``mOut [B, M]``; ``count = ceil(M/16 / stride)``, tiles past M/16 skipped.
     ``shared_x``: the CTA's tiles in one lock-step pipeline that reads x once for all of
@@ -82,7 +84,12 @@ def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, 
     dropped); otherwise tile after tile. ``front`` (every thread of the CTA runs it exactly
     once, tile or not), e.g. the grid barrier that completes x: first of all, or with
     ``early_front`` after the first tile's first block of W loads and before any x load, so
-    that the first W round trip runs under the barrier's wait."""
+    that the first W round trip runs under the barrier's wait. ``pipelined``: the CTA's tiles
+    in one load pipeline per warp (``warp_gemv_rows``, x read per tile) and summed only after
+    the last, so that no CTA barrier stands between one tile's stream and the next: a warp
+    whose ``front`` (run per warp, e.g. a wait for its own K slice of x) returns early streams
+    all its tiles ahead of a late one. Same bits as tile after tile (each tile's sum is the
+    same)."""
     if const_expr(front is not None and not early_front):
         front()
         front = None
@@ -93,7 +100,16 @@ def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, 
     kw = cute.size(mW, mode=[1]) // NW
     n_tiles = (B + 7) // 8
     atom = mma_atom(mW.element_type)
-    if const_expr(shared_x):
+    if const_expr(pipelined):
+        assert not shared_x, "pipelined and shared_x are two orders of the same tiles: pick one"
+        rows = [cutlass.min(first + i * stride, Int32(MT - 1)) * 16 for i in range(count)]
+        accs = warp_gemv_rows(atom, mW, rows, warp * kw, mX, lane, kw // _STEP, n_tiles, unroll, front=front,
+                              x_rows=B)
+        for i in cutlass.range_constexpr(count):
+            mt = first + i * stride
+            if mt < MT:
+                _finish_tile(accs[i], mt, mHidden, mResidual, mOut, sRed, B, NW, has_residual)
+    elif const_expr(shared_x):
         rows = [cutlass.min(first + i * stride, Int32(MT - 1)) * 16 for i in range(count)]
         accs = warp_gemv_tiles_shared_x(atom, mW, rows, warp * kw, mX, lane, kw // _STEP, n_tiles, unroll, B,
                                         front=front)

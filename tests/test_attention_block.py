@@ -68,7 +68,10 @@ def test_fused_compiles_with_dsmem_and_grid_barrier(case):
     ptx = compile_for_inspection(AttentionBlock, dataclasses.replace(cfg, l2_prefetch=True), arg_specs(cfg)).__ptx__
     assert "st.async.shared::cluster" in ptx and "mma.sync.aligned.m16n8k16" in ptx
     assert "cp.async.bulk.prefetch.L2" in ptx
-    assert "atom.global.acq_rel.add" in ptx                      # the grid barrier, integers only
+    if cfg.grid_sync == "barrier":                               # MHA
+        assert "atom.global.acq_rel.add" in ptx                  # the grid barrier, integers only
+    else:                                                        # GQA: per-head counters
+        assert cfg.grid_sync == "flags" and "atom.global.release.add.u32" in ptx and "ld.acquire.gpu" in ptx
     assert "atom.global.add.f" not in ptx and "red.global.add.f" not in ptx
     assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")   # PDL: wait before any read
     assert "griddepcontrol.launch_dependents" in ptx
@@ -88,11 +91,32 @@ def test_head_o_proj_compiles_without_the_grid_barrier(case_index):
     assert "atom.global.add.f" not in ptx and "red.global.add.f" not in ptx
 
 
+@pytest.mark.parametrize("case_index", [0, 1, 3])
+def test_grid_flags_compile_to_per_head_polls_after_the_first_w_loads(case_index):
+    """``grid_sync="flags"``: no grid barrier (no acq_rel atomic); one release-add a CTA on its
+    head's counter, then each warp's first block of W_o loads before its acquire polls, and
+    the counters (one a KV head) in the workspace past the barrier's two words."""
+    cfg = fused_config(*FUSED_CASES[case_index], o_proj="grid", grid_sync="flags")
+    specs = arg_specs(cfg)
+    assert specs[13].shape == (2 + cfg.num_kv_heads,)
+    ptx = compile_for_inspection(AttentionBlock, cfg, specs).__ptx__
+    assert "atom.global.acq_rel" not in ptx and ptx.count("atom.global.release.add.u32") == 1
+    assert "atom.global.add.f" not in ptx and "red.global.add.f" not in ptx
+    add = ptx.index("atom.global.release.add.u32")
+    poll = ptx.index("ld.acquire.gpu", add)
+    assert ptx.count("ld.global.v4", add, poll) >= 2 * min(cfg.unroll, cfg.o_k // (cfg.num_threads // 32) // 32)
+    assert ptx.index("bar.warp.sync", poll) < ptx.index("griddepcontrol.launch_dependents", poll)
+
+
 def test_head_o_proj_config_errors():
     with pytest.raises(ValueError, match="o_proj must be"):
         fused_config(*FUSED_CASES[0], o_proj="rows").validate()
     with pytest.raises(ValueError, match="belong to o_proj='grid'"):
         fused_config(*FUSED_CASES[0], o_proj="head", early_phase_b=True).validate()
+    with pytest.raises(ValueError, match="grid_sync must be"):
+        fused_config(*FUSED_CASES[0], grid_sync="spin").validate()
+    with pytest.raises(ValueError, match="early_phase_b belongs to grid_sync='barrier'"):
+        fused_config(*FUSED_CASES[0], grid_sync="flags", early_phase_b=True).validate()
 
 
 def test_tiled_weights_compile_to_the_same_loads():
@@ -105,14 +129,16 @@ def test_tiled_weights_compile_to_the_same_loads():
     assert counts["tiled"] == counts["linear"] and min(counts["tiled"]) > 0
 
 
-@pytest.mark.parametrize("case_index", [0, 3])
+@pytest.mark.parametrize("case_index", [0, 3, 5])
 def test_phase_timer_compiles_to_globaltimer_stamps(case_index):
     """Every stamp bench_phases.py reads (0-12: the QKV stage and the merge split in three
-    each) is written, with the grid barrier (MHA) and with o_proj="head" (GQA)."""
+    each) is written, with the grid barrier (MHA), the per-head flags (GQA) and
+    o_proj="head" (GQA up to hidden 2048)."""
     cfg = dataclasses.replace(fused_config(*FUSED_CASES[case_index]), phase_timer=True)
+    assert (cfg.o_proj, cfg.grid_sync) == {0: ("grid", "barrier"), 3: ("grid", "flags"), 5: ("head", "flags")}[case_index]
     specs = arg_specs(cfg)
-    if cfg.o_proj == "grid":
-        assert specs[13].shape == (2 + 16 * cfg.grid,)         # barrier state + 16 stamp words per CTA
+    if cfg.o_proj == "grid":                                    # barrier state + 16 stamp words per CTA (+ flags)
+        assert specs[13].shape == (2 + 16 * cfg.grid + (cfg.num_kv_heads if cfg.grid_sync == "flags" else 0),)
     ptx = compile_for_inspection(AttentionBlock, cfg, specs).__ptx__
     assert ptx.count("%globaltimer_lo") >= 13
 
@@ -310,6 +336,34 @@ def test_head_o_proj_matches_reference_and_is_deterministic(case_index):
     static_out = torch.full_like(out, float("nan"))
     g, _ = capture_graph(lambda: attention_block(hidden, packed, k2, v2, positions, cos, sin, out=static_out,
                                                  tuning=head, **kw))
+    assert_replays_equal(g, static_out, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case_index", [0, 1, 3])
+def test_grid_flags_give_the_grid_barrier_bits(case_index):
+    """``grid_sync="flags"`` waits per head instead of at a grid barrier and streams a CTA's W_o
+    tiles in one pipeline: the same sums in the same order, so the grid barrier's bits
+    (MHA batch 1 and 5 paged, GQA with ``o_proj="grid"``), launch after launch and in CUDA-graph
+    replays (the counters advance by C a launch and are never reset), into poisoned outputs."""
+    from cf_cute.attention import AttentionTuning
+    barrier = AttentionTuning(o_proj="grid", grid_sync="barrier")
+    flags = AttentionTuning(o_proj="grid", grid_sync="flags")
+    case = FUSED_CASES[case_index]
+    out, ref, kc, vc, _, args, kw = _run_case(case, attention_block, tuning=barrier)
+    assert torch.isfinite(out).all() and (out.float().cpu() - ref).norm() / ref.norm() < 1e-2
+    hidden, packed, _, _, positions, cos, sin = args
+    positions = positions.cuda()
+    if kw["page_table"] is not None:
+        kw["page_table"] = kw["page_table"].cuda()
+    k2, v2 = kc.clone(), vc.clone()                    # the append rewrites the same slots
+    for _ in range(3):
+        again = attention_block(hidden, packed, k2, v2, positions, cos, sin, out=torch.full_like(out, float("nan")),
+                                tuning=flags, **kw)
+        assert torch.equal(again, out) and torch.equal(k2, kc) and torch.equal(v2, vc)
+    static_out = torch.full_like(out, float("nan"))
+    g, _ = capture_graph(lambda: attention_block(hidden, packed, k2, v2, positions, cos, sin, out=static_out,
+                                                 tuning=flags, **kw))
     assert_replays_equal(g, static_out, out)
 
 
