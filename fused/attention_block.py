@@ -35,13 +35,15 @@ The output projection, two ways (``o_proj``)::
   phase B, CTA c:        residual_gemv_tiles: 16-row tiles c, c + N, ... of W_o [H, heads*hd];
                          the warps split K, tensor cores with x = attn read from L2,
                          partials summed in warp order through shared memory, + h -> out
-  grid_sync="flags":     no grid barrier. After its cluster_sync each CTA release-adds 1 to
-                         its KV head's counter; warp w of phase B issues its first W_o loads,
+  grid_sync="flags":     no grid barrier. After its merge (a cluster arrive, the wait before
+                         exit) each CTA release-adds 1 to its KV head's counter (thread 0, after a
+                         CTA barrier); warp w of phase B issues its first W_o loads,
                          then waits (acquire, a lane a head) until every KV head of its K slice
                          [w*K/NW, (w+1)*K/NW) counts base + C, and streams all the CTA's tiles
                          in one pipeline; the warp-order sums follow the last tile (same bits).
                          base: the counters all advance by C a launch, so thread 0 reads its own
-                         head's (which cannot move before its own cluster_sync) after the append.
+                         head's (which cannot move before this CTA's part of the merge) after the
+                         append.
 
   "head" (GQA's default; no grid barrier, no residency needed):
   merge as above, but ClusterReduce.all_reduce of o -> sX [B, G*hd] (the dtype) in every
@@ -564,7 +566,8 @@ class AttentionBlock:
         self.gbar.stamp(mBar, bidx, 6)
         if const_expr(cfg.flags):
             # every head counter holds the same count between launches; this cluster's own cannot
-            # move before this CTA reaches the cluster_sync after its merge, so read it now
+            # move before this CTA has sent its part of the merge (its peers count only after
+            # theirs completes), so read it now
             if tidx == 0:
                 sBase[0] = cute.arch.load(self._head_counters(mBar).iterator + g, Int32, sem="relaxed",
                                           scope="gpu")
@@ -621,7 +624,13 @@ class AttentionBlock:
             cute.arch.cluster_wait()
         else:
             self._merge(bufs_ml, bufs_o, sML, sWgt, sO, mAttn, sX, mBar, g)
-            cluster_sync()             # retires every collective of phase A
+            if const_expr(cfg.flags):
+                # this CTA's last DSMEM access (the wait is before exit): its head counter need
+                # not wait for the cluster's slowest CTA, the CTA barrier orders its attn writes
+                cute.arch.cluster_arrive()
+                cute.arch.barrier()
+            else:
+                cluster_sync()         # retires every collective of phase A
             self.gbar.stamp(mBar, bidx, 3)
 
             # ================= grid barrier: all of attn is written (early_phase_b: once phase B's
@@ -637,7 +646,7 @@ class AttentionBlock:
                     self.gbar.sync_then_trigger(mBar, bidx, 4)
 
             if const_expr(cfg.flags):
-                if tidx == 0:        # the cluster_sync ordered every thread's attn writes before this
+                if tidx == 0:        # the CTA barrier ordered every thread's attn writes before this
                     cute.arch.fence_acq_rel_gpu()
                     cute.arch.atomic_add(self._head_counters(mBar).iterator + g, Int32(1), sem="release",
                                          scope="gpu")
@@ -647,4 +656,6 @@ class AttentionBlock:
             residual_gemv_tiles(mWo, mAttn, mHidden, mResidual, mOut, sRed, bidx, cfg.grid,
                                 (MT + cfg.grid - 1) // cfg.grid, B, NW, cfg.unroll, cfg.has_residual,
                                 front=barrier, early_front=cfg.early_phase_b or cfg.flags, pipelined=cfg.flags)
+            if const_expr(cfg.flags):
+                cute.arch.cluster_wait()
         self.gbar.stamp(mBar, bidx, 5)
