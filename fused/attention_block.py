@@ -30,7 +30,8 @@ resident at once: the host checks it, the grid barrier needs it)::
 
 The output projection, two ways (``o_proj``)::
 
-  "grid" (MHA's default; every CTA resident at once, checked by the host):
+  "grid" (the default for MHA and for GQA from hidden 3072; every CTA resident at once, checked
+  by the host):
   GridBarrier            every CTA's attn slice is written and visible
   phase B, CTA c:        residual_gemv_tiles: 16-row tiles c, c + N, ... of W_o [H, heads*hd];
                          the warps split K, tensor cores with x = attn read from L2,
@@ -45,7 +46,7 @@ The output projection, two ways (``o_proj``)::
                          head's (which cannot move before this CTA's part of the merge) after the
                          append.
 
-  "head" (GQA's default; no grid barrier, no residency needed):
+  "head" (the default for GQA up to hidden 2048; no grid-wide wait, no residency needed):
   merge as above, but ClusterReduce.all_reduce of o -> sX [B, G*hd] (the dtype) in every
   CTA, with each warp's first W_o loads already in flight (``o_early_loads``)
   CTA r, warp w:         tiles t = r*TPC + w, + NW, ... (TPC = H/16/C) of W_o[:, g*G*hd : +G*hd]
