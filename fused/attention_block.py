@@ -265,10 +265,9 @@ class AttentionBlockConfig(QKVFields):
                 raise ValueError("early_phase_b and early_wo_prefetch belong to o_proj='grid'")
         if self.grid_sync not in ("barrier", "flags"):
             raise ValueError(f"grid_sync must be 'barrier' or 'flags', got {self.grid_sync!r}")
-        if self.grid_sync == "flags" and self.o_proj == "grid":
-            if self.early_phase_b:
-                raise ValueError("early_phase_b belongs to grid_sync='barrier' (with 'flags' every warp's first "
-                                 "W_o loads run before its wait)")
+        if self.flags and self.early_phase_b:
+            raise ValueError("early_phase_b belongs to grid_sync='barrier' (with 'flags' every warp's first "
+                             "W_o loads run before its wait)")
         if self.o_stage_tiles < 0 or (self.o_stage_tiles and self.o_proj != "head"):
             raise ValueError(f"o_stage_tiles = {self.o_stage_tiles}: a count >= 0, for o_proj='head' only")
 
@@ -418,10 +417,11 @@ class AttentionBlock:
                         mAttn[b, g * G * hd + p % (G * hd)] = self.dtype(res[v])
         self.gat_ml.release(bufs_ml, Int32(0))
 
-    def _head_counters(self, mBar: cute.Tensor) -> cute.Tensor:
-        """``flags``: the per-KV-head counters, past the grid barrier's words."""
+    def _counters(self, mBar: cute.Tensor) -> cute.Tensor:
+        """The ``counter_words`` int32 counters past the grid barrier's words: one per (rank,
+        warp) row group with ``o_proj="head"``, one per KV head with ``flags``."""
         return cute.make_tensor(mBar.iterator + GridBarrier.state_words(self.cfg.grid, self.cfg.phase_timer),
-                                cute.make_layout(self.cfg.num_kv_heads))
+                                cute.make_layout(self.cfg.counter_words))
 
     @cute.jit
     def _wait_heads(self, mBar: cute.Tensor, base: Int32, warp: Int32, lane: Int32):
@@ -432,7 +432,7 @@ class AttentionBlock:
         cfg = self.cfg
         GH = cfg.group * cfg.head_dim
         kw = cfg.o_k // (cfg.num_threads // _WARP)
-        ctr = self._head_counters(mBar).iterator
+        ctr = self._counters(mBar).iterator
         for gi in cutlass.range(warp * kw // GH + lane, ((warp + 1) * kw - 1) // GH + 1, _WARP, unroll=1):
             cur = cute.arch.load(ctr + gi, Int32, sem="acquire", scope="gpu")
             while cur - base < Int32(cfg.cluster_size):
@@ -480,8 +480,7 @@ class AttentionBlock:
                        self.n_tiles, min(cfg.unroll, kslice // _STEP), front=front, done=store, staged=staged)
         self.gbar.stamp(mBar, bidx, 4)
         cute.arch.griddepcontrol_launch_dependents()     # PDL: the next launch may start its prologue
-        counters = cute.make_tensor(mBar.iterator + GridBarrier.state_words(cfg.grid, cfg.phase_timer),
-                                    cute.make_layout(cfg.counter_words))
+        counters = self._counters(mBar)
         if warp_last_arrival(counters, rank * NW + warp, NKV) != 0:
             dt = mOut.element_type
             # lane item = 4 consecutive rows of one request: 16-byte loads of every head's partial
@@ -570,8 +569,7 @@ class AttentionBlock:
             # move before this CTA has sent its part of the merge (its peers count only after
             # theirs completes), so read it now
             if tidx == 0:
-                sBase[0] = cute.arch.load(self._head_counters(mBar).iterator + g, Int32, sem="relaxed",
-                                          scope="gpu")
+                sBase[0] = cute.arch.load(self._counters(mBar).iterator + g, Int32, sem="relaxed", scope="gpu")
 
         if const_expr(cfg.l2_prefetch and cfg.early_wo_prefetch):       # W_o rows, while attention runs
             prefetch_tiles_l2(mWo, bidx, cfg.grid, (cfg.hidden // 16 + cfg.grid - 1) // cfg.grid, warp,
@@ -628,8 +626,12 @@ class AttentionBlock:
             if const_expr(cfg.flags):
                 # this CTA's last DSMEM access (the wait is before exit): its head counter need
                 # not wait for the cluster's slowest CTA, the CTA barrier orders its attn writes
+                # before thread 0's release-add
                 cute.arch.cluster_arrive()
                 cute.arch.barrier()
+                if tidx == 0:
+                    cute.arch.fence_acq_rel_gpu()
+                    cute.arch.atomic_add(self._counters(mBar).iterator + g, Int32(1), sem="release", scope="gpu")
             else:
                 cluster_sync()         # retires every collective of phase A
             self.gbar.stamp(mBar, bidx, 3)
@@ -645,12 +647,6 @@ class AttentionBlock:
                     self.gbar.stamp(mBar, bidx, 4)
                 else:
                     self.gbar.sync_then_trigger(mBar, bidx, 4)
-
-            if const_expr(cfg.flags):
-                if tidx == 0:        # the CTA barrier ordered every thread's attn writes before this
-                    cute.arch.fence_acq_rel_gpu()
-                    cute.arch.atomic_add(self._head_counters(mBar).iterator + g, Int32(1), sem="release",
-                                         scope="gpu")
 
             # ================= phase B: output projection rows, full K, + h
             MT = cfg.hidden // 16

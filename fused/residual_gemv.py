@@ -100,19 +100,15 @@ def residual_gemv_tiles(mW: cute.Tensor, mX: cute.Tensor, mHidden: cute.Tensor, 
     kw = cute.size(mW, mode=[1]) // NW
     n_tiles = (B + 7) // 8
     atom = mma_atom(mW.element_type)
-    if const_expr(pipelined):
-        assert not shared_x, "pipelined and shared_x are two orders of the same tiles: pick one"
+    if const_expr(pipelined or shared_x):
+        assert not (pipelined and shared_x), "pipelined and shared_x are two orders of the same tiles: pick one"
         rows = [cutlass.min(first + i * stride, Int32(MT - 1)) * 16 for i in range(count)]
-        accs = warp_gemv_rows(atom, mW, rows, warp * kw, mX, lane, kw // _STEP, n_tiles, unroll, front=front,
-                              x_rows=B)
-        for i in cutlass.range_constexpr(count):
-            mt = first + i * stride
-            if mt < MT:
-                _finish_tile(accs[i], mt, mHidden, mResidual, mOut, sRed, B, NW, has_residual)
-    elif const_expr(shared_x):
-        rows = [cutlass.min(first + i * stride, Int32(MT - 1)) * 16 for i in range(count)]
-        accs = warp_gemv_tiles_shared_x(atom, mW, rows, warp * kw, mX, lane, kw // _STEP, n_tiles, unroll, B,
-                                        front=front)
+        if const_expr(pipelined):
+            accs = warp_gemv_rows(atom, mW, rows, warp * kw, mX, lane, kw // _STEP, n_tiles, unroll, front=front,
+                                  x_rows=B)
+        else:
+            accs = warp_gemv_tiles_shared_x(atom, mW, rows, warp * kw, mX, lane, kw // _STEP, n_tiles, unroll, B,
+                                            front=front)
         for i in cutlass.range_constexpr(count):
             mt = first + i * stride
             if mt < MT:
